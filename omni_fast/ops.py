@@ -19,7 +19,18 @@ from typing import Callable, Iterator
 
 import torch
 
-_IMPLS: dict[str, dict[str, str]] = {}
+_IMPLS: dict[str, dict[str, str]] = {
+    "selective_logprob": {
+        "triton": "omni_fast.kernels.selective_logprob:selective_logprob",
+        "torch": "omni_fast.kernels.selective_logprob:selective_logprob_torch",
+    },
+    "group_advantage": {
+        "cuda": "omni_fast.native:group_advantage",
+        "cpu": "omni_fast.native:group_advantage",
+        "triton": "omni_fast.kernels.group_advantage:group_advantage",
+        "torch": "omni_fast.kernels.group_advantage:group_advantage_ref",
+    },
+}
 _FORCED: dict[str, str] = {}
 _ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 
@@ -81,3 +92,34 @@ def force_backend(backend: str, *ops: str) -> Iterator[None]:
                 _FORCED.pop(k, None)
             else:
                 _FORCED[k] = v
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ops
+
+
+def selective_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                      temperature: float = 1.0) -> torch.Tensor:
+    """log_softmax(hidden @ weight.T / temperature)[targets] as float32, never forming the [N, V] logits.
+
+    hidden [..., H], weight [V, H] (the LM head), targets [...] in [0, V) -> [...]; differentiable with respect
+    to hidden and weight (no weight gradient is formed when weight.requires_grad is False).
+    """
+    return _pick("selective_logprob", hidden.device)(hidden, weight, targets, temperature)
+
+
+def selective_logprob_stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                            temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logp, lse, entropy), each float32 [...], from the same pass as `selective_logprob`.
+
+    lse = logsumexp(z), entropy = -sum softmax(z) * log_softmax(z), z = hidden @ weight.T / temperature.
+    Only logp is differentiable; lse and entropy are detached (metrics). Costs two multiply-adds per logit
+    more than `selective_logprob`.
+    """
+    return _pick("selective_logprob", hidden.device)(hidden, weight, targets, temperature, with_stats=True)
+
+
+def group_advantage(rewards: torch.Tensor, group_size: int, eps: float = 1e-4, scale: str = "group") -> torch.Tensor:
+    """rewards [K, B*G] (unit stride along B*G) -> advantages float32 [B*G]; see
+    omni_fast.grpo.advantage.group_advantages, the public entry point."""
+    return _pick("group_advantage", rewards.device)(rewards, group_size, eps, scale)
