@@ -20,8 +20,9 @@ from typing import Callable, Iterator
 import torch
 
 _IMPLS: dict[str, dict[str, str]] = {
-    "cascade_attention": {"torch": "omni_fast.kernels.cascade_attention:cascade_attention_ref"},
-    "sample": {"torch": "omni_fast.kernels.sampling:sample_ref"},
+    "cascade_attention": {"triton": "omni_fast.kernels.cascade_attention:cascade_attention",
+                          "torch": "omni_fast.kernels.cascade_attention:cascade_attention_ref"},
+    "sample": {"triton": "omni_fast.kernels.sampling:sample", "torch": "omni_fast.kernels.sampling:sample_ref"},
 }
 _FORCED: dict[str, str] = {}
 _ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
@@ -88,13 +89,16 @@ def force_backend(backend: str, *ops: str) -> Iterator[None]:
 
 def cascade_attention(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor, prefix_lens: torch.Tensor,
                       groups: torch.Tensor, gen_k: torch.Tensor, gen_v: torch.Tensor, slots: torch.Tensor,
-                      gen_lens: torch.Tensor) -> torch.Tensor:
+                      gen_lens: torch.Tensor, group_offsets: torch.Tensor | None = None,
+                      splits: int | None = None) -> torch.Tensor:
     """Shared-prefix decode attention, q [B, Hq, D] -> [B, Hq, D] (kernels/cascade_attention.py)."""
     return _pick("cascade_attention", q.device)(q, prefix_k, prefix_v, prefix_lens, groups, gen_k, gen_v, slots,
-                                                gen_lens)
+                                                gen_lens, group_offsets, splits)
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-           seeds: torch.Tensor, step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy / temperature / top-k / top-p sampling with per-row seeds -> (tokens, logprobs) (kernels/sampling.py)."""
-    return _pick("sample", logits.device)(logits, temperature, top_k, top_p, seeds, step)
+           seeds: torch.Tensor, step: int, k_max: int | None = None,
+           use_top_p: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy / temperature / top-k / top-p sampling with per-row seeds -> (tokens, logprobs) (kernels/sampling.py).
+    k_max / use_top_p describe the batch's filters so the kernel path needs no host sync."""
+    return _pick("sample", logits.device)(logits, temperature, top_k, top_p, seeds, step, k_max, use_top_p)

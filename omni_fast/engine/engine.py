@@ -9,8 +9,7 @@ from __future__ import annotations
 import torch
 
 from omni_fast.config import ConfigError, EngineConfig, SamplingParams
-from omni_fast.engine.kv_cache import DecodeContext
-from omni_fast.engine.model_runner import ModelRunner
+from omni_fast.engine.model_runner import DecodeInputs, ModelRunner
 from omni_fast.engine.sampler import Sampler
 from omni_fast.engine.sequence import Completion, SampleRows
 from omni_fast.model.qwen2 import Qwen2LM
@@ -58,7 +57,7 @@ class Engine:
         rows = SampleRows.build(params, self.default_stop, device, seeds)
         num_rows, max_len = len(rows), rows.max_len
         lens = torch.tensor([p.shape[0] for p in prompts], device=device)
-        self.runner.reserve(len(prompts), int(lens.max()), num_rows, max_len)
+        self.runner.reserve(len(prompts), max(p.shape[0] for p in prompts), num_rows, max_len)
         sampler = Sampler(rows, self.model.config.vocab_size)
         out_tokens = torch.full((num_rows, max_len), -1, dtype=torch.int64, device=device)
         out_logprobs = torch.zeros(num_rows, max_len, dtype=torch.float32, device=device)
@@ -75,15 +74,15 @@ class Engine:
                 active, tokens = active[keep], tokens[keep]
             groups = rows.groups[active]
             write_pos = torch.full_like(active, step - 1)
-            ctx = DecodeContext(self.runner.cache, active, groups, lens, write_pos)
-            logits = self.runner.decode(tokens, lens[groups] + step - 1, ctx)
+            inputs = DecodeInputs(tokens, lens[groups] + step - 1, active, groups, write_pos)
+            logits = self.runner.decode(inputs)
             tokens = self._record(sampler, logits, active, step, rows, out_tokens, out_logprobs, done)
         return self._completions(rows, out_tokens.cpu(), out_logprobs.cpu(), len(prompts))
 
     @staticmethod
     def _record(sampler, logits, active, step, rows, out_tokens, out_logprobs, done) -> torch.Tensor:
         """Sample step `step` for `active`; store it for rows still running and mark the rows it ends."""
-        tokens, logprobs = sampler(logits, active, torch.tensor(step, device=logits.device))
+        tokens, logprobs = sampler(logits, active, step)
         live = ~done[active]
         out_tokens[active, step] = torch.where(live, tokens, -1)
         out_logprobs[active, step] = torch.where(live, logprobs, 0.0)
