@@ -71,6 +71,47 @@ TINY = dict(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, bpe_voca
             siglip_hidden=32, siglip_layers=3, whisper_hidden=48, whisper_layers=2, bert_hidden=32, bert_layers=2)
 
 
+QWEN25_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                  num_key_value_heads=2, vocab_size=151936, mm_hidden_size=768, rope_theta=1e6)
+TINY_DECODER = dict(hidden_size=112, intermediate_size=128, num_hidden_layers=2, num_attention_heads=14,
+                    num_key_value_heads=2, vocab_size=1000, mm_hidden_size=32)
+
+
+def random_decoder(shape: dict, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                   seed: int = 0):
+    """A Qwen2 decoder (omni_fast's) with random weights, e.g. shape=QWEN25_05B for the R1-Omni-0.5B LLM. The
+    embedding has std 0.1 so logits are spread enough for greedy decoding to be stable across kernels."""
+    from omni_fast.config import ModelConfig
+    from omni_fast.model.qwen2 import Qwen2LM
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = Qwen2LM(ModelConfig(**shape))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0, 0.1 if "embed" in name else 0.02)
+    return model.to(dtype).eval()
+
+
+def transformers_twin(model):
+    """transformers' Qwen2ForCausalLM holding the same weights as an omni_fast Qwen2LM (tied head)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    c = model.config
+    hf_cfg = Qwen2Config(hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                         num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+                         num_key_value_heads=c.num_key_value_heads, vocab_size=c.vocab_size, rope_theta=c.rope_theta,
+                         rms_norm_eps=c.rms_norm_eps, max_position_embeddings=c.max_position_embeddings,
+                         tie_word_embeddings=True)
+    weight = model.lm_head_weight
+    with torch.device(weight.device):
+        hf = Qwen2ForCausalLM(hf_cfg).to(weight.dtype)
+    missing = hf.load_state_dict(model.state_dict(), strict=False).missing_keys
+    assert missing == ["lm_head.weight"], missing  # tied to the embedding
+    hf.tie_weights()
+    return hf.eval()
+
+
 def _randn(gen: torch.Generator, *shape: int, std: float = 0.05) -> torch.Tensor:
     return torch.randn(*shape, generator=gen) * std
 
