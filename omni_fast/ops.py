@@ -4,7 +4,7 @@ Every op the package runs through a fast kernel is a function here. Each names i
 `_IMPLS` as "module:function" strings (imported on first use, so `import omni_fast.ops` stays cheap) and
 the backend is picked by `_pick` from the device of the op's first tensor argument:
 
-    CUDA tensor: "cuda" (omni_fast._C built with CUDA) > "triton" > "torch"
+    CUDA tensor: "cuda" (omni_fast._C built with CUDA, or flash-attn) > "triton" > "torch"
     CPU tensor:  "cpu"  (omni_fast._C C++ CPU op)      > "torch"
 
 Triton on CPU tensors (TRITON_INTERPRET=1) is only ever chosen through `force_backend`, which is how the
@@ -20,10 +20,14 @@ from typing import Callable, Iterator
 import torch
 
 _IMPLS: dict[str, dict[str, str]] = {
+    "causal_attention": {"cuda": "omni_fast.model.qwen2:flash_causal_attention",
+                         "torch": "omni_fast.model.qwen2:sdpa_causal_attention"},
     "cascade_attention": {"triton": "omni_fast.kernels.cascade_attention:cascade_attention",
                           "torch": "omni_fast.kernels.cascade_attention:cascade_attention_ref"},
     "sample": {"triton": "omni_fast.kernels.sampling:sample", "torch": "omni_fast.kernels.sampling:sample_ref"},
 }
+# ops whose "cuda" implementation is an optional package's kernel rather than omni_fast._C's
+_REQUIRES: dict[str, str] = {"causal_attention": "flash_attn"}
 _FORCED: dict[str, str] = {}
 _ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 
@@ -47,11 +51,22 @@ def _has_native(symbol: str) -> bool:
     return native is not None and hasattr(native, symbol)
 
 
+@functools.cache
+def _has_module(name: str) -> bool:
+    try:
+        importlib.import_module(name)
+        return True
+    except Exception:  # noqa: BLE001 - a package that fails to import (e.g. a CUDA mismatch) is absent
+        return False
+
+
 def _available(op: str, backend: str, device: torch.device) -> bool:
     if backend not in _IMPLS[op]:
         return False
     if backend in ("cuda", "cpu"):
-        return device.type == backend and _has_native(f"{op}_{backend}")
+        if device.type != backend:
+            return False
+        return _has_module(_REQUIRES[op]) if op in _REQUIRES else _has_native(f"{op}_{backend}")
     if backend == "triton":
         return device.type == "cuda"
     return True
@@ -85,6 +100,11 @@ def force_backend(backend: str, *ops: str) -> Iterator[None]:
                 _FORCED.pop(k, None)
             else:
                 _FORCED[k] = v
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal self-attention, q [B, T, Hq, D], k/v [B, T, Hkv, D] -> [B, T, Hq, D] (flash-attn where installed)."""
+    return _pick("causal_attention", q.device)(q, k, v)
 
 
 def cascade_attention(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor, prefix_lens: torch.Tensor,

@@ -54,3 +54,17 @@ def test_bf16_close_to_fp32():
         torch_bf16 = hf.bfloat16()(inputs_embeds=embeds.bfloat16()).logits.double()
         ours_bf16 = ours.bfloat16()(embeds.bfloat16()).double()
     assert (ours_bf16 - ref64).abs().max() <= 2 * (torch_bf16 - ref64).abs().max() + 1e-6
+
+
+@pytest.mark.gpu
+def test_flash_attn_path_matches_sdpa():
+    pytest.importorskip("flash_attn")
+    from omni_fast import ops
+    from omni_fast.model.qwen2 import sdpa_causal_attention
+
+    q = torch.randn(2, 300, 14, 64, device="cuda", dtype=torch.bfloat16)
+    k, v = torch.randn(2, 2, 300, 2, 64, device="cuda", dtype=torch.bfloat16).unbind(0)
+    assert ops.backends("causal_attention", "cuda")[0] == "cuda"
+    ref = sdpa_causal_attention(q.double(), k.double(), v.double())
+    torch_err = (sdpa_causal_attention(q, k, v).double() - ref).abs().max()
+    assert (ops.causal_attention(q, k, v).double() - ref).abs().max() <= 2 * torch_err

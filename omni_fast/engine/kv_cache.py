@@ -18,7 +18,6 @@ import torch
 
 from omni_fast import ops
 from omni_fast.kernels.cascade_attention import num_splits
-from omni_fast.model.qwen2 import causal_attention
 
 
 class KVCache:
@@ -64,7 +63,7 @@ class PrefillContext:
         self.cache.prefix_k[layer, :p, :t] = k
         self.cache.prefix_v[layer, :p, :t] = v
         # Right padding: a valid query at i only sees keys <= i, all valid; pad rows are never read.
-        return causal_attention(q, k, v)
+        return ops.causal_attention(q, k, v)
 
 
 @dataclass(slots=True)

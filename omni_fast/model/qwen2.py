@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from omni_fast import ops
 from omni_fast.config import ModelConfig
 
 
@@ -22,11 +23,20 @@ class AttentionContext(Protocol):
         """q [*lead, Hq, D], k/v [*lead, Hkv, D] (RoPE applied) -> attention output [*lead, Hq, D]."""
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def sdpa_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Plain causal self-attention: q [B, T, Hq, D], k/v [B, T, Hkv, D] -> [B, T, Hq, D]."""
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          is_causal=True, enable_gqa=True)
     return out.transpose(1, 2)
+
+
+def flash_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """flash-attn's kernel on the same layout (GQA native); fp32 inputs, which it lacks, go to SDPA."""
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return sdpa_causal_attention(q, k, v)
+    from flash_attn import flash_attn_func
+
+    return flash_attn_func(q, k, v, causal=True)
 
 
 class RMSNorm(nn.Module):
@@ -93,7 +103,7 @@ class Qwen2Attention(nn.Module):
         k = self.k_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = causal_attention(q, k, v) if ctx is None else ctx.attend(self.layer, q, k, v)
+        out = ops.causal_attention(q, k, v) if ctx is None else ctx.attend(self.layer, q, k, v)
         return self.o_proj(out.reshape(*lead, self.num_heads * self.head_dim))
 
 
