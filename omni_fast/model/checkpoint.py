@@ -335,7 +335,8 @@ def save_checkpoint(loaded: LoadedCheckpoint, directory: str | Path, *, shards: 
     tmp.mkdir()
     try:
         dtype = DTYPES[loaded.config.torch_dtype]
-        state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in loaded.model.state_dict().items()}
+        # clone: packed projections come out of state_dict() as views of one tensor, which safetensors refuses
+        state = {k: v.detach().to("cpu", dtype).clone() for k, v in loaded.model.state_dict().items()}
         write_safetensors(state, tmp, shards)
         (tmp / "config.json").write_text(json.dumps(loaded.config.to_dict(), indent=2, sort_keys=True))
         for name in (*TOKENIZER_FILES, "generation_config.json"):

@@ -86,22 +86,48 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
+def pack_linears(module: nn.Module, packed: str, parts: dict[str, int]) -> None:
+    """Store several projections of the same input as ONE nn.Linear `module.<packed>` (one GEMM instead of
+    several per decode step), while state_dict() / load_state_dict() keep the checkpoint's separate names
+    (`<name>.weight`, `<name>.bias`), split and concatenated along the output dimension. The packed tensor is
+    the parameter: an optimizer step on it is what the engine decodes with, no copy to keep in sync."""
+    sizes = list(parts.values())
+
+    def split(mod, state, prefix, local_metadata):
+        for kind in ("weight", "bias"):
+            whole = state.pop(f"{prefix}{packed}.{kind}", None)
+            if whole is not None:
+                for name, piece in zip(parts, whole.split(sizes, dim=0)):
+                    state[f"{prefix}{name}.{kind}"] = piece
+
+    def merge(state, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        for kind in ("weight", "bias"):
+            keys = [f"{prefix}{name}.{kind}" for name in parts]
+            if all(k in state for k in keys):
+                state[f"{prefix}{packed}.{kind}"] = torch.cat([state.pop(k) for k in keys], dim=0)
+
+    module.register_state_dict_post_hook(split)
+    module._register_load_state_dict_pre_hook(merge)
+
+
 class Qwen2Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.layer, self.head_dim = layer, cfg.head_dim
         self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=True)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, q_size + 2 * kv_size, bias=True)
+        pack_linears(self, "qkv_proj", {"q_proj": q_size, "k_proj": kv_size, "v_proj": kv_size})
+        self.o_proj = nn.Linear(q_size, cfg.hidden_size, bias=False)
+        self.sizes = [q_size, kv_size, kv_size]
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 ctx: AttentionContext | None) -> torch.Tensor:
         lead = x.shape[:-1]
-        q = self.q_proj(x).view(*lead, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
+        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
+        q = q.view(*lead, self.num_heads, self.head_dim)
+        k = k.view(*lead, self.num_kv_heads, self.head_dim)
+        v = v.view(*lead, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = ops.causal_attention(q, k, v) if ctx is None else ctx.attend(self.layer, q, k, v)
         return self.o_proj(out.reshape(*lead, self.num_heads * self.head_dim))
@@ -110,12 +136,13 @@ class Qwen2Attention(nn.Module):
 class Qwen2MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        pack_linears(self, "gate_up_proj", {"gate_proj": cfg.intermediate_size, "up_proj": cfg.intermediate_size})
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Qwen2DecoderLayer(nn.Module):
