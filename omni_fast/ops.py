@@ -4,7 +4,7 @@ Every op the package runs through a fast kernel is a function here. Each names i
 `_IMPLS` as "module:function" strings (imported on first use, so `import omni_fast.ops` stays cheap) and
 the backend is picked by `_pick` from the device of the op's first tensor argument:
 
-    CUDA tensor: "cuda" (omni_fast._C built with CUDA) > "triton" > "torch"
+    CUDA tensor: "cuda" (omni_fast._C built with CUDA, or flash-attn) > "triton" > "torch"
     CPU tensor:  "cpu"  (omni_fast._C C++ CPU op)      > "torch"
 
 Triton on CPU tensors (TRITON_INTERPRET=1) is only ever chosen through `force_backend`, which is how the
@@ -20,17 +20,19 @@ from typing import Callable, Iterator
 import torch
 
 _IMPLS: dict[str, dict[str, str]] = {
-    "selective_logprob": {
-        "triton": "omni_fast.kernels.selective_logprob:selective_logprob",
-        "torch": "omni_fast.kernels.selective_logprob:selective_logprob_torch",
-    },
-    "group_advantage": {
-        "cuda": "omni_fast.native:group_advantage",
-        "cpu": "omni_fast.native:group_advantage",
-        "triton": "omni_fast.kernels.group_advantage:group_advantage",
-        "torch": "omni_fast.kernels.group_advantage:group_advantage_ref",
-    },
+    "causal_attention": {"cuda": "omni_fast.model.qwen2:flash_causal_attention",
+                         "torch": "omni_fast.model.qwen2:sdpa_causal_attention"},
+    "cascade_attention": {"triton": "omni_fast.kernels.cascade_attention:cascade_attention",
+                          "torch": "omni_fast.kernels.cascade_attention:cascade_attention_ref"},
+    "sample": {"triton": "omni_fast.kernels.sampling:sample", "torch": "omni_fast.kernels.sampling:sample_ref"},
+    "selective_logprob": {"triton": "omni_fast.kernels.selective_logprob:selective_logprob",
+                          "torch": "omni_fast.kernels.selective_logprob:selective_logprob_torch"},
+    "group_advantage": {"cuda": "omni_fast.native:group_advantage", "cpu": "omni_fast.native:group_advantage",
+                        "triton": "omni_fast.kernels.group_advantage:group_advantage",
+                        "torch": "omni_fast.kernels.group_advantage:group_advantage_ref"},
 }
+# ops whose "cuda" implementation is an optional package's kernel rather than omni_fast._C's
+_REQUIRES: dict[str, str] = {"causal_attention": "flash_attn"}
 _FORCED: dict[str, str] = {}
 _ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 
@@ -54,11 +56,22 @@ def _has_native(symbol: str) -> bool:
     return native is not None and hasattr(native, symbol)
 
 
+@functools.cache
+def _has_module(name: str) -> bool:
+    try:
+        importlib.import_module(name)
+        return True
+    except Exception:  # noqa: BLE001 - a package that fails to import (e.g. a CUDA mismatch) is absent
+        return False
+
+
 def _available(op: str, backend: str, device: torch.device) -> bool:
     if backend not in _IMPLS[op]:
         return False
     if backend in ("cuda", "cpu"):
-        return device.type == backend and _has_native(f"{op}_{backend}")
+        if device.type != backend:
+            return False
+        return _has_module(_REQUIRES[op]) if op in _REQUIRES else _has_native(f"{op}_{backend}")
     if backend == "triton":
         return device.type == "cuda"
     return True
@@ -94,8 +107,26 @@ def force_backend(backend: str, *ops: str) -> Iterator[None]:
                 _FORCED[k] = v
 
 
-# ---------------------------------------------------------------------------------------------------------
-# ops
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal self-attention, q [B, T, Hq, D], k/v [B, T, Hkv, D] -> [B, T, Hq, D] (flash-attn where installed)."""
+    return _pick("causal_attention", q.device)(q, k, v)
+
+
+def cascade_attention(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor, prefix_lens: torch.Tensor,
+                      groups: torch.Tensor, gen_k: torch.Tensor, gen_v: torch.Tensor, slots: torch.Tensor,
+                      gen_lens: torch.Tensor, group_offsets: torch.Tensor | None = None,
+                      splits: int | None = None) -> torch.Tensor:
+    """Shared-prefix decode attention, q [B, Hq, D] -> [B, Hq, D] (kernels/cascade_attention.py)."""
+    return _pick("cascade_attention", q.device)(q, prefix_k, prefix_v, prefix_lens, groups, gen_k, gen_v, slots,
+                                                gen_lens, group_offsets, splits)
+
+
+def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+           seeds: torch.Tensor, step: int, k_max: int | None = None,
+           use_top_p: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy / temperature / top-k / top-p sampling with per-row seeds -> (tokens, logprobs) (kernels/sampling.py).
+    k_max / use_top_p describe the batch's filters so the kernel path needs no host sync."""
+    return _pick("sample", logits.device)(logits, temperature, top_k, top_p, seeds, step, k_max, use_top_p)
 
 
 def selective_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

@@ -1,0 +1,50 @@
+"""Cascade decode attention (kernels/cascade_attention.py) against its torch reference, same inputs, same run.
+
+R1-Omni rollout shapes: 1, 8, 32 prompt groups x n = 8 samples, 1,000-token prefix, 256 generated tokens so
+far, 14 query / 2 KV heads, head dim 64, bf16; one layer's attention for one decode step. Roofline: the bytes
+the step must read (each prefix once per group, each sample's own keys/values, q and out) at 3.0 TB/s.
+Last stdout line: one JSON object; --quick is a CPU smoke run (Triton interpreter, tiny shapes, not timed).
+"""
+from __future__ import annotations
+
+import torch
+
+from common import HBM_BYTES_PER_S, bench_args, emit, time_ms
+from omni_fast.kernels.cascade_attention import cascade_attention, cascade_attention_ref
+
+
+def inputs(groups: int, n: int, prefix: int, gen: int, device, dtype=torch.bfloat16, hq=14, hkv=2, d=64):
+    b = groups * n
+    q = torch.randn(b, hq, d, device=device, dtype=dtype)
+    pk, pv = (torch.randn(groups, prefix, hkv, d, device=device, dtype=dtype) for _ in range(2))
+    gk, gv = (torch.randn(b, gen + 64, hkv, d, device=device, dtype=dtype) for _ in range(2))
+    lens = torch.full((groups,), prefix, device=device)
+    rows = torch.arange(b, device=device)
+    return q, pk, pv, lens, rows // n, gk, gv, rows, torch.full((b,), gen, device=device)
+
+
+def bytes_read(groups, n, prefix, gen, hq=14, hkv=2, d=64, elem=2) -> int:
+    kv = 2 * hkv * d * elem
+    return groups * prefix * kv + groups * n * gen * kv + 2 * groups * n * hq * d * elem
+
+
+def main(argv=None):
+    args = bench_args(__doc__, argv)
+    device = torch.device("cpu" if args.quick else "cuda")
+    configs = [(1, 2, 40, 8)] if args.quick else [(1, 8, 1000, 256), (8, 8, 1000, 256), (32, 8, 1000, 256)]
+    rows, records = [], []
+    for groups, n, prefix, gen in configs:
+        x = inputs(groups, n, prefix, gen, device, torch.float32 if args.quick else torch.bfloat16)
+        reps = dict(warmup=1, reps=1) if args.quick else {}
+        ours = time_ms(lambda: cascade_attention(*x), device, **reps)
+        ref = time_ms(lambda: cascade_attention_ref(*x), device, **reps)
+        gbps = bytes_read(groups, n, prefix, gen) / (ours * 1e-3) / 1e9
+        rows.append([f"{groups}x{n}", prefix, gen, ours * 1e3, ref * 1e3, ref / ours, gbps, gbps * 1e9 / HBM_BYTES_PER_S])
+        records.append({"groups": groups, "n": n, "prefix": prefix, "gen": gen, "ours_us": ours * 1e3,
+                        "torch_ref_us": ref * 1e3, "GBps": gbps, "roofline_fraction": gbps * 1e9 / HBM_BYTES_PER_S})
+    emit("cascade_attention", ["groups x n", "prefix", "gen", "ours us", "torch us", "speedup", "GB/s", "roofline"],
+         rows, {"device": str(device), "quick": args.quick, "rows": records}, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""Token sampling: greedy, temperature, top-k, top-p, with per-row seeds, returning the sampled token and its
+log-probability.
+
+Sampling is Gumbel-max: token = argmax over the kept tokens of (logits / T + G), G = -log(-log(U)), which draws
+exactly from softmax(logits / T) restricted to the kept set. U comes from a counter-based hash of
+(seed, step, token id), so a row's draw depends only on its own seed and step: reproducible for a request
+whatever else is in the batch, and identical between the kernel and this reference.
+
+Per row: temperature 0 means greedy (argmax of the raw logits). Otherwise, in HF's warper order, logits are
+divided by the temperature, then only the top_k largest are kept (0 = all), then the smallest set of the most
+likely remaining tokens whose renormalised mass reaches top_p (1.0 = all). Both filters are expressed as one
+threshold per row (`keep_threshold`): a token is kept when its scaled logit is >= the threshold, so ties at the
+boundary are kept. The returned log-probability is log_softmax(logits / T)[token] over the whole vocabulary
+(T = 1 for greedy rows): the tempered policy's log-probability, before top-k / top-p truncation.
+
+The Triton kernel reads each row of logits once: log-sum-exp, the greedy argmax and the Gumbel argmax over the
+kept tokens in the same pass (tiles with no kept token skip the noise). Only the threshold comes from torch:
+torch.topk(k_max) when a row uses top-k, a sort of the candidates when one uses top-p.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_MASK32 = 0xFFFFFFFF
+
+
+@triton.jit
+def _fmix32(x):
+    """murmur3's finaliser on int64 values holding uint32 (products wrap mod 2^64; the low 32 bits are kept)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & 0xFFFFFFFF
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+@triton.jit(do_not_specialize=["step"])
+def _sample_kernel(Logits, Temperature, Threshold, Seeds, Tokens, Logprobs, step, V, stride_row,
+                   BLOCK_V: tl.constexpr):
+    """One row: scaled = x / T; lse = logsumexp(scaled); token = argmax(x) if T <= 0 else
+    argmax_{scaled >= thr}(scaled + gumbel(seed, step, id)); logprob = scaled[token] - lse."""
+    row = tl.program_id(0)
+    t = tl.load(Temperature + row)
+    greedy = t <= 0
+    t = tl.where(greedy, 1.0, t)
+    thr = tl.load(Threshold + row)
+    seed = tl.load(Seeds + row)
+    seed32 = (seed ^ (seed >> 32)) & 0xFFFFFFFF
+    row_hash = _fmix32((seed32 * 0x9E3779B1 + step.to(tl.int64) * 0x85EBCA77 + 0x27D4EB2F) & 0xFFFFFFFF)
+    m = float("-inf")
+    s = 0.0
+    best = float("-inf")
+    best_idx = 0
+    best_scaled = 0.0
+    top = float("-inf")
+    top_idx = 0
+    for v0 in range(0, V, BLOCK_V):
+        ids = v0 + tl.arange(0, BLOCK_V)
+        valid = ids < V
+        x = tl.load(Logits + row * stride_row + ids, mask=valid, other=float("-inf")).to(tl.float32)
+        scaled = x / t
+        tile_max = tl.max(scaled, 0)
+        m_new = tl.maximum(m, tile_max)
+        s = s * tl.exp(m - m_new) + tl.sum(tl.where(valid, tl.exp(scaled - m_new), 0.0), 0)
+        m = m_new
+        raw_max = tl.max(x, 0)
+        if raw_max > top:  # strict: the first maximum wins, as torch.argmax
+            top_idx = tl.min(tl.where(x == raw_max, ids, V), 0)
+            top = raw_max
+        if tile_max >= thr:  # any kept token in this tile: draw its noise
+            keep = valid & (scaled >= thr)
+            h = _fmix32((row_hash ^ ((ids.to(tl.int64) * 0xC2B2AE3D) & 0xFFFFFFFF)) & 0xFFFFFFFF)
+            u = ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+            score = tl.where(keep, scaled - tl.log(-tl.log(u)), float("-inf"))
+            tile_best = tl.max(score, 0)
+            if tile_best > best:
+                best_idx = tl.min(tl.where(score == tile_best, ids, V), 0)
+                best_scaled = tl.sum(tl.where(ids == best_idx, scaled, 0.0), 0)
+                best = tile_best
+    lse = m + tl.log(s)
+    token = tl.where(greedy, top_idx, best_idx)
+    logprob = tl.where(greedy, top, best_scaled) - lse
+    tl.store(Tokens + row, token.to(tl.int64))
+    tl.store(Logprobs + row, logprob)
+
+
+def keep_threshold(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                   k_max: int | None = None, use_top_p: bool | None = None) -> torch.Tensor:
+    """Per row, the smallest scaled logit that survives top-k then top-p (-inf: everything survives).
+    k_max / use_top_p (the largest top_k, whether any row has top_p < 1) can be given to avoid host syncs."""
+    b, v = logits.shape
+    k_max = int(top_k.max()) if k_max is None else k_max
+    use_top_p = bool((top_p < 1).any()) if use_top_p is None else use_top_p
+    t = torch.where(temperature <= 0, torch.ones_like(temperature), temperature).float()[:, None]
+    thr = torch.full((b,), float("-inf"), device=logits.device)
+    if k_max <= 0 and not use_top_p:
+        return thr
+    if use_top_p and bool((top_k <= 0).any()):  # some row needs its whole distribution sorted
+        cand = logits.float().sort(dim=1, descending=True).values / t  # (B, V)
+    else:
+        cand = logits.float().topk(min(k_max, v), dim=1).values / t  # (B, k_max), descending
+    pos = torch.arange(cand.shape[1], device=logits.device)[None]
+    k = torch.where(top_k > 0, top_k.clamp(max=cand.shape[1]), cand.shape[1])[:, None]
+    cand = cand.masked_fill(pos >= k, float("-inf"))  # top-k applied to the candidates
+    thr = torch.where(top_k > 0, cand.gather(1, (k - 1).clamp(min=0))[:, 0], thr)
+    if use_top_p:
+        probs = torch.softmax(cand, dim=1)  # renormalised over the top-k survivors, as HF's warper order does
+        before = probs.cumsum(dim=1) - probs
+        last = ((before < top_p[:, None].float()) & (pos < k)).sum(dim=1).clamp(min=1) - 1
+        thr = torch.where(top_p < 1, torch.maximum(thr, cand.gather(1, last[:, None])[:, 0]), thr)
+    return thr
+
+
+def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+           seeds: torch.Tensor, step: torch.Tensor | int, k_max: int | None = None,
+           use_top_p: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton path; arguments as sample_ref."""
+    b, v = logits.shape
+    assert logits.stride(1) == 1, "logits rows must be contiguous"
+    for name, t in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("seeds", seeds)):
+        assert t.shape == (b,), f"{name} must have one entry per row ({b}), got {tuple(t.shape)}"
+    assert seeds.dtype == torch.int64, "seeds must be int64"
+    thr = keep_threshold(logits, temperature, top_k, top_p, k_max, use_top_p)
+    tokens = torch.empty(b, dtype=torch.int64, device=logits.device)
+    logprobs = torch.empty(b, dtype=torch.float32, device=logits.device)
+    step = int(step) if not torch.is_tensor(step) or step.device.type == "cpu" else step
+    _sample_kernel[(b,)](logits, temperature.float().contiguous(), thr, seeds, tokens, logprobs, step, v,
+                         logits.stride(0), BLOCK_V=4096 if logits.is_cuda else 1024, num_warps=8)
+    return tokens, logprobs
+
+
+def _fmix32_ref(x: torch.Tensor) -> torch.Tensor:
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & _MASK32
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & _MASK32
+    return x ^ (x >> 16)
+
+
+def uniform_noise_ref(seeds: torch.Tensor, step: torch.Tensor | int, vocab: int) -> torch.Tensor:
+    """seeds [B] int64, step (scalar) -> U [B, vocab] float32 in (0, 1)."""
+    seed32 = (seeds ^ (seeds >> 32)) & _MASK32
+    step = torch.as_tensor(step, device=seeds.device, dtype=torch.int64)
+    row = _fmix32_ref((seed32 * 0x9E3779B1 + step * 0x85EBCA77 + 0x27D4EB2F) & _MASK32)  # (B,)
+    ids = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
+    x = _fmix32_ref((row[:, None] ^ ((ids[None, :] * 0xC2B2AE3D) & _MASK32)) & _MASK32)
+    return ((x >> 8).float() + 0.5) * (1.0 / 16777216.0)
+
+
+def sample_ref(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+               seeds: torch.Tensor, step: torch.Tensor | int, k_max: int | None = None,
+               use_top_p: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, V]; temperature/top_p [B] float; top_k [B] int (0 = off); seeds [B] int64; step scalar
+    -> (tokens [B] int64, logprobs [B] float32). Plain torch: the definition of correct."""
+    logits = logits.float()
+    greedy = temperature <= 0
+    t = torch.where(greedy, torch.ones_like(temperature), temperature).float()[:, None]
+    scaled = logits / t
+    keep = scaled >= keep_threshold(logits, temperature, top_k, top_p, k_max, use_top_p)[:, None]
+    gumbel = -torch.log(-torch.log(uniform_noise_ref(seeds, step, logits.shape[1])))
+    sampled = (scaled + gumbel).masked_fill(~keep, float("-inf")).argmax(dim=1)
+    tokens = torch.where(greedy, logits.argmax(dim=1), sampled)
+    logprobs = torch.log_softmax(scaled, dim=1).gather(1, tokens[:, None])[:, 0]
+    return tokens, logprobs

@@ -1,0 +1,36 @@
+"""Turns a decode step's logits into tokens: the repetition penalty (when a row asks for one), then
+ops.sample (greedy / temperature / top-k / top-p with per-row seeds; kernels/sampling.py)."""
+from __future__ import annotations
+
+import torch
+
+from omni_fast import ops
+from omni_fast.engine.sequence import SampleRows
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """HF's RepetitionPenaltyLogitsProcessor on the generated tokens: a seen token's logit is divided by the
+    penalty when positive and multiplied by it when negative. logits [B, V], seen [B, V] bool, penalty [B]."""
+    p = penalty[:, None].to(logits.dtype)
+    return torch.where(seen, torch.where(logits < 0, logits * p, logits / p), logits)
+
+
+class Sampler:
+    def __init__(self, rows: SampleRows, vocab: int):
+        self.rows = rows
+        use_penalty = bool((rows.repetition_penalty != 1.0).any())
+        self.k_max = int(rows.top_k.max())  # fixed per batch: the kernel path then never syncs
+        self.use_top_p = bool((rows.top_p < 1).any())
+        self.seen = torch.zeros(len(rows), vocab, dtype=torch.bool, device=rows.groups.device) if use_penalty else None
+
+    def __call__(self, logits: torch.Tensor, active: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """logits [B, V] for the rows `active` [B] at generation step `step` -> (tokens [B], logprobs [B])."""
+        r = self.rows
+        logits = logits.float()
+        if self.seen is not None:
+            logits = apply_repetition_penalty(logits, self.seen[active], r.repetition_penalty[active])
+        tokens, logprobs = ops.sample(logits, r.temperature[active], r.top_k[active], r.top_p[active],
+                                      r.seeds[active], step, self.k_max, self.use_top_p)
+        if self.seen is not None:
+            self.seen[active, tokens] = True
+        return tokens, logprobs

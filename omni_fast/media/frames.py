@@ -1,0 +1,82 @@
+"""Video frame preprocessing exactly as the reference (humanomni.mm_utils.process_video + SiglipImageProcessor).
+
+Pure functions on uint8 frames (T, H, W, 3):
+  frame_indices     8 indices round((N-1)/8 * (i + 0.5) + 1e-6) over all N frames (numpy rounding, as there)
+  pad_missing       black frames appended when fewer frames than indices came back - with the reference's
+                    quirk: the black frame is (W, H), i.e. transposed, because it is built from PIL's (w, h) size
+  expand_to_square  pad to a centred square with grey (127,127,127) = int(0.5 * 255) (training: aspect "pad")
+  resize            bicubic to 224x224 with antialiasing, as PIL's BICUBIC does (inference: plain stretch)
+  normalize         x / 255, then (x - 0.5) / 0.5 (SigLIP mean/std)
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+SIGLIP_MEAN = 0.5
+SIGLIP_STD = 0.5
+PAD_FILL = int(SIGLIP_MEAN * 255)  # 127
+ASPECTS = ("stretch", "pad")
+
+
+def frame_indices(num_frames_total: int, num_frames: int = 8) -> list[int]:
+    """The reference's uniform sampling (frame_sample, mode 'uniform'); indices repeat for short clips."""
+    if num_frames_total < 1:
+        raise ValueError("a clip needs at least one frame to sample from")
+    seg = float(num_frames_total - 1) / num_frames
+    mids = np.array([(seg * i + seg * (i + 1)) / 2 for i in range(num_frames)])
+    return np.round(mids + 1e-6).astype(int).tolist()
+
+
+def pad_missing(frames: list[np.ndarray], num_frames: int = 8) -> list[np.ndarray]:
+    """Append black frames until there are `num_frames`, shaped as the reference makes them: (W, H, 3)."""
+    frames = list(frames)
+    while frames and len(frames) < num_frames:
+        h, w = frames[-1].shape[:2]
+        frames.append(np.zeros((w, h, 3), dtype=np.uint8))
+    return frames
+
+
+def expand_to_square(frame: torch.Tensor, fill: int = PAD_FILL) -> torch.Tensor:
+    """(3, H, W) uint8 -> (3, S, S), S = max(H, W), the frame centred as PIL's paste at ((S-W)//2, (S-H)//2)."""
+    _, h, w = frame.shape
+    if h == w:
+        return frame
+    s = max(h, w)
+    out = torch.full((3, s, s), fill, dtype=frame.dtype, device=frame.device)
+    top, left = (s - h) // 2, (s - w) // 2
+    out[:, top:top + h, left:left + w] = frame
+    return out
+
+
+def resize(frames: torch.Tensor, size: int = 224) -> torch.Tensor:
+    """(T, 3, H, W) uint8 -> (T, 3, size, size) uint8, antialiased bicubic (PIL BICUBIC's kernel, a = -0.5).
+
+    On the CPU torch's uint8 kernel rounds between the two separable passes as PIL does (within 1 grey level
+    of PIL when downscaling); elsewhere it computes in fp32 and rounds once."""
+    if frames.shape[-2:] == (size, size):
+        return frames
+    if frames.device.type == "cpu":
+        return F.interpolate(frames, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    out = F.interpolate(frames.float(), size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def normalize(frames: torch.Tensor) -> torch.Tensor:
+    """uint8 -> float32 in [-1, 1]: (x / 255 - mean) / std."""
+    return (frames.float() * (1.0 / 255.0) - SIGLIP_MEAN) / SIGLIP_STD
+
+
+def preprocess_frames(frames: list[np.ndarray] | np.ndarray, aspect: str = "stretch", size: int = 224,
+                      device: torch.device | str = "cpu") -> torch.Tensor:
+    """Sampled RGB frames (each (H, W, 3) uint8) -> SigLIP input (T, 3, size, size) float32."""
+    if aspect not in ASPECTS:
+        raise ValueError(f"aspect {aspect!r}: expected one of {ASPECTS}")
+    out = []
+    for frame in frames:
+        t = torch.as_tensor(np.ascontiguousarray(frame), device=device).permute(2, 0, 1)  # (3, H, W)
+        if aspect == "pad":
+            t = expand_to_square(t)
+        out.append(resize(t[None], size)[0])
+    return normalize(torch.stack(out))

@@ -1,0 +1,99 @@
+"""OmniModel and the omni-fast CLI end to end on the tiny checkpoint and synthetic clips."""
+import json
+
+import pytest
+import torch
+
+from omni_fast import cli
+from omni_fast.api import OmniModel, parse_response
+from omni_fast.config import SamplingParams
+from omni_fast.media.pyav import MediaError, load_clip
+from omni_fast.model.prompt import DEFAULT_INSTRUCT
+
+
+def _reference_text(omni, reference, clip_path, max_new_tokens, instruct=DEFAULT_INSTRUCT):
+    clip = load_clip(clip_path, aspect="stretch")
+    bert = dict(omni.bert_tokenizer([instruct], return_tensors="pt", padding=True, truncation=True))
+    embeds = reference.embeddings(omni.prompt_ids(instruct), clip.frames, clip.mel, bert)
+    gen = omni.loaded.generation
+    ids = reference.greedy(embeds, max_new_tokens, list(gen.eos_token_ids), gen.repetition_penalty, gen.pad_token_id)
+    return omni.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+@pytest.mark.filterwarnings("ignore:Passing `repetition_penalty`")
+def test_cli_infer_prints_what_the_transformers_composition_generates(tiny_ckpt, clips, omni, reference, capsys):
+    rc = cli.main(["infer", "--model_path", str(tiny_ckpt), "--video_path", str(clips["mp4"]), "--modal",
+                   "video_audio", "--instruct", DEFAULT_INSTRUCT, "--max_new_tokens", "24", "--device", "cpu"])
+    assert rc == 0
+    printed = capsys.readouterr().out.rstrip("\n")
+    assert printed == _reference_text(omni, reference, clips["mp4"], 24)
+
+
+def test_cli_json_and_several_clips(tiny_ckpt, clips, capsys):
+    rc = cli.main(["infer", "--model_path", str(tiny_ckpt), "--video_path", str(clips["mp4"]), str(clips["webm"]),
+                   "--max_new_tokens", "8", "--json", "--device", "cpu"])
+    assert rc == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["video"] for r in rows] == [str(clips["mp4"]), str(clips["webm"])]
+    assert all(r["num_tokens"] <= 8 and set(r["timings"]) == {"load_s", "media_s", "encode_s", "generate_s"}
+               for r in rows)
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--model_path", "/nonexistent/ckpt", "--video_path", "{mp4}"], "/nonexistent/ckpt"),
+    (["--model_path", "{ckpt}", "--video_path", "/nonexistent/v.mp4"], "/nonexistent/v.mp4"),
+    (["--model_path", "{ckpt}", "--video_path", "{mp4}", "--bert_path", "/nonexistent/bert"], "/nonexistent/bert"),
+])
+def test_cli_errors_name_the_argument(tiny_ckpt, clips, capsys, argv, match):
+    argv = [a.format(mp4=clips["mp4"], ckpt=tiny_ckpt) for a in argv]
+    assert cli.main(["infer", *argv]) == 2
+    assert match in capsys.readouterr().err
+
+
+def test_cli_demo(capsys, tmp_path):
+    assert cli.main(["demo", "--workdir", str(tmp_path), "--max_new_tokens", "6"]) == 0
+    out = capsys.readouterr().out
+    assert "write tiny R1-Omni checkpoint" in out and "recognize" in out and "response" in out
+    assert (tmp_path / "tiny-r1-omni" / "config.json").is_file()
+
+
+def test_batched_recognize_equals_one_by_one(omni, clips):
+    paths = [clips["mp4"], clips["mp4_wide"], clips["avi"]]
+    together = omni.recognize(paths, max_new_tokens=12, batch_size=3)
+    alone = [omni.recognize([p], max_new_tokens=12)[0] for p in paths]
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+    assert [r.video for r in together] == [str(p) for p in paths]
+
+
+@pytest.mark.parametrize("modal", ["video", "audio"])
+def test_single_modality(omni, clips, modal):
+    r = omni.recognize(clips["mp4"], modal=modal, max_new_tokens=6)[0]
+    assert 1 <= len(r.token_ids) <= 6 and isinstance(r.text, str)
+
+
+def test_generate_samples_n_per_clip(omni, clips):
+    params = SamplingParams(n=3, temperature=1.0, top_k=50, max_tokens=10, seed=3)
+    a = omni.generate([clips["mp4"], clips["webm"]], sampling=params, aspect="pad")
+    b = omni.generate([clips["mp4"], clips["webm"]], sampling=params, aspect="pad")
+    assert [len(g.texts) for g in a] == [3, 3]
+    assert [c.token_ids for g in a for c in g.completions] == [c.token_ids for g in b for c in g.completions]
+    assert all(torch.isfinite(c.logprobs).all() and (c.logprobs <= 0).all() for g in a for c in g.completions)
+
+
+def test_bad_inputs(omni, clips, tmp_path):
+    with pytest.raises(MediaError, match="missing.mp4"):
+        omni.recognize([tmp_path / "missing.mp4"])
+    with pytest.raises(ValueError, match="modal"):
+        omni.recognize([clips["mp4"]], modal="text")
+    with pytest.raises(ValueError, match="2 videos but 3 instructs"):
+        omni.generate([clips["mp4"], clips["avi"]], instruct=["a", "b", "c"])
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("<think>She smiles.</think>\n<answer>happy</answer>", ("She smiles.", "happy")),
+    ("<answer> sad </answer>", (None, "sad")),
+    ("<think>multi\nline</think><answer>a</answer><answer>b</answer>", ("multi\nline", "a")),
+    ("no tags", (None, None)),
+])
+def test_parse_response(text, expected):
+    assert parse_response(text) == expected

@@ -1,0 +1,87 @@
+"""Cascade (shared-prefix) decode attention: the reference against per-row attention, the Triton kernel against
+the reference in fp64 with the 2x-torch-error rule (CPU interpreter here, the GPU in the gpu class)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from omni_fast import ops
+from omni_fast.kernels.cascade_attention import cascade_attention_ref
+
+HQ, HKV, D = 14, 2, 64
+
+
+def _case(prefix_lens, group_size, dtype, device="cpu", gen_cap=70, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    p, tp = len(prefix_lens), max(prefix_lens) + 5
+    b = p * group_size
+    prefix_k, prefix_v = torch.randn(2, p, tp, HKV, D, generator=g).unbind(0)
+    gen_k, gen_v = torch.randn(2, b + 3, gen_cap, HKV, D, generator=g).unbind(0)
+    q = torch.randn(b, HQ, D, generator=g)
+    groups = torch.arange(p).repeat_interleave(group_size)
+    slots = torch.randperm(b + 3, generator=g)[:b]
+    gen_lens = torch.randint(1, gen_cap + 1, (b,), generator=g)
+    gen_lens[0] = 1
+    lens = torch.tensor(prefix_lens)
+    to = dict(device=device)
+    return (q.to(dtype=dtype, **to), prefix_k.to(dtype=dtype, **to), prefix_v.to(dtype=dtype, **to), lens.to(**to),
+            groups.to(**to), gen_k.to(dtype=dtype, **to), gen_v.to(dtype=dtype, **to), slots.to(**to),
+            gen_lens.to(**to))
+
+
+def _fp64(args):
+    return [a.double() if a.is_floating_point() else a for a in args]
+
+
+class TestReferencePath:
+    @pytest.mark.parametrize("prefix_lens,group_size", [((1,), 1), ((37, 5), 3), ((1000,), 8), ((13, 1, 64), 2)])
+    def test_is_attention_over_the_prefix_then_the_rows_own_tokens(self, prefix_lens, group_size):
+        q, pk, pv, lens, groups, gk, gv, slots, gen_lens = _fp64(_case(prefix_lens, group_size, torch.float32))
+        out = cascade_attention_ref(q, pk, pv, lens, groups, gk, gv, slots, gen_lens)
+        rep = HQ // HKV
+        for r in range(q.shape[0]):
+            g, s = groups[r], slots[r]
+            k = torch.cat([pk[g, : lens[g]], gk[s, : gen_lens[r]]]).repeat_interleave(rep, dim=1)
+            v = torch.cat([pv[g, : lens[g]], gv[s, : gen_lens[r]]]).repeat_interleave(rep, dim=1)
+            ref = F.scaled_dot_product_attention(q[r][:, None], k.transpose(0, 1), v.transpose(0, 1))[:, 0]
+            assert (out[r] - ref).abs().max() < 1e-10
+
+
+def _check_against_fp64(args, dtype):
+    out = ops.cascade_attention(*args)
+    ref = cascade_attention_ref(*_fp64(args))
+    torch_err = (cascade_attention_ref(*args, compute_dtype=dtype).double() - ref).abs().max()
+    err = (out.double() - ref).abs().max()
+    assert out.dtype == dtype and out.shape == args[0].shape
+    assert err <= 2 * torch_err, (err, torch_err)
+
+
+class TestTritonInterpreter:
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+    @pytest.mark.parametrize("prefix_lens,group_size", [((1,), 1), ((37,), 3), ((1000,), 8), ((37, 1, 100), 3)])
+    def test_matches_reference(self, prefix_lens, group_size, dtype):
+        with ops.force_backend("triton", "cascade_attention"):
+            _check_against_fp64(_case(prefix_lens, group_size, dtype), dtype)
+
+    def test_uneven_groups_and_an_empty_group(self):
+        """Rows sorted by group, group 1 with no rows this step (all its samples finished)."""
+        q, pk, pv, lens, _, gk, gv, slots, gen_lens = _case((20, 30, 40), 2, torch.float32)
+        groups = torch.tensor([0, 0, 0, 2, 2, 2])
+        with ops.force_backend("triton", "cascade_attention"):
+            _check_against_fp64((q, pk, pv, lens, groups, gk, gv, slots, gen_lens), torch.float32)
+
+    def test_split_count_does_not_change_the_result(self):
+        from omni_fast.kernels.cascade_attention import cascade_attention
+
+        args = _case((300,), 4, torch.float32)
+        outs = [cascade_attention(*args, splits=s) for s in (1, 3, 16)]
+        assert all((o - outs[0]).abs().max() < 1e-5 for o in outs)
+
+
+@pytest.mark.gpu
+class TestComparePathsGPU:
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+    @pytest.mark.parametrize("prefix_lens,group_size", [((1,), 1), ((37,), 3), ((1000,), 8), ((1000,) * 8, 8),
+                                                        ((900, 1100, 37), 16)])
+    def test_matches_reference(self, prefix_lens, group_size, dtype):
+        args = _case(prefix_lens, group_size, dtype, device="cuda", gen_cap=600)
+        _check_against_fp64(args, dtype)

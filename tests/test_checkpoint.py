@@ -1,0 +1,201 @@
+"""Checkpoint directories: where each part is read from, every bad input, and save -> load round trips."""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from omni_fast.model import checkpoint
+from omni_fast.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from omni_fast.testing import make_tiny_checkpoint
+
+
+@pytest.fixture
+def ckpt(tiny_ckpt, tmp_path):
+    """A private copy of the tiny checkpoint (its config still points at the shared tower directories)."""
+    dst = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt, dst)
+    return dst
+
+
+def _load(path, **kw):
+    return load_checkpoint(path, device="cpu", dtype=torch.float32, **kw)
+
+
+def _rewrite(path, fn):
+    state = load_file(str(path / "model.safetensors"))
+    save_file(fn(state), str(path / "model.safetensors"))
+
+
+def _edit_config(path, **changes):
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(changes)
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def _params(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_loads_every_tensor_from_the_file(tiny_ckpt):
+    loaded = _load(tiny_ckpt)
+    stored = load_file(str(tiny_ckpt / "model.safetensors"))
+    ours = loaded.model.state_dict()
+    assert set(ours) == set(stored)  # lm_head is tied, not stored
+    for name, t in stored.items():
+        assert torch.equal(ours[name], t.float()), name
+    assert loaded.model.lm_head_weight.data_ptr() == loaded.model.model.embed_tokens.weight.data_ptr()
+    assert not any(p.requires_grad for p in loaded.model.model.vision_tower.parameters())
+    assert not any(t.is_meta for t in loaded.model.state_dict().values())
+    assert all(not b.is_meta for b in loaded.model.buffers())
+
+
+def test_bert_weights_come_from_the_checkpoint_not_the_bert_directory(tiny_ckpt):
+    loaded = _load(tiny_ckpt)
+    stock = load_file(str(tiny_ckpt / "bert-base-uncased" / "model.safetensors"))
+    ours = loaded.model.model.bert_model.state_dict()
+    name = "encoder.layer.0.attention.self.query.weight"
+    assert not torch.equal(ours[name], stock[name].float())
+    assert loaded.bert_dir == tiny_ckpt / "bert-base-uncased"
+
+
+def test_sharded_checkpoint_loads_the_same_tensors(tmp_path, tiny_ckpt):
+    sharded = make_tiny_checkpoint(tmp_path / "sharded", seed=0, shards=3)
+    assert len(list(sharded.glob("model-0000*-of-00003.safetensors"))) == 3
+    a, b = _load(tiny_ckpt).model.state_dict(), _load(sharded).model.state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_tower_weights_from_the_tower_directories_when_the_checkpoint_has_none(ckpt, tiny_ckpt):
+    _rewrite(ckpt, lambda s: {k: v for k, v in s.items() if not k.startswith(("model.vision_tower.", "model.audio_tower."))})
+    loaded = _load(ckpt)
+    ours = loaded.model.state_dict()
+    siglip = load_file(str(tiny_ckpt / "siglip-base-patch16-224" / "model.safetensors"))
+    whisper = load_file(str(tiny_ckpt / "whisper-large-v3" / "model.safetensors"))
+    for k, v in siglip.items():
+        if k.startswith("vision_model."):
+            assert torch.equal(ours["model.vision_tower.vision_tower." + k], v), k
+    for k, v in whisper.items():
+        if k.startswith("model.encoder."):
+            assert torch.equal(ours["model.audio_tower.audio_tower." + k[len("model."):]], v), k
+    assert any("vision tower weights: " + str(tiny_ckpt / "siglip") in n for n in loaded.notes)
+
+
+def test_tower_directory_absent_with_weights_in_checkpoint_uses_the_known_config(ckpt, monkeypatch):
+    """R1-Omni checkpoints carry the tower weights: a missing mm_vision_tower directory is then not fatal."""
+    vision = json.loads((ckpt / "siglip-base-patch16-224" / "config.json").read_text())["vision_config"]
+    monkeypatch.setattr(checkpoint, "SIGLIP_BASE_PATCH16_224", {k: v for k, v in vision.items() if k != "model_type"})
+    _edit_config(ckpt, mm_vision_tower="/nonexistent/siglip-base-patch16-224")
+    loaded = _load(ckpt)
+    assert loaded.model.towers.vision.hidden_size == vision["hidden_size"]
+
+
+def test_tower_directory_absent_and_no_weights_is_a_clear_error(ckpt):
+    _edit_config(ckpt, mm_audio_tower="/nonexistent/whisper-large-v3")
+    _rewrite(ckpt, lambda s: {k: v for k, v in s.items() if not k.startswith("model.audio_tower.")})
+    with pytest.raises(CheckpointError, match=r"/nonexistent/whisper-large-v3.*--audio_tower"):
+        _load(ckpt)
+
+
+def test_tower_override_must_exist(ckpt, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no_such_dir"):
+        _load(ckpt, vision_tower=tmp_path / "no_such_dir")
+
+
+def test_relative_tower_path_resolves_against_the_checkpoint(ckpt):
+    _edit_config(ckpt, mm_vision_tower="siglip-base-patch16-224", mm_audio_tower="whisper-large-v3")
+    _rewrite(ckpt, lambda s: {k: v for k, v in s.items() if not k.startswith("model.vision_tower.")})
+    assert _load(ckpt).model is not None
+
+
+def test_missing_bert_directory_names_where_it_looked(ckpt, tmp_path, monkeypatch):
+    shutil.rmtree(ckpt / "bert-base-uncased")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"bert-base-uncased.*--bert_path"):
+        _load(ckpt)
+    with pytest.raises(FileNotFoundError, match="elsewhere"):
+        _load(ckpt, bert_path=tmp_path / "elsewhere")
+
+
+def test_missing_and_unexpected_tensors_are_listed(ckpt):
+    def edit(state):
+        state.pop("model.layers.1.mlp.up_proj.weight")
+        state["model.extra_head.weight"] = torch.zeros(2, 2)
+        return state
+    _rewrite(ckpt, edit)
+    with pytest.raises(CheckpointError, match=r"missing tensors: model\.layers\.1\.mlp\.up_proj\.weight.*"
+                                              r"unexpected tensors: model\.extra_head\.weight"):
+        _load(ckpt)
+
+
+def test_shape_mismatch_is_reported(ckpt):
+    _edit_config(ckpt, intermediate_size=96)
+    with pytest.raises(CheckpointError, match=r"shapes.*mlp\.(gate|up|down)_proj\.weight"):
+        _load(ckpt)
+
+
+@pytest.mark.parametrize("content,match", [("{not json", "not valid JSON"),
+                                            ('{"model_type": "llama"}', "missing required key"),
+                                            (None, "model_type 'llava'")])
+def test_bad_config(ckpt, content, match):
+    if content is None:
+        _edit_config(ckpt, model_type="llava")
+    else:
+        (ckpt / "config.json").write_text(content)
+    with pytest.raises(CheckpointError, match=match) as err:
+        _load(ckpt)
+    assert "config.json" in str(err.value)
+
+
+def test_no_weights_and_corrupt_weights(ckpt, tmp_path):
+    (ckpt / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        _load(ckpt)
+    (ckpt / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        _load(ckpt)
+    with pytest.raises(FileNotFoundError, match="no such checkpoint directory"):
+        _load(tmp_path / "nowhere")
+
+
+def test_index_naming_a_missing_shard(tmp_path):
+    root = make_tiny_checkpoint(tmp_path / "s", shards=2)
+    (root / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors"):
+        _load(root)
+
+
+def test_save_round_trip(tiny_ckpt, tmp_path):
+    loaded = _load(tiny_ckpt)
+    with torch.no_grad():  # as after training: the saved values must be the new ones
+        loaded.model.model.bert_gate[2].bias.add_(0.5)
+    out = save_checkpoint(loaded, tmp_path / "saved", shards=2)
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
+            "merges.txt", "generation_config.json"} <= names
+    assert json.loads((out / "config.json").read_text()) == json.loads((tiny_ckpt / "config.json").read_text())
+    with safe_open(str(out / "model-00001-of-00002.safetensors"), framework="pt") as f:
+        assert f.get_tensor(next(iter(f.keys()))).dtype == torch.bfloat16  # the config's torch_dtype
+    again = _load(out).model.state_dict()
+    before = loaded.model.state_dict()
+    assert set(again) == set(before)
+    assert all(torch.equal(again[k], before[k].bfloat16().float()) for k in before)
+    assert not list(tmp_path.glob(".saved.*"))
+
+
+def test_save_never_clobbers_or_half_writes(tiny_ckpt, tmp_path, monkeypatch):
+    loaded = _load(tiny_ckpt)
+    out = save_checkpoint(loaded, tmp_path / "saved")
+    snapshot = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(FileExistsError):
+        save_checkpoint(loaded, out)
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(checkpoint, "write_safetensors", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(loaded, out, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == snapshot
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["saved"]
