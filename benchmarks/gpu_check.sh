@@ -51,7 +51,7 @@ if [ "${OMNI_FAST_SKIP_BUILD:-0}" != 1 ]; then
   step build 360 "$PY" -m pip install --no-build-isolation --no-deps -e .
 fi
 if [ -f csrc/bindings.cpp ]; then
-  step native_ops 60 "$PY" -c "import omni_fast._C as C; print(sorted(n for n in dir(C) if not n.startswith('_')))"
+  step native_ops 60 "$PY" -c "import torch, omni_fast._C as C; print(sorted(n for n in dir(C) if not n.startswith('_')))"
 fi
 
 if [ "$GPU" = 1 ]; then
