@@ -61,7 +61,7 @@ fi
 
 for bench in benchmarks/bench_*.py; do
   name=$(basename "$bench" .py)
-  limit=120; [ "$name" = bench_rollout ] && limit=240
+  limit=120; case $name in bench_rollout|bench_selective_logprob) limit=240 ;; esac
   step "$name" "$limit" "$PY" "$bench" ${QUICK[@]+"${QUICK[@]}"} --out "$OUT/$name.json"
 done
 summary
