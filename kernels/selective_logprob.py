@@ -301,8 +301,8 @@ def _check(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) ->
     assert hidden.ndim == 2 and weight.ndim == 2 and targets.ndim == 1, "hidden [N, H], weight [V, H], targets [N]"
     assert weight.shape[1] == hidden.shape[1], f"hidden {tuple(hidden.shape)} vs weight {tuple(weight.shape)}"
     assert targets.shape[0] == hidden.shape[0], f"targets {tuple(targets.shape)} vs hidden {tuple(hidden.shape)}"
-    assert hidden.dtype == weight.dtype and hidden.dtype in (torch.float32, torch.bfloat16, torch.float16), \
-        f"hidden {hidden.dtype} and weight {weight.dtype} must share one float dtype"
+    assert hidden.dtype == weight.dtype and hidden.dtype in (torch.float32, torch.bfloat16), \
+        f"hidden {hidden.dtype} and weight {weight.dtype} must both be float32 or bfloat16"
     assert targets.dtype in (torch.int64, torch.int32), f"targets must be integer, got {targets.dtype}"
     assert hidden.stride(1) == 1 and weight.stride(1) == 1, "hidden and weight need unit stride along H"
     assert targets.is_contiguous(), "targets must be contiguous"
@@ -394,12 +394,15 @@ def selective_logprob_ref(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     return logp, lse, entropy
 
 
-def _chunk_logprob(hidden, weight, targets, temperature):
+def _chunk_logprob(hidden, weight, targets, temperature, with_stats):
     logits = (hidden.float() @ weight.float().t()) / temperature                       # (rows, V)
     lse = torch.logsumexp(logits, dim=-1)
     logp = logits.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1) - lse
-    entropy = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
-    return logp, lse.detach(), entropy.detach()
+    if not with_stats:
+        return (logp,)
+    with torch.no_grad():
+        entropy = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    return logp, lse.detach(), entropy
 
 
 def selective_logprob_torch(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -410,12 +413,13 @@ def selective_logprob_torch(hidden: torch.Tensor, weight: torch.Tensor, targets:
     flat_targets = targets.reshape(-1)
     rows = max(1, 2**24 // max(1, weight.shape[0]))
     parts = [torch.utils.checkpoint.checkpoint(_chunk_logprob, hidden2[i:i + rows], weight,
-                                               flat_targets[i:i + rows], temperature, use_reentrant=False)
+                                               flat_targets[i:i + rows], temperature, with_stats,
+                                               use_reentrant=False)
              for i in range(0, hidden2.shape[0], rows)]
     if not parts:
-        parts = [tuple(torch.empty(0, device=hidden.device) for _ in range(3))]
-    logp, lse, entropy = (torch.cat(p).view(targets.shape) for p in zip(*parts))
-    return (logp, lse, entropy) if with_stats else logp
+        parts = [tuple(torch.empty(0, device=hidden.device) for _ in range(3 if with_stats else 1))]
+    outs = tuple(torch.cat(p).view(targets.shape) for p in zip(*parts))
+    return outs if with_stats else outs[0]
 
 
 class SelectiveLogprobFunction(torch.autograd.Function):

@@ -96,12 +96,13 @@ class TestReferencePath:
 
         _check(fn, *_inputs(37, 1000, 96, dtype), temperature=0.7)
 
+    @pytest.mark.parametrize("backend", ("triton", "torch"))
     @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-    def test_stats_lse_and_entropy(self, poisoned, dtype):
+    def test_stats_lse_and_entropy(self, poisoned, dtype, backend):
         hidden, weight, targets = _inputs(37, 4099, 64, dtype, requires_grad=False)
         ref = selective_logprob_ref(hidden.double(), weight.double(), targets, 1.3, with_stats=True)
         low = selective_logprob_ref(hidden, weight, targets, 1.3, with_stats=True)
-        with ops.force_backend("triton", "selective_logprob"):
+        with ops.force_backend(backend, "selective_logprob"):
             ours = ops.selective_logprob_stats(hidden, weight, targets, 1.3)
         for name, x, x_low, x_ref in zip(("logp", "lse", "entropy"), ours, low, ref):
             assert x.dtype == torch.float32
