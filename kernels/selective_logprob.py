@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)  # a constexpr, so that compiled kernels may read it
 
 
 @triton.jit
@@ -49,22 +49,28 @@ def _round_to_bf16(x):
 
 
 @triton.jit
-def _logits_tile(hidden_ptr, weight_ptr, rows, row_ok, cols, col_ok, H, stride_hn, stride_wv,
-                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_IEEE: tl.constexpr):
-    """acc[BLOCK_N, BLOCK_V] = hidden[rows, :] @ weight[cols, :].T in fp32 (masked rows/cols read as 0)."""
+def _logits_tile(hidden_ptr, weight_ptr, rows, cols, H, stride_hn, stride_wv,
+                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                 DOT_IEEE: tl.constexpr, EVEN_H: tl.constexpr):
+    """acc[BLOCK_N, BLOCK_V] = hidden[rows, :] @ weight[cols, :].T in fp32. rows and cols must be in range
+    (callers clamp them and mask the result), so only the H tail needs a mask (none when EVEN_H)."""
     acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
     offs_h = tl.arange(0, BLOCK_H)
+    h_ptrs = hidden_ptr + rows[:, None] * stride_hn + offs_h[None, :]                # (BLOCK_N, BLOCK_H)
+    w_ptrs = weight_ptr + cols[None, :] * stride_wv + offs_h[:, None]                # (BLOCK_H, BLOCK_V)
     for k in range(0, H, BLOCK_H):
-        kk = k + offs_h
-        k_ok = kk < H
-        h = tl.load(hidden_ptr + rows[:, None] * stride_hn + kk[None, :],
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)              # (BLOCK_N, BLOCK_H)
-        w = tl.load(weight_ptr + cols[None, :] * stride_wv + kk[:, None],
-                    mask=col_ok[None, :] & k_ok[:, None], other=0.0)              # (BLOCK_H, BLOCK_V)
+        if EVEN_H:
+            h = tl.load(h_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            h = tl.load(h_ptrs, mask=(k + offs_h)[None, :] < H, other=0.0)
+            w = tl.load(w_ptrs, mask=(k + offs_h)[:, None] < H, other=0.0)
         if DOT_IEEE:
             acc = tl.dot(h.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
         else:
             acc = tl.dot(h, w, acc)
+        h_ptrs += BLOCK_H
+        w_ptrs += BLOCK_H
     return acc
 
 
@@ -72,7 +78,7 @@ def _logits_tile(hidden_ptr, weight_ptr, rows, row_ok, cols, col_ok, H, stride_h
 def _selective_logprob_fwd_kernel(
     hidden_ptr, weight_ptr, part_ptr,
     N, V, H, stride_hn, stride_wv, tiles_per_split, scale2,
-    WITH_ENTROPY: tl.constexpr, DOT_IEEE: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr, DOT_IEEE: tl.constexpr, EVEN_H: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """Partial log-sum-exp of one (row block, vocabulary split) of the raw logits a = hidden @ weight.T.
@@ -90,6 +96,7 @@ def _selective_logprob_fwd_kernel(
     n_splits = tl.num_programs(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
+    rows_in = rows % N                                                                 # in range: unmasked loads
     offs_v = tl.arange(0, BLOCK_V)
     m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
     s = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -99,8 +106,8 @@ def _selective_logprob_fwd_kernel(
     for t in range(t_begin, t_end):
         cols = t * BLOCK_V + offs_v
         col_ok = cols < V
-        acc = _logits_tile(hidden_ptr, weight_ptr, rows, row_ok, cols, col_ok, H, stride_hn, stride_wv,
-                           BLOCK_N, BLOCK_V, BLOCK_H, DOT_IEEE)
+        acc = _logits_tile(hidden_ptr, weight_ptr, rows_in, cols % V, H, stride_hn, stride_wv,
+                           BLOCK_N, BLOCK_V, BLOCK_H, DOT_IEEE, EVEN_H)
         acc = tl.where(col_ok[None, :], acc, float("-inf"))
         m_new = tl.maximum(m, tl.max(acc, axis=1))
         alpha = tl.exp2((m - m_new) * scale2)
@@ -165,7 +172,7 @@ def _selective_logprob_merge_kernel(
 def _selective_logprob_bwd_kernel(
     hidden_ptr, weight_ptr, targets_ptr, lse_ptr, grad_ptr, d_ptr,
     N, V, H, v_begin, chunk_cols, stride_hn, stride_wv, stride_dn, inv_temp,
-    DOT_IEEE: tl.constexpr, EXP_FP64: tl.constexpr, RNE_BF16: tl.constexpr,
+    DOT_IEEE: tl.constexpr, EXP_FP64: tl.constexpr, RNE_BF16: tl.constexpr, EVEN_H: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """d_logits of one vocabulary chunk, logits recomputed:
@@ -181,8 +188,8 @@ def _selective_logprob_bwd_kernel(
     local = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     cols = v_begin + local
     col_ok = (local < chunk_cols) & (cols < V)
-    acc = _logits_tile(hidden_ptr, weight_ptr, rows, row_ok, cols, col_ok, H, stride_hn, stride_wv,
-                       BLOCK_N, BLOCK_V, BLOCK_H, DOT_IEEE)
+    acc = _logits_tile(hidden_ptr, weight_ptr, rows % N, cols % V, H, stride_hn, stride_wv,
+                       BLOCK_N, BLOCK_V, BLOCK_H, DOT_IEEE, EVEN_H)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     g = tl.load(grad_ptr + rows, mask=row_ok, other=0.0) * inv_temp
     target = tl.load(targets_ptr + rows, mask=row_ok, other=-1)
@@ -202,31 +209,35 @@ def _selective_logprob_bwd_kernel(
 def _selective_logprob_dh_kernel(
     d_ptr, weight_ptr, dh_ptr,
     N, H, K, v_begin, stride_dn, stride_wv, stride_dhn,
-    DOT_IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_IEEE: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """dh[n, h] += sum_{j < K} d[n, j] * weight[v_begin + j, h]: one vocabulary chunk of dH = d_logits @ W.
-    d [N, >= K] (row stride stride_dn), weight [V, H], dh [N, H] fp32 accumulator.
+    d [N, >= K] (row stride stride_dn), weight [V, H], dh [N, H] fp32 accumulator. EVEN_K: K % BLOCK_K == 0.
     Grid (cdiv(N, BLOCK_M), cdiv(H, BLOCK_H)).
     """
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    row_ok = rows < N
-    col_ok = cols < H
+    out_ok = (rows < N)[:, None] & (cols < H)[None, :]
     out = dh_ptr + rows[:, None] * stride_dhn + cols[None, :]
-    acc = tl.load(out, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    acc = tl.load(out, mask=out_ok, other=0.0)
     offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = d_ptr + (rows % N)[:, None] * stride_dn + offs_k[None, :]                # (BLOCK_M, BLOCK_K)
+    b_ptrs = weight_ptr + (v_begin + offs_k)[:, None] * stride_wv + (cols % H)[None, :]  # (BLOCK_K, BLOCK_H)
     for k in range(0, K, BLOCK_K):
-        kk = k + offs_k
-        k_ok = kk < K
-        a = tl.load(d_ptr + rows[:, None] * stride_dn + kk[None, :],
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)               # (BLOCK_M, BLOCK_K)
-        b = tl.load(weight_ptr + (v_begin + kk)[:, None] * stride_wv + cols[None, :],
-                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)               # (BLOCK_K, BLOCK_H)
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=(k + offs_k)[None, :] < K, other=0.0)
+            b = tl.load(b_ptrs, mask=(k + offs_k)[:, None] < K, other=0.0)
         if DOT_IEEE:
             acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
         else:
             acc = tl.dot(a, b, acc)
-    tl.store(out, acc, mask=row_ok[:, None] & col_ok[None, :])
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K * stride_wv
+    tl.store(out, acc, mask=out_ok)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -330,7 +341,7 @@ def selective_logprob_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     part = torch.empty(3 if with_entropy else 2, splits, n, device=hidden.device, dtype=torch.float32)
     _selective_logprob_fwd_kernel[(triton.cdiv(n, cfg.block_n), splits)](
         hidden, weight, part, n, v, h, hidden.stride(0), weight.stride(0), tiles_per_split,
-        LOG2E / temperature, WITH_ENTROPY=with_entropy, **_flags(hidden),
+        LOG2E.value / temperature, WITH_ENTROPY=with_entropy, EVEN_H=h % cfg.block_h == 0, **_flags(hidden),
         BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     block_merge = min(64, max(16, triton.next_power_of_2(n)))
@@ -366,11 +377,13 @@ def selective_logprob_bwd(grad_logp: torch.Tensor, hidden: torch.Tensor, weight:
         _selective_logprob_bwd_kernel[(triton.cdiv(n, cfg.block_n), triton.cdiv(cols, cfg.block_v))](
             hidden, weight, targets, lse, grad, d, n, v, h, v0, cols,
             hidden.stride(0), weight.stride(0), d.stride(0), 1.0 / temperature,
-            **flags, EXP_FP64=hidden.dtype == torch.float32, RNE_BF16=rne, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
+            **flags, EXP_FP64=hidden.dtype == torch.float32, RNE_BF16=rne, EVEN_H=h % cfg.block_h == 0,
+            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if dh is not None:
             _selective_logprob_dh_kernel[(triton.cdiv(n, cfg.dh_block_m), triton.cdiv(h, cfg.dh_block_h))](
                 d, weight, dh, n, h, cols, v0, d.stride(0), weight.stride(0), dh.stride(0), **flags,
+                EVEN_K=cols % cfg.dh_block_k == 0,
                 BLOCK_M=cfg.dh_block_m, BLOCK_H=cfg.dh_block_h, BLOCK_K=cfg.dh_block_k,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if dw is not None:
