@@ -22,6 +22,10 @@ import torch
 _IMPLS: dict[str, dict[str, str]] = {
     "causal_attention": {"cuda": "omni_fast.model.qwen2:flash_causal_attention",
                          "torch": "omni_fast.model.qwen2:sdpa_causal_attention"},
+    "add_rms_norm": {"triton": "omni_fast.kernels.rms_norm:add_rms_norm",
+                     "torch": "omni_fast.kernels.rms_norm:add_rms_norm_ref"},
+    "rope": {"triton": "omni_fast.kernels.rope:rope", "torch": "omni_fast.kernels.rope:rope_ref"},
+    "silu_mul": {"triton": "omni_fast.kernels.silu_mul:silu_mul", "torch": "omni_fast.kernels.silu_mul:silu_mul_ref"},
     "cascade_attention": {"triton": "omni_fast.kernels.cascade_attention:cascade_attention",
                           "torch": "omni_fast.kernels.cascade_attention:cascade_attention_ref"},
     "sample": {"triton": "omni_fast.kernels.sampling:sample", "torch": "omni_fast.kernels.sampling:sample_ref"},
@@ -100,6 +104,22 @@ def force_backend(backend: str, *ops: str) -> Iterator[None]:
                 _FORCED.pop(k, None)
             else:
                 _FORCED[k] = v
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight * rmsnorm(x + residual), x + residual) (kernels/rms_norm.py)."""
+    return _pick("add_rms_norm", x.device)(x, residual, weight, eps)
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding of q [*, Hq, D] and k [*, Hkv, D] with cos/sin [*, D] (kernels/rope.py)."""
+    return _pick("rope", q.device)(q, k, cos, sin)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of a packed [*, 2I] projection (kernels/silu_mul.py)."""
+    return _pick("silu_mul", gate_up.device)(gate_up)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
