@@ -146,8 +146,8 @@ def cascade_attention(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.T
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-           seeds: torch.Tensor, step: int, k_max: int | None = None,
-           use_top_p: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+           seeds: torch.Tensor, step: int, filters: tuple[int, bool, bool] | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy / temperature / top-k / top-p sampling with per-row seeds -> (tokens, logprobs) (kernels/sampling.py).
-    k_max / use_top_p describe the batch's filters so the kernel path needs no host sync."""
-    return _pick("sample", logits.device)(logits, temperature, top_k, top_p, seeds, step, k_max, use_top_p)
+    filters (kernels.sampling.batch_filters) describes the batch so a step needs no host sync."""
+    return _pick("sample", logits.device)(logits, temperature, top_k, top_p, seeds, step, filters)
