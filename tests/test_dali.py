@@ -114,12 +114,22 @@ def test_bad_files_are_named_and_the_rest_decoded(dclips):
     assert (out[3].frames - preprocess_frames(ref[0], "pad")).abs().max() <= LEVEL + 1e-6
 
 
-def test_a_batch_dali_cannot_decode_falls_back_to_pyav(dclips):
-    """H.264 needs the mixed (GPU) decoder: on the CPU the batch fails in DALI and PyAV decodes it."""
+def test_a_batch_dali_cannot_decode_falls_back_to_pyav(dclips, tmp_path):
+    """H.264 needs the mixed (GPU) decoder: on the CPU the batch fails in DALI and PyAV decodes it; a clip whose
+    header is fine but whose frames PyAV cannot decode either (video payload zeroed) is that clip's error."""
+    data = bytearray(dclips["h264"].read_bytes())
+    at = data.find(b"mdat")
+    size = int.from_bytes(data[at - 4:at], "big")
+    data[at + 4:at - 4 + size] = bytes(size - 8)
+    zeroed = tmp_path / "zeroed.mp4"
+    zeroed.write_bytes(bytes(data))
     media = DaliMedia("cpu", batch_size=4, threads=2)
-    with pytest.warns(UserWarning, match=r"DALI could not decode a batch of 2 clips.*h264.mp4"):
-        out = media.load([dclips["h264"], dclips["vp9"]])
-    for name, clip in zip(["h264", "vp9"], out):
+    with pytest.warns(UserWarning) as caught:
+        out = media.load([dclips["h264"], zeroed, dclips["vp9"]])
+    assert [str(w.message) for w in caught if "DALI could not decode a batch of 3 clips" in str(w.message)]
+    assert not [w for w in caught if "zeroed.mp4: no decodable audio" in str(w.message)]
+    assert isinstance(out[1], MediaError) and "zeroed.mp4" in str(out[1])
+    for name, clip in zip(["h264", "vp9"], out[::2]):
         assert torch.equal(clip.frames, load_clip(dclips[name], aspect="pad").frames)
     (again,) = _load(["mjpeg"], dclips)  # the pipeline is rebuilt after the failure
     assert again.frames.shape == (8, 3, 224, 224)

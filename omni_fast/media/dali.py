@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from omni_fast.media.audio import N_SAMPLES, log_mel, silence
+from omni_fast.media.audio import N_SAMPLES, SAMPLE_RATE, log_mel, silence
 from omni_fast.media.frames import ASPECTS, expand_to_square, frame_indices, normalize, preprocess_frames, resize
 from omni_fast.media.pyav import Clip, MediaError, decode_audio, frame_count, sample_video
 
@@ -166,33 +166,36 @@ class DaliMedia:
         run = pool.map if pool is not None else map
         totals = list(run(_probe, videos))
         good = [i for i, t in enumerate(totals) if not isinstance(t, MediaError)]
-        frames = self._frames([videos[i] for i in good], [totals[i] for i in good], pool)
+        out: list = list(totals)
+        for i, f in zip(good, self._frames([videos[i] for i in good], [totals[i] for i in good], pool)):
+            out[i] = f  # (frames, indices), or the MediaError of a clip PyAV could not decode either
+        good = [i for i in good if not isinstance(out[i], MediaError)]
         sources = [Path(a) if a is not None else v for v, a in zip(videos, audios)]
         waves = self._waves([sources[i] for i in good], pool) if audio else [(silence(), True)] * len(good)
-        out: list[Clip | MediaError] = list(totals)
-        mels = self._mels([w for w, _ in waves])
-        for k, i in enumerate(good):
-            pixels, indices = frames[k]
-            samples, fallback = waves[k]
-            out[i] = Clip(frames=pixels, mel=mels[k], indices=indices, num_frames_total=totals[i],
-                          audio_seconds=0.0 if fallback else len(samples) / 16000, audio_fallback=fallback)
+        for i, mel, (samples, fallback) in zip(good, self._mels([w for w, _ in waves]), waves):
+            pixels, indices = out[i]
+            out[i] = Clip(frames=pixels, mel=mel, indices=indices, num_frames_total=totals[i],
+                          audio_seconds=0.0 if fallback else len(samples) / SAMPLE_RATE, audio_fallback=fallback)
         return out
 
-    def _frames(self, videos: list[Path], totals: list[int], pool) -> list[tuple[torch.Tensor, list[int]]]:
+    def _frames(self, videos: list[Path], totals: list[int], pool) -> list[tuple[torch.Tensor, list[int]] | MediaError]:
         indices = [frame_indices(n, self.num_frames) for n in totals]
         try:
             decoded = self.decode_frames(videos, indices)
         except RuntimeError as e:
-            reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            reason = _dali_reason(e)
             warnings.warn(f"DALI could not decode a batch of {len(videos)} clips ({reason}); decoding it with "
                           f"PyAV: {', '.join(map(str, videos))}", stacklevel=3)
             return self._pyav_frames(videos, pool)
         return [(self._preprocess(f), ix) for f, ix in zip(decoded, indices)]
 
-    def _pyav_frames(self, videos: list[Path], pool) -> list[tuple[torch.Tensor, list[int]]]:
+    def _pyav_frames(self, videos: list[Path], pool) -> list[tuple[torch.Tensor, list[int]] | MediaError]:
         run = pool.map if pool is not None else map
-        sampled = list(run(functools.partial(sample_video, num_frames=self.num_frames), videos))
-        return [(preprocess_frames(f, self.aspect, device=self.device), ix) for f, ix, _ in sampled]
+        out = []
+        for sampled in run(functools.partial(_sample, num_frames=self.num_frames), videos):
+            out.append(sampled if isinstance(sampled, MediaError) else
+                       (preprocess_frames(sampled[0], self.aspect, device=self.device), sampled[1]))
+        return out
 
     def _preprocess(self, frames: torch.Tensor) -> torch.Tensor:
         """(T, H, W, 3) uint8 on the device -> (T, 3, 224, 224) float32: preprocess_frames' steps, the T frames
@@ -234,6 +237,20 @@ class DaliMedia:
             w = torch.as_tensor(w, dtype=torch.float32)[:N_SAMPLES]
             row[: w.numel()] = w
         return list(log_mel(batch.to(self.device), self.n_mels))
+
+
+def _dali_reason(error: Exception) -> str:
+    """The line of a DALI pipeline error that says what failed (after its 'encountered:' header)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    after = lines[lines.index("encountered:") + 1:] if "encountered:" in lines else lines
+    return after[0] if after else type(error).__name__
+
+
+def _sample(path: Path, num_frames: int) -> tuple[list[np.ndarray], list[int], int] | MediaError:
+    try:
+        return sample_video(path, num_frames)
+    except MediaError as e:
+        return e
 
 
 def _probe(path: Path) -> int | MediaError:
