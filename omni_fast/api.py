@@ -77,6 +77,7 @@ class OmniModel:
         self.config = loaded.config
         self.engine = Engine(self.model, engine_config, loaded.generation.eos_token_ids)
         self.timings = Timings()
+        self.failures: list = []  # clips the last recognize/generate skipped (on_error="skip")
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None,
@@ -122,11 +123,11 @@ class OmniModel:
         prompt = inference_prompt(self.tokenizer, instruct, modal, self.config.mm_use_x_start_end)
         return tokenize_multimodal(self.tokenizer, prompt)
 
-    def _media(self, videos: list[str], modal: str, aspect: str, batch_size: int) -> MediaLoader:
+    def _media(self, videos: list, modal: str, aspect: str, batch_size: int, on_error: str) -> MediaLoader:
         """Clips decoded `batch_size` at a time, the next batch while the current one is encoded and generated;
-        a bad clip raises its MediaError."""
+        a bad clip raises its MediaError (on_error="raise") or is skipped and listed in self.failures ("skip")."""
         config = LoaderConfig(batch_size=max(1, batch_size), backend=self.media_backend, workers=self.media_workers,
-                              prefetch=1, on_error="raise", aspect=aspect, num_frames=self.config.num_frames,
+                              prefetch=1, on_error=on_error, aspect=aspect, num_frames=self.config.num_frames,
                               n_mels=self.model.towers.audio.num_mel_bins, audio=modal != "video")
         return MediaLoader(videos, config, device=self.device)
 
@@ -145,19 +146,22 @@ class OmniModel:
         return embeds
 
     @staticmethod
-    def _check(videos, modal: str) -> list[str]:
+    def _check(videos, modal: str) -> list:
+        """Paths, or records with a .video path (and optionally .audio, a separate audio file)."""
         videos = [videos] if isinstance(videos, (str, Path)) else list(videos)
         if not videos:
             raise ValueError("no videos given")
         if modal not in MODALS:
             raise ValueError(f"modal {modal!r}: expected one of {MODALS}")
-        return [str(v) for v in videos]
+        return [v if hasattr(v, "video") else str(v) for v in videos]
 
     # --- entry points ------------------------------------------------------------------------------------------
     def generate(self, videos, instruct: str | list[str] | None = None, sampling: SamplingParams | None = None,
-                 modal: str = "video_audio", batch_size: int = 8, aspect: str = "stretch") -> list[Generation]:
+                 modal: str = "video_audio", batch_size: int = 8, aspect: str = "stretch",
+                 on_error: str = "raise") -> list[Generation]:
         """n sampled completions per clip. instruct: one for all clips or one per clip (default: the R1-Omni
-        demo instruct); aspect: "stretch" (reference inference) or "pad" (training)."""
+        demo instruct); aspect: "stretch" (reference inference) or "pad" (training); on_error: "raise" on a
+        clip that cannot be decoded, or "skip" it (warned, and listed in self.failures)."""
         videos = self._check(videos, modal)
         sampling = sampling or SamplingParams()
         instructs = [instruct] * len(videos) if instruct is None or isinstance(instruct, str) else list(instruct)
@@ -165,14 +169,18 @@ class OmniModel:
         if len(instructs) != len(videos):
             raise ValueError(f"{len(videos)} videos but {len(instructs)} instructs")
         self.timings = Timings()
+        self.failures = []
         out: list[Generation] = []
-        with contextlib.closing(iter(self._media(videos, modal, aspect, batch_size))) as batches:
+        with contextlib.closing(iter(self._media(videos, modal, aspect, batch_size, on_error))) as batches:
             while True:
                 t0 = time.perf_counter()
                 batch = next(batches, None)  # media time: the wait for decoding not hidden behind generation
                 self.timings.media += time.perf_counter() - t0
                 if batch is None:
                     break
+                self.failures.extend(batch.failures)
+                if not len(batch):
+                    continue
                 embeds = self._prompts(batch, [instructs[i] for i in batch.positions], modal)
                 t0 = time.perf_counter()
                 results = self.engine.generate(embeds, sampling)
@@ -180,17 +188,18 @@ class OmniModel:
                 for video, completions in zip(batch.records, results):
                     texts = [self.tokenizer.decode(c.token_ids, skip_special_tokens=True).strip()
                              for c in completions]
-                    out.append(Generation(video=video, texts=texts, completions=completions))
+                    out.append(Generation(video=str(getattr(video, "video", video)), texts=texts,
+                                          completions=completions))
         return out
 
     def recognize(self, videos, instruct: str | list[str] | None = None, modal: str = "video_audio",
-                  max_new_tokens: int = 2048, batch_size: int = 8) -> list[Recognition]:
+                  max_new_tokens: int = 2048, batch_size: int = 8, on_error: str = "raise") -> list[Recognition]:
         """Greedy recognition as the reference inference.py, batched over many clips."""
         gen = self.loaded.generation
         params = SamplingParams(n=1, temperature=0.0, max_tokens=max_new_tokens,
                                 repetition_penalty=gen.repetition_penalty, stop_token_ids=gen.eos_token_ids)
         results = []
-        for g in self.generate(videos, instruct, params, modal, batch_size, aspect="stretch"):
+        for g in self.generate(videos, instruct, params, modal, batch_size, aspect="stretch", on_error=on_error):
             reasoning, emotion = parse_response(g.texts[0])
             c = g.completions[0]
             results.append(Recognition(video=g.video, text=g.texts[0], reasoning=reasoning, emotion=emotion,
