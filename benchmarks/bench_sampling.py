@@ -35,8 +35,8 @@ def main(argv=None):
             p = torch.ones(b, device=device)
             seeds = torch.arange(b, device=device) + 1
             reps = dict(warmup=1, reps=1) if args.quick else {}
-            ours = time_ms(lambda: sample(logits, t, k, p, seeds, 7, top_k, False), device, **reps)
-            ref = time_ms(lambda: sample_ref(logits, t, k, p, seeds, 7, top_k, False), device, **reps)
+            ours = time_ms(lambda: sample(logits, t, k, p, seeds, 7, (top_k, False, False)), device, **reps)
+            ref = time_ms(lambda: sample_ref(logits, t, k, p, seeds, 7, (top_k, False, False)), device, **reps)
             hf = time_ms(lambda: hf_style(logits, top_k), device, **reps)
             gbps = b * vocab * 4 / (ours * 1e-3) / 1e9
             rows.append([b, top_k, ours * 1e3, ref * 1e3, hf * 1e3, hf / ours, gbps, gbps * 1e9 / HBM_BYTES_PER_S])

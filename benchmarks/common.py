@@ -58,3 +58,22 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
     return str(v)
+
+
+def compare_memory_bound(name: str, doc: str, cases: list[tuple[str, tuple, int]], ours, ref, argv=None) -> dict:
+    """A memory-bound op against its eager torch form: per case (label, args, bytes moved) the median time of
+    each, the speedup, ours in GB/s and as a fraction of the HBM copy roofline."""
+    args = bench_args(doc, argv)
+    device = torch.device("cpu" if args.quick else "cuda")
+    reps = dict(warmup=1, reps=1) if args.quick else {}
+    rows, records = [], []
+    for label, make, nbytes in cases:
+        inputs = make(device, args.quick)
+        t_ours = time_ms(lambda: ours(*inputs), device, **reps)
+        t_ref = time_ms(lambda: ref(*inputs), device, **reps)
+        gbps = nbytes(inputs) / (t_ours * 1e-3) / 1e9
+        rows.append([label, t_ours * 1e3, t_ref * 1e3, t_ref / t_ours, gbps, gbps * 1e9 / HBM_BYTES_PER_S])
+        records.append({"case": label, "ours_us": t_ours * 1e3, "torch_us": t_ref * 1e3, "speedup": t_ref / t_ours,
+                        "GBps": gbps, "roofline_fraction": gbps * 1e9 / HBM_BYTES_PER_S})
+    return emit(name, ["case", "ours us", "torch us", "speedup", "GB/s", "roofline"], rows,
+                {"device": str(device), "quick": args.quick, "rows": records}, args.out)

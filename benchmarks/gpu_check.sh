@@ -61,7 +61,11 @@ fi
 
 for bench in benchmarks/bench_*.py; do
   name=$(basename "$bench" .py)
-  limit=120; case $name in bench_rollout|bench_selective_logprob) limit=240 ;; esac
-  step "$name" "$limit" "$PY" "$bench" ${QUICK[@]+"${QUICK[@]}"} --out "$OUT/$name.json"
+  limit=120; extra=()
+  case "$name" in
+    bench_rollout|bench_selective_logprob) limit=240 ;;
+    bench_media) limit=180; [ "$GPU" = 1 ] && extra=(--clips 32 --repeats 2) ;;  # encoding the clips dominates
+  esac
+  step "$name" "$limit" "$PY" "$bench" ${QUICK[@]+"${QUICK[@]}"} ${extra[@]+"${extra[@]}"} --out "$OUT/$name.json"
 done
 summary

@@ -86,18 +86,24 @@ def _sample_kernel(Logits, Temperature, Threshold, Seeds, Tokens, Logprobs, step
     tl.store(Logprobs + row, logprob)
 
 
+def batch_filters(top_k: torch.Tensor, top_p: torch.Tensor) -> tuple[int, bool, bool]:
+    """(largest top_k, any row with top_p < 1, any such row without top_k): what keep_threshold must do for a
+    batch. The engine computes it once per batch so its steps make no host sync."""
+    needs_p = top_p < 1
+    return int(top_k.max()), bool(needs_p.any()), bool((needs_p & (top_k <= 0)).any())
+
+
 def keep_threshold(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                   k_max: int | None = None, use_top_p: bool | None = None) -> torch.Tensor:
+                   filters: tuple[int, bool, bool] | None = None) -> torch.Tensor:
     """Per row, the smallest scaled logit that survives top-k then top-p (-inf: everything survives).
-    k_max / use_top_p (the largest top_k, whether any row has top_p < 1) can be given to avoid host syncs."""
+    filters: batch_filters(top_k, top_p), computed here when not given."""
     b, v = logits.shape
-    k_max = int(top_k.max()) if k_max is None else k_max
-    use_top_p = bool((top_p < 1).any()) if use_top_p is None else use_top_p
+    k_max, use_top_p, full_sort = filters or batch_filters(top_k, top_p)
     t = torch.where(temperature <= 0, torch.ones_like(temperature), temperature).float()[:, None]
     thr = torch.full((b,), float("-inf"), device=logits.device)
     if k_max <= 0 and not use_top_p:
         return thr
-    if use_top_p and bool((top_k <= 0).any()):  # some row needs its whole distribution sorted
+    if full_sort:  # a row with top-p but no top-k needs its whole distribution sorted
         cand = logits.float().sort(dim=1, descending=True).values / t  # (B, V)
     else:
         cand = logits.float().topk(min(k_max, v), dim=1).values / t  # (B, k_max), descending
@@ -114,18 +120,17 @@ def keep_threshold(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-           seeds: torch.Tensor, step: torch.Tensor | int, k_max: int | None = None,
-           use_top_p: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+           seeds: torch.Tensor, step: int, filters: tuple[int, bool, bool] | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton path; arguments as sample_ref."""
     b, v = logits.shape
     assert logits.stride(1) == 1, "logits rows must be contiguous"
     for name, t in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("seeds", seeds)):
         assert t.shape == (b,), f"{name} must have one entry per row ({b}), got {tuple(t.shape)}"
     assert seeds.dtype == torch.int64, "seeds must be int64"
-    thr = keep_threshold(logits, temperature, top_k, top_p, k_max, use_top_p)
+    thr = keep_threshold(logits, temperature, top_k, top_p, filters)
     tokens = torch.empty(b, dtype=torch.int64, device=logits.device)
     logprobs = torch.empty(b, dtype=torch.float32, device=logits.device)
-    step = int(step) if not torch.is_tensor(step) or step.device.type == "cpu" else step
     _sample_kernel[(b,)](logits, temperature.float().contiguous(), thr, seeds, tokens, logprobs, step, v,
                          logits.stride(0), BLOCK_V=4096 if logits.is_cuda else 1024, num_warps=8)
     return tokens, logprobs
@@ -150,15 +155,16 @@ def uniform_noise_ref(seeds: torch.Tensor, step: torch.Tensor | int, vocab: int)
 
 
 def sample_ref(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-               seeds: torch.Tensor, step: torch.Tensor | int, k_max: int | None = None,
-               use_top_p: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [B, V]; temperature/top_p [B] float; top_k [B] int (0 = off); seeds [B] int64; step scalar
-    -> (tokens [B] int64, logprobs [B] float32). Plain torch: the definition of correct."""
+               seeds: torch.Tensor, step: int, filters: tuple[int, bool, bool] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, V]; temperature/top_p [B] float; top_k [B] int (0 = off); seeds [B] int64; step int;
+    filters: batch_filters(top_k, top_p) if known -> (tokens [B] int64, logprobs [B] float32).
+    Plain torch: the definition of correct."""
     logits = logits.float()
     greedy = temperature <= 0
     t = torch.where(greedy, torch.ones_like(temperature), temperature).float()[:, None]
     scaled = logits / t
-    keep = scaled >= keep_threshold(logits, temperature, top_k, top_p, k_max, use_top_p)[:, None]
+    keep = scaled >= keep_threshold(logits, temperature, top_k, top_p, filters)[:, None]
     gumbel = -torch.log(-torch.log(uniform_noise_ref(seeds, step, logits.shape[1])))
     sampled = (scaled + gumbel).masked_fill(~keep, float("-inf")).argmax(dim=1)
     tokens = torch.where(greedy, logits.argmax(dim=1), sampled)

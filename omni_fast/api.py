@@ -11,6 +11,7 @@ preprocessed inputs, the entry other implementations are compared through.
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from dataclasses import dataclass
@@ -18,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from omni_fast.config import AUDIO_TOKEN_INDEX, VIDEO_TOKEN_INDEX, EngineConfig, SamplingParams
+from omni_fast.config import AUDIO_TOKEN_INDEX, VIDEO_TOKEN_INDEX, EngineConfig, LoaderConfig, SamplingParams
 from omni_fast.engine.engine import Engine
 from omni_fast.engine.sequence import Completion
-from omni_fast.media.pyav import Clip, load_clip
+from omni_fast.media.loader import MediaLoader
 from omni_fast.model.checkpoint import LoadedCheckpoint, load_checkpoint, save_checkpoint
 from omni_fast.model.prompt import DEFAULT_INSTRUCT, MODALS, inference_prompt, tokenize_multimodal
 
@@ -64,12 +65,19 @@ class Timings:
 
 
 class OmniModel:
+    # Media decoding for recognize/generate (omni_fast.media.loader): "pyav" gives the reference decoder's frames
+    # exactly; "auto" uses DALI on a GPU when installed (faster; its YUV->RGB conversion differs by about one
+    # grey level on average, see omni_fast.media.dali). Batches are decoded ahead while the GPU generates.
+    media_backend: str = "pyav"
+    media_workers: int = 4
+
     def __init__(self, loaded: LoadedCheckpoint, engine_config: EngineConfig | None = None):
         self.loaded = loaded
         self.model, self.tokenizer, self.bert_tokenizer = loaded.model, loaded.tokenizer, loaded.bert_tokenizer
         self.config = loaded.config
         self.engine = Engine(self.model, engine_config, loaded.generation.eos_token_ids)
         self.timings = Timings()
+        self.failures: list = []  # clips the last recognize/generate skipped (on_error="skip")
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None,
@@ -115,13 +123,18 @@ class OmniModel:
         prompt = inference_prompt(self.tokenizer, instruct, modal, self.config.mm_use_x_start_end)
         return tokenize_multimodal(self.tokenizer, prompt)
 
-    def _prompts(self, videos: list[str], instructs: list[str], modal: str, aspect: str) -> list[torch.Tensor]:
-        t0 = time.perf_counter()
-        clips: list[Clip] = [load_clip(v, aspect=aspect, num_frames=self.config.num_frames, audio=modal != "video",
-                                       n_mels=self.model.towers.audio.num_mel_bins) for v in videos]
+    def _media(self, videos: list, modal: str, aspect: str, batch_size: int, on_error: str) -> MediaLoader:
+        """Clips decoded `batch_size` at a time, the next batch while the current one is encoded and generated;
+        a bad clip raises its MediaError (on_error="raise") or is skipped and listed in self.failures ("skip")."""
+        config = LoaderConfig(batch_size=max(1, batch_size), backend=self.media_backend, workers=self.media_workers,
+                              prefetch=1, on_error=on_error, aspect=aspect, num_frames=self.config.num_frames,
+                              n_mels=self.model.towers.audio.num_mel_bins, audio=modal != "video")
+        return MediaLoader(videos, config, device=self.device)
+
+    def _prompts(self, batch, instructs: list[str], modal: str) -> list[torch.Tensor]:
         t1 = time.perf_counter()
-        frames = torch.stack([c.frames for c in clips]) if modal != "audio" else None
-        mel = torch.stack([c.mel for c in clips]) if modal != "video" else None
+        frames = batch.frames if modal != "audio" else None
+        mel = batch.mel if modal != "video" else None
         video, audio = self.encode(frames, mel, instructs)
         embeds = []
         with torch.inference_mode():
@@ -129,25 +142,26 @@ class OmniModel:
                 ids = torch.tensor(self.prompt_ids(instruct, modal), device=self.device)
                 embeds.append(self.model.splice(ids, None if video is None else video[i],
                                                 None if audio is None else audio[i]))
-        t2 = time.perf_counter()
-        self.timings.media += t1 - t0
-        self.timings.encode += t2 - t1
+        self.timings.encode += time.perf_counter() - t1
         return embeds
 
     @staticmethod
-    def _check(videos, modal: str) -> list[str]:
+    def _check(videos, modal: str) -> list:
+        """Paths, or records with a .video path (and optionally .audio, a separate audio file)."""
         videos = [videos] if isinstance(videos, (str, Path)) else list(videos)
         if not videos:
             raise ValueError("no videos given")
         if modal not in MODALS:
             raise ValueError(f"modal {modal!r}: expected one of {MODALS}")
-        return [str(v) for v in videos]
+        return [v if hasattr(v, "video") else str(v) for v in videos]
 
     # --- entry points ------------------------------------------------------------------------------------------
     def generate(self, videos, instruct: str | list[str] | None = None, sampling: SamplingParams | None = None,
-                 modal: str = "video_audio", batch_size: int = 8, aspect: str = "stretch") -> list[Generation]:
+                 modal: str = "video_audio", batch_size: int = 8, aspect: str = "stretch",
+                 on_error: str = "raise") -> list[Generation]:
         """n sampled completions per clip. instruct: one for all clips or one per clip (default: the R1-Omni
-        demo instruct); aspect: "stretch" (reference inference) or "pad" (training)."""
+        demo instruct); aspect: "stretch" (reference inference) or "pad" (training); on_error: "raise" on a
+        clip that cannot be decoded, or "skip" it (warned, and listed in self.failures)."""
         videos = self._check(videos, modal)
         sampling = sampling or SamplingParams()
         instructs = [instruct] * len(videos) if instruct is None or isinstance(instruct, str) else list(instruct)
@@ -155,25 +169,37 @@ class OmniModel:
         if len(instructs) != len(videos):
             raise ValueError(f"{len(videos)} videos but {len(instructs)} instructs")
         self.timings = Timings()
+        self.failures = []
         out: list[Generation] = []
-        for lo in range(0, len(videos), max(1, batch_size)):
-            embeds = self._prompts(videos[lo:lo + batch_size], instructs[lo:lo + batch_size], modal, aspect)
-            t0 = time.perf_counter()
-            results = self.engine.generate(embeds, sampling)
-            self.timings.generate += time.perf_counter() - t0
-            for video, completions in zip(videos[lo:lo + batch_size], results):
-                texts = [self.tokenizer.decode(c.token_ids, skip_special_tokens=True).strip() for c in completions]
-                out.append(Generation(video=video, texts=texts, completions=completions))
+        with contextlib.closing(iter(self._media(videos, modal, aspect, batch_size, on_error))) as batches:
+            while True:
+                t0 = time.perf_counter()
+                batch = next(batches, None)  # media time: the wait for decoding not hidden behind generation
+                self.timings.media += time.perf_counter() - t0
+                if batch is None:
+                    break
+                self.failures.extend(batch.failures)
+                if not len(batch):
+                    continue
+                embeds = self._prompts(batch, [instructs[i] for i in batch.positions], modal)
+                t0 = time.perf_counter()
+                results = self.engine.generate(embeds, sampling)
+                self.timings.generate += time.perf_counter() - t0
+                for video, completions in zip(batch.records, results):
+                    texts = [self.tokenizer.decode(c.token_ids, skip_special_tokens=True).strip()
+                             for c in completions]
+                    out.append(Generation(video=str(getattr(video, "video", video)), texts=texts,
+                                          completions=completions))
         return out
 
     def recognize(self, videos, instruct: str | list[str] | None = None, modal: str = "video_audio",
-                  max_new_tokens: int = 2048, batch_size: int = 8) -> list[Recognition]:
+                  max_new_tokens: int = 2048, batch_size: int = 8, on_error: str = "raise") -> list[Recognition]:
         """Greedy recognition as the reference inference.py, batched over many clips."""
         gen = self.loaded.generation
         params = SamplingParams(n=1, temperature=0.0, max_tokens=max_new_tokens,
                                 repetition_penalty=gen.repetition_penalty, stop_token_ids=gen.eos_token_ids)
         results = []
-        for g in self.generate(videos, instruct, params, modal, batch_size, aspect="stretch"):
+        for g in self.generate(videos, instruct, params, modal, batch_size, aspect="stretch", on_error=on_error):
             reasoning, emotion = parse_response(g.texts[0])
             c = g.completions[0]
             results.append(Recognition(video=g.video, text=g.texts[0], reasoning=reasoning, emotion=emotion,

@@ -1,6 +1,7 @@
-"""omni-fast command line: infer (the reference inference.py's arguments) and demo.
+"""omni-fast command line: infer (the reference inference.py's arguments), eval (WAR/UAR) and demo.
 
     omni-fast infer --model_path R1-Omni-0.5B --video_path clip.mp4 --modal video_audio --instruct "..."
+    omni-fast eval --model_path R1-Omni-0.5B --annotations DFEW_val.json --data_root /data --out results.json
     omni-fast demo
 """
 from __future__ import annotations
@@ -46,6 +47,18 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--json", action="store_true", help="print one JSON object per clip with timings")
     _add_model_args(infer)
 
+    ev = sub.add_parser("eval", help="WAR / UAR over an annotation file (DFEW, MAFW, RAVDESS formats)")
+    ev.add_argument("--model_path", required=True, help="HumanOmni / R1-Omni checkpoint directory")
+    ev.add_argument("--annotations", required=True, help="annotation JSON / JSONL (R1-Omni or RAVDESS format)")
+    ev.add_argument("--data_root", default=None, help="what relative video paths are resolved against "
+                    "(default: the annotation file's folder)")
+    ev.add_argument("--instruct", default=None, help="the question (default: R1-Omni's demo instruct)")
+    ev.add_argument("--max_new_tokens", type=int, default=1024)
+    ev.add_argument("--batch_size", type=int, default=8)
+    ev.add_argument("--limit", type=int, default=None, help="score only the first N clips")
+    ev.add_argument("--out", default=None, help="write per-clip results and scores to this JSON file")
+    _add_model_args(ev)
+
     demo = sub.add_parser("demo", help="tiny checkpoint in the real format + a synthetic clip, end to end")
     demo.add_argument("--workdir", default=None, help="where to write the tiny checkpoint and clip (default: temp)")
     demo.add_argument("--max_new_tokens", type=int, default=48)
@@ -73,6 +86,27 @@ def cmd_infer(args: argparse.Namespace) -> int:
                                           **{k: round(v, 4) for k, v in model.timings.as_dict().items()}}}))
         else:
             print(r.text)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from omni_fast.api import OmniModel
+    from omni_fast.eval import evaluate, write_json
+    from omni_fast.grpo.data import load_annotations
+
+    records = load_annotations(args.annotations, args.data_root)[: args.limit]
+    model = OmniModel.from_pretrained(args.model_path, args.device, _dtype(args.dtype), bert_path=args.bert_path,
+                                      vision_tower=args.vision_tower, audio_tower=args.audio_tower)
+    report = evaluate(model, records, args.instruct, args.max_new_tokens, args.batch_size)
+    print(f"{'source':>10} {'clips':>6} {'WAR':>7} {'UAR':>7}")
+    for source, s in report.by_source.items():
+        print(f"{source:>10} {s['clips']:>6} {s['war']:>7.2f} {s['uar']:>7.2f}")
+    print(f"{'all':>10} {len(report.rows):>6} {report.war:>7.2f} {report.uar:>7.2f}")
+    for skip in report.skipped:
+        print(f"skipped {skip['path']}: {skip['error']}", file=sys.stderr)
+    if args.out:
+        write_json(args.out, {"scores": report.as_dict(), "results": report.rows})
+        print(f"results: {args.out}")
     return 0
 
 
@@ -107,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:
-        return {"infer": cmd_infer, "demo": cmd_demo}[args.command](args)
+        return {"infer": cmd_infer, "eval": cmd_eval, "demo": cmd_demo}[args.command](args)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"omni-fast {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -168,3 +168,40 @@ class EngineConfig:
             raise ConfigError(f"EngineConfig.sync_every must be >= 1, got {self.sync_every}")
         if list(self.graph_buckets) != sorted(set(self.graph_buckets)) or self.graph_buckets[0] < 1:
             raise ConfigError(f"EngineConfig.graph_buckets must be increasing positive sizes, got {self.graph_buckets}")
+
+
+LOADER_BACKENDS = ("auto", "dali", "pyav")
+ON_ERROR = ("skip", "raise")
+
+
+@dataclass(slots=True)
+class LoaderConfig:
+    """omni_fast.media.loader.MediaLoader: what a batch holds and how clips are decoded ahead of use."""
+    batch_size: int = 8  # clips per batch (a batch is smaller when clips in it were skipped)
+    backend: str = "auto"  # "dali", "pyav" (thread pool) or "auto": DALI if it imports and the device is CUDA
+    workers: int = 4  # PyAV decode threads (also probe/audio threads for the DALI backend)
+    prefetch: int = 2  # batches decoded ahead of the one being consumed
+    on_error: str = "skip"  # bad clip: "skip" (warn, name it, record it in the batch) or "raise" (MediaError)
+    aspect: str = "pad"  # "pad" (training: grey square) or "stretch" (reference inference)
+    num_frames: int = 8  # frames sampled per clip
+    n_mels: int = 128  # Whisper mel bins
+    audio: bool = True  # decode audio; False gives the 10 s-silence features without a warning (video-only)
+    dali_threads: int = 4  # DALI pipeline CPU threads
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"LoaderConfig.batch_size must be >= 1, got {self.batch_size}")
+        if self.backend not in LOADER_BACKENDS:
+            raise ConfigError(f"LoaderConfig.backend {self.backend!r}: expected one of {LOADER_BACKENDS}")
+        if self.workers < 1 or self.dali_threads < 1:
+            raise ConfigError(f"LoaderConfig.workers and dali_threads must be >= 1, got {self.workers}, "
+                              f"{self.dali_threads}")
+        if self.prefetch < 0:
+            raise ConfigError(f"LoaderConfig.prefetch must be >= 0, got {self.prefetch}")
+        if self.on_error not in ON_ERROR:
+            raise ConfigError(f"LoaderConfig.on_error {self.on_error!r}: expected one of {ON_ERROR}")
+        if self.aspect not in ("pad", "stretch"):
+            raise ConfigError(f"LoaderConfig.aspect {self.aspect!r}: expected 'pad' or 'stretch'")
+        if self.num_frames < 1 or self.n_mels < 1:
+            raise ConfigError(f"LoaderConfig.num_frames and n_mels must be >= 1, got {self.num_frames}, "
+                              f"{self.n_mels}")

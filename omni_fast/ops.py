@@ -8,7 +8,8 @@ the backend is picked by `_pick` from the device of the op's first tensor argume
     CPU tensor:  "cpu"  (omni_fast._C C++ CPU op)      > "torch"
 
 Triton on CPU tensors (TRITON_INTERPRET=1) is only ever chosen through `force_backend`, which is how the
-tests run the kernels without a GPU. Nothing else in the package picks a backend.
+tests run the kernels without a GPU. Ops whose fast kernels are forward-only fall back to the torch reference
+when autograd needs their gradient. Nothing else in the package picks a backend.
 """
 from __future__ import annotations
 
@@ -22,6 +23,10 @@ import torch
 _IMPLS: dict[str, dict[str, str]] = {
     "causal_attention": {"cuda": "omni_fast.model.qwen2:flash_causal_attention",
                          "torch": "omni_fast.model.qwen2:sdpa_causal_attention"},
+    "add_rms_norm": {"triton": "omni_fast.kernels.rms_norm:add_rms_norm",
+                     "torch": "omni_fast.kernels.rms_norm:add_rms_norm_ref"},
+    "rope": {"triton": "omni_fast.kernels.rope:rope", "torch": "omni_fast.kernels.rope:rope_ref"},
+    "silu_mul": {"triton": "omni_fast.kernels.silu_mul:silu_mul", "torch": "omni_fast.kernels.silu_mul:silu_mul_ref"},
     "cascade_attention": {"triton": "omni_fast.kernels.cascade_attention:cascade_attention",
                           "torch": "omni_fast.kernels.cascade_attention:cascade_attention_ref"},
     "sample": {"triton": "omni_fast.kernels.sampling:sample", "torch": "omni_fast.kernels.sampling:sample_ref"},
@@ -31,6 +36,8 @@ _IMPLS: dict[str, dict[str, str]] = {
                         "triton": "omni_fast.kernels.group_advantage:group_advantage",
                         "torch": "omni_fast.kernels.group_advantage:group_advantage_ref"},
 }
+# ops whose fast kernels are forward-only: when autograd needs their gradient they run the torch reference
+_FORWARD_ONLY = {"add_rms_norm", "rope", "silu_mul", "cascade_attention", "causal_attention"}
 # ops whose "cuda" implementation is an optional package's kernel rather than omni_fast._C's
 _REQUIRES: dict[str, str] = {"causal_attention": "flash_attn"}
 _FORCED: dict[str, str] = {}
@@ -84,10 +91,16 @@ def backends(op: str, device: torch.device | str = "cpu") -> list[str]:
     return [b for b in order if _available(op, b, device)]
 
 
-def _pick(op: str, device: torch.device) -> Callable:
+def _needs_grad(tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _pick(op: str, device: torch.device, *tensors: torch.Tensor | None) -> Callable:
     backend = _FORCED.get(op) or _FORCED.get("*")
     if backend is None or backend not in _IMPLS[op]:
         backend = backends(op, device)[0]
+    if op in _FORWARD_ONLY and backend != "torch" and _needs_grad(tensors):
+        backend = "torch"
     return _resolve(_IMPLS[op][backend])
 
 
@@ -107,9 +120,25 @@ def force_backend(backend: str, *ops: str) -> Iterator[None]:
                 _FORCED[k] = v
 
 
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight * rmsnorm(x + residual), x + residual) (kernels/rms_norm.py)."""
+    return _pick("add_rms_norm", x.device, x, residual, weight)(x, residual, weight, eps)
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding of q [*, Hq, D] and k [*, Hkv, D] with cos/sin [*, D] (kernels/rope.py)."""
+    return _pick("rope", q.device, q, k)(q, k, cos, sin)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of a packed [*, 2I] projection (kernels/silu_mul.py)."""
+    return _pick("silu_mul", gate_up.device, gate_up)(gate_up)
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal self-attention, q [B, T, Hq, D], k/v [B, T, Hkv, D] -> [B, T, Hq, D] (flash-attn where installed)."""
-    return _pick("causal_attention", q.device)(q, k, v)
+    return _pick("causal_attention", q.device, q, k, v)(q, k, v)
 
 
 def cascade_attention(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor, prefix_lens: torch.Tensor,
@@ -117,16 +146,16 @@ def cascade_attention(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.T
                       gen_lens: torch.Tensor, group_offsets: torch.Tensor | None = None,
                       splits: int | None = None) -> torch.Tensor:
     """Shared-prefix decode attention, q [B, Hq, D] -> [B, Hq, D] (kernels/cascade_attention.py)."""
-    return _pick("cascade_attention", q.device)(q, prefix_k, prefix_v, prefix_lens, groups, gen_k, gen_v, slots,
+    return _pick("cascade_attention", q.device, q)(q, prefix_k, prefix_v, prefix_lens, groups, gen_k, gen_v, slots,
                                                 gen_lens, group_offsets, splits)
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-           seeds: torch.Tensor, step: int, k_max: int | None = None,
-           use_top_p: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+           seeds: torch.Tensor, step: int, filters: tuple[int, bool, bool] | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy / temperature / top-k / top-p sampling with per-row seeds -> (tokens, logprobs) (kernels/sampling.py).
-    k_max / use_top_p describe the batch's filters so the kernel path needs no host sync."""
-    return _pick("sample", logits.device)(logits, temperature, top_k, top_p, seeds, step, k_max, use_top_p)
+    filters (kernels.sampling.batch_filters) describes the batch so a step needs no host sync."""
+    return _pick("sample", logits.device)(logits, temperature, top_k, top_p, seeds, step, filters)
 
 
 def selective_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

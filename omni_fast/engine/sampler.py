@@ -6,6 +6,7 @@ import torch
 
 from omni_fast import ops
 from omni_fast.engine.sequence import SampleRows
+from omni_fast.kernels.sampling import batch_filters
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
@@ -19,8 +20,7 @@ class Sampler:
     def __init__(self, rows: SampleRows, vocab: int):
         self.rows = rows
         use_penalty = bool((rows.repetition_penalty != 1.0).any())
-        self.k_max = int(rows.top_k.max())  # fixed per batch: the kernel path then never syncs
-        self.use_top_p = bool((rows.top_p < 1).any())
+        self.filters = batch_filters(rows.top_k, rows.top_p)  # once per batch: the steps then never sync
         self.seen = torch.zeros(len(rows), vocab, dtype=torch.bool, device=rows.groups.device) if use_penalty else None
 
     def __call__(self, logits: torch.Tensor, active: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,7 +30,7 @@ class Sampler:
         if self.seen is not None:
             logits = apply_repetition_penalty(logits, self.seen[active], r.repetition_penalty[active])
         tokens, logprobs = ops.sample(logits, r.temperature[active], r.top_k[active], r.top_p[active],
-                                      r.seeds[active], step, self.k_max, self.use_top_p)
+                                      r.seeds[active], step, self.filters)
         if self.seen is not None:
             self.seen[active, tokens] = True
         return tokens, logprobs

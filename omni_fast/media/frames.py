@@ -54,13 +54,30 @@ def resize(frames: torch.Tensor, size: int = 224) -> torch.Tensor:
     """(T, 3, H, W) uint8 -> (T, 3, size, size) uint8, antialiased bicubic (PIL BICUBIC's kernel, a = -0.5).
 
     On the CPU torch's uint8 kernel rounds between the two separable passes as PIL does (within 1 grey level
-    of PIL when downscaling); elsewhere it computes in fp32 and rounds once."""
+    of PIL when downscaling); elsewhere (CUDA has no uint8 kernel) resize_two_pass emulates it in fp32."""
     if frames.shape[-2:] == (size, size):
         return frames
     if frames.device.type == "cpu":
         return F.interpolate(frames, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-    out = F.interpolate(frames.float(), size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-    return out.round_().clamp_(0, 255).to(torch.uint8)
+    return resize_two_pass(frames, size)
+
+
+def resize_two_pass(frames: torch.Tensor, size: int = 224) -> torch.Tensor:
+    """The CPU uint8 kernel in fp32: width pass, round and clamp to 0..255, height pass, round and clamp.
+
+    Rounding once after both passes instead (no clamp in between) differs from the uint8 kernel by up to
+    6 grey levels on 640x360 frames and 17 on 128x96 ones (noisy frames, 15-25% of pixels), because the
+    intermediate overshoot of the cubic kernel is not clipped; the two passes stay within 1 level (2 when
+    upscaling, on under 1% of pixels)."""
+    out = frames.float()
+    h, w = out.shape[-2:]
+    if w != size:
+        out = F.interpolate(out, size=(h, size), mode="bicubic", antialias=True, align_corners=False)
+        out = out.round_().clamp_(0, 255)
+    if h != size:
+        out = F.interpolate(out, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+        out = out.round_().clamp_(0, 255)
+    return out.to(torch.uint8)
 
 
 def normalize(frames: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,10 @@
 Video: the frame count N is the container's (decord's len(): stream.frames, else the number of video packets),
 the 8 reference indices are taken over 0..N-1, frames are decoded in order and only the sampled ones converted
 to RGB; if the decoder delivers fewer frames than N promised, the missing ones become black frames.
+RGB conversion: "reference" is swscale's default, which is what decord's filter graph produces (measured
+bit-equal on 640x360, 480x270, 320x240, 128x96 and 360x640 clips); for widths swscale's SIMD fast path takes,
+that path samples chroma nearest-neighbour and truncates. "accurate" (bilinear, accurate rounding, full chroma
+interpolation) is the conversion DALI's CPU video decoder uses (measured bit-equal), kept for comparing the two.
 Audio: every channel decoded as float, mixed to mono by the channel mean (not swresample's (L+R)/sqrt(2)
 downmix), resampled to 16 kHz; a clip with no audio stream, or audio that fails to decode, gets 10 s of zeros
 with a warning that names the file (the reference falls back silently).
@@ -22,6 +26,10 @@ from omni_fast.media.frames import frame_indices, pad_missing, preprocess_frames
 
 class MediaError(ValueError):
     """A clip that cannot be used; the message names the file."""
+
+
+# swscale flags for frame.to_ndarray(format="rgb24"): None = PyAV's default (SWS_BILINEAR alone).
+RGB_CONVERSIONS = {"reference": None, "accurate": 0x2 | 0x40000 | 0x2000}  # BILINEAR|ACCURATE_RND|FULL_CHR_H_INT
 
 
 @dataclass(slots=True)
@@ -45,21 +53,42 @@ def _open(path: Path):
         raise MediaError(f"{path}: cannot be opened as a media file ({e})") from None
 
 
-def sample_video(path: str | Path, num_frames: int = 8) -> tuple[list[np.ndarray], list[int], int]:
-    """-> (the sampled RGB frames (H, W, 3) uint8, their indices, N)."""
+def _count_frames(container, path: Path) -> int:
+    """N of an open container's first video stream: the header's count, else the packets (decord's len())."""
+    if not container.streams.video:
+        raise MediaError(f"{path}: has no video stream")
+    stream = container.streams.video[0]
+    total = stream.frames
+    if total <= 0:  # no frame count in the header (webm, some mkv): count the packets as decord does
+        import av
+
+        try:
+            total = sum(1 for p in container.demux(stream) if p.size)
+            container.seek(0)
+        except av.error.FFmpegError as e:
+            raise MediaError(f"{path}: cannot be demuxed ({e})") from None
+    if total <= 0:
+        raise MediaError(f"{path}: the video stream has no frames")
+    return total
+
+
+def frame_count(path: str | Path) -> int:
+    """N for a clip without decoding a frame (header, else a demux pass); MediaError naming a bad file."""
+    path = Path(path)
+    with _open(path) as container:
+        return _count_frames(container, path)
+
+
+def sample_video(path: str | Path, num_frames: int = 8,
+                 conversion: str = "reference") -> tuple[list[np.ndarray], list[int], int]:
+    """-> (the sampled RGB frames (H, W, 3) uint8, their indices, N). conversion: a key of RGB_CONVERSIONS."""
     import av
 
     path = Path(path)
+    flags = RGB_CONVERSIONS[conversion]
     with _open(path) as container:
-        if not container.streams.video:
-            raise MediaError(f"{path}: has no video stream")
+        total = _count_frames(container, path)
         stream = container.streams.video[0]
-        total = stream.frames
-        if total <= 0:  # no frame count in the header (webm, some mkv): count the packets as decord does
-            total = sum(1 for p in container.demux(stream) if p.size)
-            container.seek(0)
-        if total <= 0:
-            raise MediaError(f"{path}: the video stream has no frames")
         indices = frame_indices(total, num_frames)
         wanted = set(indices)
         stream.thread_type = "AUTO"
@@ -67,7 +96,8 @@ def sample_video(path: str | Path, num_frames: int = 8) -> tuple[list[np.ndarray
         try:
             for i, frame in enumerate(container.decode(stream)):
                 if i in wanted:
-                    picked[i] = frame.to_ndarray(format="rgb24")
+                    picked[i] = (frame.to_ndarray(format="rgb24") if flags is None else
+                                 frame.to_ndarray(format="rgb24", interpolation=flags))
                 if i >= indices[-1]:
                     break
         except av.error.FFmpegError as e:

@@ -45,11 +45,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (norm(x + residual), x + residual): the residual add is fused with the norm."""
+        return ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class Rotary:
@@ -73,17 +71,6 @@ class Rotary:
     def __call__(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = self.tables(positions.device)
         return cos[positions].to(dtype), sin[positions].to(dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [*lead, heads, D]; cos/sin [*lead, D]."""
-    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
-    return x * cos + rotate_half(x) * sin
 
 
 def pack_linears(module: nn.Module, packed: str, parts: dict[str, int]) -> None:
@@ -128,7 +115,7 @@ class Qwen2Attention(nn.Module):
         q = q.view(*lead, self.num_heads, self.head_dim)
         k = k.view(*lead, self.num_kv_heads, self.head_dim)
         v = v.view(*lead, self.num_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = ops.rope(q, k, cos, sin)
         out = ops.causal_attention(q, k, v) if ctx is None else ctx.attend(self.layer, q, k, v)
         return self.o_proj(out.reshape(*lead, self.num_heads * self.head_dim))
 
@@ -141,8 +128,7 @@ class Qwen2MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(ops.silu_mul(self.gate_up_proj(x)))
 
 
 class Qwen2DecoderLayer(nn.Module):
@@ -153,10 +139,14 @@ class Qwen2DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                ctx: AttentionContext | None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                ctx: AttentionContext | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's input delta, residual stream) -> (its output delta, residual stream); the residual adds
+        happen inside the fused norms (and the next layer's, or the final norm)."""
+        x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, cos, sin, ctx)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
 
 
 class Qwen2Decoder(nn.Module):
@@ -173,10 +163,10 @@ class Qwen2Decoder(nn.Module):
                 ctx: AttentionContext | None = None) -> torch.Tensor:
         """embeds [*lead, H], positions [*lead] -> final-normed hidden states [*lead, H]."""
         cos, sin = self.rotary(positions, embeds.dtype)
-        x = embeds
+        x, residual = embeds, None
         for layer in self.layers:
-            x = layer(x, cos, sin, ctx)
-        return self.norm(x)
+            x, residual = layer(x, residual, cos, sin, ctx)
+        return self.norm(x, residual)[0]
 
 
 class Qwen2LM(nn.Module):
