@@ -275,32 +275,38 @@ def _chunk_v(n: int, v: int, block_v: int, elem_bytes: int, budget: int) -> int:
     return _round_up(triton.cdiv(v, n_chunks), block_v)
 
 
-def default_config(n: int, v: int, h: int, device: torch.device | str, dtype: torch.dtype = torch.bfloat16,
-                   workspace_bytes: int = _WORKSPACE_BYTES) -> SelectiveLogprobConfig:
-    """Block sizes for an [n, h] x [v, h] problem.
-
-    CUDA: 128 x 128 output tiles, 64-wide reduction steps (32 for fp32: 3 stages of operands stay near 96 KB
-    of shared memory), 8 warps; enough vocabulary splits for about four programs per SM. CPU (the interpreter):
-    few, large blocks (its cost is per operation, not per element), two vocabulary splits and two backward
-    chunks so the merge and the chunk loop always run.
-    """
-    device = torch.device(device)
+def gpu_config(n: int, v: int, h: int, dtype: torch.dtype = torch.bfloat16, sm_count: int = 132,
+               workspace_bytes: int = _WORKSPACE_BYTES) -> SelectiveLogprobConfig:
+    """CUDA: 128 x 128 output tiles, 64-wide reduction steps (32 for fp32: 3 stages of operands stay near 96 KB
+    of shared memory), 8 warps; enough vocabulary splits for about four programs per SM."""
     elem = torch.empty((), dtype=dtype).element_size()
-    if device.type == "cuda":
-        block_n, block_v, block_h = 128, 128, 128 // elem
-        n_tiles = triton.cdiv(v, block_v)
-        want = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-        splits = max(1, min(n_tiles, triton.cdiv(want, triton.cdiv(n, block_n))))
-        return SelectiveLogprobConfig(block_n, block_v, block_h, splits,
-                                      _chunk_v(n, v, block_v, elem, workspace_bytes),
-                                      dh_block_m=128, dh_block_h=128, dh_block_k=block_h, num_warps=8,
-                                      num_stages=3)
+    block_n, block_v, block_h = 128, 128, 128 // elem
+    splits = max(1, min(triton.cdiv(v, block_v), triton.cdiv(4 * sm_count, triton.cdiv(n, block_n))))
+    return SelectiveLogprobConfig(block_n, block_v, block_h, splits, _chunk_v(n, v, block_v, elem, workspace_bytes),
+                                  dh_block_m=128, dh_block_h=128, dh_block_k=block_h, num_warps=8, num_stages=3)
+
+
+def interpreter_config(n: int, v: int, h: int, dtype: torch.dtype = torch.bfloat16,
+                       workspace_bytes: int = _WORKSPACE_BYTES) -> SelectiveLogprobConfig:
+    """CPU (TRITON_INTERPRET=1): few, large blocks (the interpreter's cost is per operation, not per element),
+    two vocabulary splits and two backward chunks so the merge and the chunk loop always run."""
+    elem = torch.empty((), dtype=dtype).element_size()
     block_n = min(128, max(16, triton.next_power_of_2(n)))
     block_h = min(128, max(16, triton.next_power_of_2(h)))
     block_v = 256
     chunk_v = min(_chunk_v(n, v, block_v, elem, workspace_bytes), _round_up(triton.cdiv(v, 2), block_v))
     return SelectiveLogprobConfig(block_n, block_v, block_h, min(2, triton.cdiv(v, block_v)), chunk_v,
                                   dh_block_m=block_n, dh_block_h=block_h, dh_block_k=256, num_warps=4, num_stages=1)
+
+
+def default_config(n: int, v: int, h: int, device: torch.device | str,
+                   dtype: torch.dtype = torch.bfloat16) -> SelectiveLogprobConfig:
+    """Block sizes for an [n, h] x [v, h] problem on `device` (gpu_config on CUDA, else interpreter_config)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return gpu_config(n, v, h, dtype, _sm_count(index))
+    return interpreter_config(n, v, h, dtype)
 
 
 def _flags(x: torch.Tensor) -> dict[str, bool]:

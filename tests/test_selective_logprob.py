@@ -12,7 +12,7 @@ import torch
 
 from omni_fast import ops
 from omni_fast.kernels import selective_logprob as slp
-from omni_fast.kernels.selective_logprob import SelectiveLogprobConfig, default_config, selective_logprob_ref
+from omni_fast.kernels.selective_logprob import SelectiveLogprobConfig, gpu_config, selective_logprob_ref
 
 SHAPES = list(itertools.product((1, 37, 1000), (1000, 4099), (64, 96)))      # (N, V, H)
 DTYPES = (torch.float32, torch.bfloat16)
@@ -135,10 +135,10 @@ class TestReferencePath:
         torch.testing.assert_close(ops.selective_logprob(hidden, weight, targets),
                                    slp.selective_logprob_torch(hidden, weight, targets))
 
-    def test_config_bounds_the_backward_workspace(self):
-        config = default_config(10240, 151936, 896, "cpu", torch.bfloat16)
+    def test_gpu_config_bounds_the_backward_workspace(self):
+        config = gpu_config(10240, 151936, 896, torch.bfloat16, sm_count=132)
         assert 10240 * config.chunk_v * 2 <= 256 * 2**20
-        assert config.chunk_v % config.block_v == 0
+        assert config.chunk_v % config.block_v == 0 and config.splits == 7
 
 
 @pytest.mark.gpu

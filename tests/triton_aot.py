@@ -76,6 +76,24 @@ def record_all() -> None:
         q, k, _ = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
         rope.rope(q.view(b, hq, d), k.view(b, hkv, d), meta(b, d, dtype=dtype), meta(b, d, dtype=dtype))
         silu_mul.silu_mul(meta(b, 2 * 4864, dtype=dtype))
+    _record_grpo_kernels()
+
+
+def _record_grpo_kernels() -> None:
+    """selective_logprob forward (with and without entropy) and backward at the R1-Omni shape, and at an odd
+    shape that takes the masked H / K tails; group advantages in every scale."""
+    from omni_fast.kernels import group_advantage
+    from omni_fast.kernels import selective_logprob as slp
+
+    for (n, v, h), dtype in [((10240, 151936, 896), torch.bfloat16), ((10240, 151936, 896), torch.float32),
+                             ((37, 4099, 96), torch.bfloat16)]:
+        config = slp.gpu_config(n, v, h, dtype)
+        hidden, weight, targets = meta(n, h, dtype=dtype), meta(v, h, dtype=dtype), meta(n, dtype=torch.int64)
+        for with_entropy in (False, True):
+            _, lse, _ = slp.selective_logprob_fwd(hidden, weight, targets, 0.9, with_entropy, config)
+        slp.selective_logprob_bwd(meta(n, dtype=torch.float32), hidden, weight, targets, lse, 0.9, True, True, config)
+    for scale in group_advantage.SCALES:
+        group_advantage.group_advantage(meta(2, 2**20, dtype=torch.float32), 8, 1e-4, scale)
 
 
 def main() -> int:
