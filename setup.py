@@ -28,14 +28,14 @@ def _native_extension():
     sources = ["csrc/bindings.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     cuda_sources = sorted(glob.glob("csrc/*.cu"))
     with_cuda = bool(cuda_sources) and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
-    cxx_flags = ["-O3", "-std=c++17"]
+    cxx_flags = ["-O3"]  # the C++ standard is the one BuildExtension picks for the installed torch
     if with_cuda:
         arch = os.environ.get("OMNI_FAST_CUDA_ARCH", "90")
         ext = cpp_extension.CUDAExtension(
             "omni_fast._C", sources + cuda_sources, include_dirs=[os.path.abspath("csrc")],
             define_macros=[("OMNI_FAST_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx_flags,
-                                "nvcc": ["-O3", "-std=c++17", "--use_fast_math",
+                                "nvcc": ["-O3", "--use_fast_math",
                                          f"-gencode=arch=compute_{arch},code=sm_{arch}"]})
     else:
         ext = cpp_extension.CppExtension("omni_fast._C", sources, include_dirs=[os.path.abspath("csrc")],

@@ -25,7 +25,8 @@ def _command(source: Path, obj: Path) -> list[str]:
     defines = ["-DOMNI_FAST_WITH_CUDA=1", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
     if not any((Path(p) / "c10/cuda/impl/cuda_cmake_macros.h").exists() for p in cpp_extension.include_paths()):
         defines.append("-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE")
-    return [NVCC, "-c", str(source), "-o", str(obj), "-O3", "-std=c++17", "--use_fast_math",
+    # setup.py leaves the standard to torch's BuildExtension, which uses C++20 for the torch installed here
+    return [NVCC, "-c", str(source), "-o", str(obj), "-O3", "-std=c++20", "--use_fast_math",
             "-gencode=arch=compute_90,code=sm_90", "-Xcompiler", "-fPIC", *cpp_extension.COMMON_NVCC_FLAGS,
             *defines, *(f"-I{p}" for p in includes)]
 
