@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from omni_fast import cli
-from omni_fast.api import OmniModel, parse_response
+from omni_fast.api import parse_response
 from omni_fast.config import SamplingParams
 from omni_fast.media.pyav import MediaError, load_clip
 from omni_fast.model.prompt import DEFAULT_INSTRUCT

@@ -29,14 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-import numpy as np
 import torch
 
 from omni_fast.config import LoaderConfig
 from omni_fast.media import dali as mdali
-from omni_fast.media.audio import SAMPLE_RATE, log_mel, silence
-from omni_fast.media.frames import preprocess_frames
-from omni_fast.media.pyav import Clip, MediaError, load_audio, sample_video
+from omni_fast.media.pyav import Clip, DecodedClip, MediaError, decode_clip, preprocess_clip
 
 
 @dataclass(slots=True)
@@ -145,7 +142,8 @@ class MediaLoader:
             if isinstance(result, MediaError):
                 self._fail(i, result, failures)
                 continue
-            clips.append(result if isinstance(result, Clip) else _preprocess(result, self.config, self.device))
+            clips.append(result if isinstance(result, Clip) else
+                         preprocess_clip(result, self.config.aspect, self.config.n_mels, self.device))
             positions.append(i)
         return self._stack(clips, failures, positions)
 
@@ -169,15 +167,6 @@ class MediaLoader:
                      failures=failures, positions=positions)
 
 
-@dataclass(slots=True)
-class _Decoded:
-    frames: list[np.ndarray]  # sampled RGB frames (H, W, 3) uint8 (padded as the PyAV path pads)
-    indices: list[int]
-    total: int
-    samples: np.ndarray  # 16 kHz mono float32
-    fallback: bool
-
-
 def _result(future: Future):
     try:
         return future.result()
@@ -185,17 +174,8 @@ def _result(future: Future):
         return e
 
 
-def _load(video: Path, audio: Path | None, cfg: LoaderConfig, device: torch.device | None) -> Clip | _Decoded:
+def _load(video: Path, audio: Path | None, cfg: LoaderConfig, device: torch.device | None) -> Clip | DecodedClip:
     """load_clip's steps, with the audio read from `audio` when the record names a file; preprocessed on
     `device` when one is given, else returned decoded for the consumer to preprocess on its device."""
-    frames, indices, total = sample_video(video, cfg.num_frames)
-    samples, fallback = load_audio(audio if audio is not None else video) if cfg.audio else (silence(), True)
-    raw = _Decoded(frames=frames, indices=indices, total=total, samples=samples, fallback=fallback)
-    return raw if device is None else _preprocess(raw, cfg, device)
-
-
-def _preprocess(raw: _Decoded, cfg: LoaderConfig, device: torch.device) -> Clip:
-    frames = preprocess_frames(raw.frames, cfg.aspect, device=device)
-    mel = log_mel(torch.from_numpy(raw.samples).to(device), cfg.n_mels)
-    return Clip(frames=frames, mel=mel, indices=raw.indices, num_frames_total=raw.total,
-                audio_seconds=0.0 if raw.fallback else raw.samples.size / SAMPLE_RATE, audio_fallback=raw.fallback)
+    raw = decode_clip(video, cfg.num_frames, cfg.audio, audio)
+    return raw if device is None else preprocess_clip(raw, cfg.aspect, cfg.n_mels, device)

@@ -157,15 +157,36 @@ def load_audio(path: str | Path) -> tuple[np.ndarray, bool]:
     return samples, False
 
 
+@dataclass(slots=True)
+class DecodedClip:
+    """A clip decoded but not yet preprocessed (what a decoding worker hands to the device that preprocesses)."""
+    frames: list[np.ndarray]  # the sampled RGB frames (H, W, 3) uint8, padded as the reference pads
+    indices: list[int]  # the sampled frame indices
+    total: int  # N the indices were taken over
+    samples: np.ndarray  # 16 kHz mono float32
+    fallback: bool  # True when the clip had no usable audio
+
+
+def decode_clip(path: str | Path, num_frames: int = 8, audio: bool = True,
+                audio_path: str | Path | None = None) -> DecodedClip:
+    """Sample the frames and decode the audio (from `audio_path` when the clip's audio is a separate file;
+    silence without a warning when audio=False)."""
+    frames, indices, total = sample_video(path, num_frames)
+    samples, fallback = load_audio(audio_path if audio_path is not None else path) if audio else (silence(), True)
+    return DecodedClip(frames=frames, indices=indices, total=total, samples=samples, fallback=fallback)
+
+
+def preprocess_clip(raw: DecodedClip, aspect: str = "stretch", n_mels: int = 128,
+                    device: torch.device | str = "cpu") -> Clip:
+    """Frames resized and normalised, audio turned into log-mel, on `device`."""
+    return Clip(frames=preprocess_frames(raw.frames, aspect, device=device),
+                mel=log_mel(torch.from_numpy(raw.samples).to(device), n_mels), indices=raw.indices,
+                num_frames_total=raw.total, audio_seconds=0.0 if raw.fallback else raw.samples.size / SAMPLE_RATE,
+                audio_fallback=raw.fallback)
+
+
 def load_clip(path: str | Path, aspect: str = "stretch", num_frames: int = 8, audio: bool = True,
               n_mels: int = 128) -> Clip:
     """A clip as the model takes it: 8 preprocessed frames and the log-mel of its audio (silence if audio=False
     is asked for, without a warning)."""
-    frames, indices, total = sample_video(path, num_frames)
-    if audio:
-        samples, fallback = load_audio(path)
-    else:
-        samples, fallback = silence(), True
-    return Clip(frames=preprocess_frames(frames, aspect), mel=log_mel(samples, n_mels), indices=indices,
-                num_frames_total=total, audio_seconds=0.0 if fallback else samples.size / SAMPLE_RATE,
-                audio_fallback=fallback)
+    return preprocess_clip(decode_clip(path, num_frames, audio), aspect, n_mels)

@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 from transformers import BertConfig, BertModel, SiglipVisionConfig, WhisperConfig
 
 from omni_fast.config import AUDIO_TOKEN_INDEX, VIDEO_TOKEN_INDEX, ModelConfig
