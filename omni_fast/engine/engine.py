@@ -65,28 +65,30 @@ class Engine:
         active = torch.arange(num_rows, device=device)
 
         logits = self.runner.prefill([p.to(self.runner.cache.dtype) for p in prompts])[rows.groups]  # (S, V)
-        tokens = self._record(sampler, logits, active, 0, rows, out_tokens, out_logprobs, done)
+        tokens = self._record(sampler, logits, active, rows, 0, out_tokens, out_logprobs, done)
+        current, first_pos = rows, lens[rows.groups] - 1  # per active row; re-gathered only when the set shrinks
         for step in range(1, max_len):
             if step % self.config.sync_every == 0:
                 keep = ~done[active]
                 if not bool(keep.any()):
                     break
-                active, tokens = active[keep], tokens[keep]
-            groups = rows.groups[active]
+                if not bool(keep.all()):
+                    active, tokens = active[keep], tokens[keep]
+                    current, first_pos = rows.select(active), first_pos[keep]
             write_pos = torch.full_like(active, step - 1)
-            inputs = DecodeInputs(tokens, lens[groups] + step - 1, active, groups, write_pos)
-            logits = self.runner.decode(inputs)
-            tokens = self._record(sampler, logits, active, step, rows, out_tokens, out_logprobs, done)
+            logits = self.runner.decode(DecodeInputs(tokens, first_pos + step, active, current.groups, write_pos))
+            tokens = self._record(sampler, logits, active, current, step, out_tokens, out_logprobs, done)
         return self._completions(rows, out_tokens.cpu(), out_logprobs.cpu(), len(prompts))
 
     @staticmethod
-    def _record(sampler, logits, active, step, rows, out_tokens, out_logprobs, done) -> torch.Tensor:
-        """Sample step `step` for `active`; store it for rows still running and mark the rows it ends."""
-        tokens, logprobs = sampler(logits, active, step)
+    def _record(sampler, logits, active, rows, step, out_tokens, out_logprobs, done) -> torch.Tensor:
+        """Sample step `step` for `active` (parameters `rows`); store it for rows still running and mark the
+        rows it ends."""
+        tokens, logprobs = sampler(logits, active, rows, step)
         live = ~done[active]
         out_tokens[active, step] = torch.where(live, tokens, -1)
         out_logprobs[active, step] = torch.where(live, logprobs, 0.0)
-        stop = (tokens[:, None] == rows.stop_ids[active]).any(dim=1) | (step + 1 >= rows.max_tokens[active])
+        stop = (tokens[:, None] == rows.stop_ids).any(dim=1) | (step + 1 >= rows.max_tokens)
         done[active] = done[active] | (live & stop)
         return tokens
 

@@ -23,14 +23,15 @@ class Sampler:
         self.filters = batch_filters(rows.top_k, rows.top_p)  # once per batch: the steps then never sync
         self.seen = torch.zeros(len(rows), vocab, dtype=torch.bool, device=rows.groups.device) if use_penalty else None
 
-    def __call__(self, logits: torch.Tensor, active: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """logits [B, V] for the rows `active` [B] at generation step `step` -> (tokens [B], logprobs [B])."""
-        r = self.rows
+    def __call__(self, logits: torch.Tensor, active: torch.Tensor, rows: SampleRows,
+                 step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """logits [B, V] for the rows `active` [B] (whose parameters are `rows`, self.rows.select(active)) at
+        generation step `step` -> (tokens [B], logprobs [B])."""
         logits = logits.float()
         if self.seen is not None:
-            logits = apply_repetition_penalty(logits, self.seen[active], r.repetition_penalty[active])
-        tokens, logprobs = ops.sample(logits, r.temperature[active], r.top_k[active], r.top_p[active],
-                                      r.seeds[active], step, self.filters)
+            logits = apply_repetition_penalty(logits, self.seen[active], rows.repetition_penalty)
+        tokens, logprobs = ops.sample(logits, rows.temperature, rows.top_k, rows.top_p, rows.seeds, step,
+                                      self.filters)
         if self.seen is not None:
             self.seen[active, tokens] = True
         return tokens, logprobs

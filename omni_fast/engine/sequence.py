@@ -63,3 +63,9 @@ class SampleRows:
 
     def __len__(self) -> int:
         return self.groups.numel()
+
+    def select(self, rows: torch.Tensor) -> SampleRows:
+        """The same table restricted to `rows` (gathered once per change of the active set, not every step)."""
+        gathered = {f: getattr(self, f)[rows] for f in ("groups", "seeds", "temperature", "top_k", "top_p",
+                                                         "repetition_penalty", "max_tokens", "stop_ids")}
+        return SampleRows(**gathered, max_len=self.max_len)
