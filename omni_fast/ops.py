@@ -37,7 +37,7 @@ _IMPLS: dict[str, dict[str, str]] = {
                         "torch": "omni_fast.kernels.group_advantage:group_advantage_ref"},
 }
 # ops whose fast kernels are forward-only: when autograd needs their gradient they run the torch reference
-_FORWARD_ONLY = {"add_rms_norm", "rope", "silu_mul", "cascade_attention", "causal_attention"}
+_FORWARD_ONLY = {"add_rms_norm", "rope", "silu_mul", "cascade_attention"}  # flash-attn has its backward
 # ops whose "cuda" implementation is an optional package's kernel rather than omni_fast._C's
 _REQUIRES: dict[str, str] = {"causal_attention": "flash_attn"}
 _FORCED: dict[str, str] = {}
