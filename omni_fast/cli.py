@@ -1,7 +1,8 @@
-"""omni-fast command line: infer (the reference inference.py's arguments), eval (WAR/UAR) and demo.
+"""omni-fast command line: infer (the reference inference.py's arguments), eval (WAR/UAR), train and demo.
 
     omni-fast infer --model_path R1-Omni-0.5B --video_path clip.mp4 --modal video_audio --instruct "..."
     omni-fast eval --model_path R1-Omni-0.5B --annotations DFEW_val.json --data_root /data --out results.json
+    omni-fast train --config grpo.yaml [--key value ...] [--resume_from_checkpoint PATH|latest]
     omni-fast demo
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 import warnings
 from pathlib import Path
 
+DEMO_GRPO_STEPS = 30
 DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "float32": "float32",
           "fp32": "float32"}
 
@@ -59,10 +61,50 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default=None, help="write per-clip results and scores to this JSON file")
     _add_model_args(ev)
 
+    train = sub.add_parser("train", help="GRPO (or the cold-start SFT stage) from a YAML / JSON config",
+                           description="Any GRPOConfig field can be given as --key value after the config file "
+                                       "(e.g. --max_steps 100 --learning_rate 1e-6); it overrides the file.")
+    train.add_argument("--config", default=None, help="YAML or JSON file of GRPOConfig fields")
+    train.add_argument("--resume_from_checkpoint", default=None,
+                       help="a checkpoint-<step> directory, or 'latest' (the newest one in output_dir)")
+
     demo = sub.add_parser("demo", help="tiny checkpoint in the real format + a synthetic clip, end to end")
     demo.add_argument("--workdir", default=None, help="where to write the tiny checkpoint and clip (default: temp)")
     demo.add_argument("--max_new_tokens", type=int, default=48)
+    demo.add_argument("--grpo_steps", type=int, default=DEMO_GRPO_STEPS, help="GRPO steps of the toy run (0: skip)")
     return parser
+
+
+def parse_overrides(extra: list[str]) -> dict[str, str]:
+    """["--key", "value", "--flag=value", ...] -> {"key": "value", ...}; a bare --flag means "true"."""
+    out, i = {}, 0
+    while i < len(extra):
+        arg = extra[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ValueError(f"unexpected argument {arg!r}: expected --key value pairs of GRPOConfig fields")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 < len(extra) and not extra[i + 1].startswith("--"):
+                value, i = extra[i + 1], i + 1
+            else:
+                value = "true"
+        out[key] = value
+        i += 1
+    return out
+
+
+def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
+    from omni_fast.config import GRPOConfig
+    from omni_fast.grpo.trainer import Trainer
+
+    config = GRPOConfig.from_file(args.config, parse_overrides(extra))
+    trainer = Trainer(config, args.resume_from_checkpoint)
+    history = trainer.train()
+    last = history[-1] if history else {}
+    shown = ", ".join(f"{k} {last[k]:.4g}" for k in ("loss", "reward", "rewards/accuracy_reward") if k in last)
+    print(f"trained {trainer.pos.step} steps ({shown}); checkpoint: {trainer.last_checkpoint}; "
+          f"metrics: {trainer.out / 'metrics.jsonl'}")
+    return 0
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
@@ -134,15 +176,50 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"[demo] media {model.timings.media:.3f} s, encode {model.timings.encode:.3f} s, "
               f"generate {model.timings.generate:.3f} s for {len(result.token_ids)} tokens")
         print(f"[demo] response (random tiny weights, so not meaningful): {result.text!r}")
+        if args.grpo_steps > 0:
+            stage("train on a toy task: cold-start SFT, then GRPO", lambda: _demo_training(root, ckpt, args.grpo_steps))
     return 0
 
 
+def _demo_training(root: Path, ckpt: Path, grpo_steps: int) -> None:
+    """The toy task of omni_fast.toy (a clip's colour is its emotion): SFT teaches the answer format at chance
+    accuracy, GRPO's accuracy reward teaches the task; the reward curve is printed as it goes."""
+    from omni_fast.grpo.trainer import Trainer
+    from omni_fast.toy import make_toy_task, toy_answers, toy_config
+
+    task = make_toy_task(root / "toy-task")
+    clips = [task.clips[label][0] for label in task.labels]
+    sft = Trainer(toy_config(task, ckpt, root / "toy-sft", "sft", progress=False))
+    sft.train()
+    print(f"[demo] SFT: {sft.pos.step} steps on the answer format, loss {sft.history[-1]['loss']:.3f}")
+    before = toy_answers(sft.last_checkpoint, clips)
+
+    def show(m: dict) -> None:
+        bar = "#" * round(20 * m["rewards/accuracy_reward"])
+        print(f"[demo] GRPO step {m['step']:>3}  reward {m['reward']:.2f}  accuracy {m['rewards/accuracy_reward']:.2f} "
+              f"{bar:<20}  format {m['rewards/format_reward']:.2f}  kl {m['kl']:.3f}", flush=True)
+
+    grpo = Trainer(toy_config(task, sft.last_checkpoint, root / "toy-grpo", "grpo", max_steps=grpo_steps,
+                              progress=False), on_step=show)
+    grpo.train()
+    after = toy_answers(grpo.last_checkpoint, clips)
+    for label, b, a in zip(task.labels, before, after):
+        print(f"[demo] a {label} clip: after SFT {b!r}\n[demo] {'':>{len(label) + 7}} after GRPO {a!r}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "train":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     warnings.filterwarnings("ignore", category=FutureWarning)
+    from omni_fast.grpo.trainer import TrainingError
+
     try:
+        if args.command == "train":
+            return cmd_train(args, extra)
         return {"infer": cmd_infer, "eval": cmd_eval, "demo": cmd_demo}[args.command](args)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError, TrainingError) as e:
         print(f"omni-fast {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -205,3 +205,232 @@ class LoaderConfig:
         if self.num_frames < 1 or self.n_mels < 1:
             raise ConfigError(f"LoaderConfig.num_frames and n_mels must be >= 1, got {self.num_frames}, "
                               f"{self.n_mels}")
+
+
+# --- training -------------------------------------------------------------------------------------------------
+STAGES = ("sft", "grpo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")  # omni_fast.grpo.loss.NORMALIZERS
+SCHEDULERS = ("linear", "cosine", "constant")
+TRAIN_DTYPES = ("auto", "float32", "bfloat16")
+# The DFEW + MAFW label words of the RL data (research/r1omni.md §3.7); a record whose label is not in
+# GRPOConfig.label_set is a bad entry.
+EMOTION_LABELS = ("happy", "sad", "neutral", "angry", "surprise", "disgust", "fear", "contemptuous", "disappointed",
+                  "helpless", "anxious")
+# Per-stage recipe defaults for the fields left as None: R1-Omni's GRPO run (run_grpo_humanomni.sh + trl 0.14.0
+# GRPOConfig) and its EMER cold-start SFT (finetune_omni_emer.sh), research/r1omni.md §3.2-3.6.
+STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "grpo": dict(learning_rate=1e-6, lr_scheduler_type="linear", warmup_ratio=0.0, num_train_epochs=2,
+                 per_device_train_batch_size=1, gradient_accumulation_steps=2),
+    "sft": dict(learning_rate=2e-5, lr_scheduler_type="cosine", warmup_ratio=0.03, num_train_epochs=5,
+                per_device_train_batch_size=2, gradient_accumulation_steps=1),
+}
+
+
+@dataclass(slots=True)
+class GRPOConfig:
+    """`omni-fast train`'s configuration: TRL's GRPOConfig names where the concept is the same, R1-Omni's
+    recipe as the defaults (fields left None take the stage's value from STAGE_DEFAULTS)."""
+    # --- what to train on ---
+    model_path: str | None = None  # HumanOmni / R1-Omni checkpoint directory to start from
+    train_annotations: str | None = None  # R1-Omni / HumanOmni annotation file (.json list or .jsonl)
+    video_root: str | None = None  # relative clip paths are resolved against it (default: the file's folder)
+    bert_path: str | None = None  # BERT config + tokenizer directory (default: <model_path>/bert-base-uncased)
+    output_dir: str = "omni-fast-output"  # checkpoint-<step>/, metrics.jsonl, train.log
+    stage: str = "grpo"  # "sft" (cold start: cross-entropy on the assistant turn) or "grpo"
+    label_set: tuple[str, ...] = EMOTION_LABELS  # labels a record may carry; others are bad entries
+    on_bad_clip: str = "skip"  # missing / undecodable clip or unknown label: "skip" (logged, counted) or "raise"
+    # --- GRPO ---
+    num_generations: int = 8  # completions per prompt (the group size G)
+    beta: float = 0.04  # weight of the k3 KL to the reference model (0: no reference model is kept)
+    loss_type: str = "grpo"  # "grpo" (R1-Omni: per-sequence mean), "bnpo", "dr_grpo", "dapo"
+    num_iterations: int = 1  # optimizer steps per rollout batch (>1: PPO-clipped ratio against the rollout policy)
+    epsilon: float = 0.2  # lower clip of the ratio (num_iterations > 1)
+    epsilon_high: float | None = None  # upper clip (DAPO's clip-higher); None: epsilon
+    scale_rewards: str = "group"  # advantage scale: "group" std (R1-Omni), "batch" std, or "none" (Dr. GRPO)
+    reward_funcs: tuple[str, ...] = ("accuracy", "format")  # names in omni_fast.grpo.rewards.REWARD_FUNCS
+    reward_weights: tuple[float, ...] | None = None  # one weight per reward function; None: all 1.0
+    prompt_template: str = "qwen2vl"  # GRPO prompt: "qwen2vl" (the reference's) or "chat_template" (as SFT renders it)
+    temperature: float = 1.0  # rollout sampling temperature (the reference hard-codes 1.0)
+    top_k: int = 50  # rollout top-k (HF generate's default, which the reference inherits)
+    top_p: float = 1.0  # rollout nucleus mass
+    max_prompt_length: int = 512  # prompt token ids kept (left-truncated; a placeholder counts as one)
+    max_completion_length: int = 512  # new tokens per rollout
+    max_length: int = 2048  # SFT: prompt + target token ids kept (the reference's model_max_length)
+    # --- optimisation (None: the stage's default) ---
+    learning_rate: float | None = None  # AdamW peak learning rate (GRPO 1e-6, SFT 2e-5)
+    lr_scheduler_type: str | None = None  # "linear" (GRPO), "cosine" (SFT) or "constant", after warmup
+    warmup_ratio: float | None = None  # fraction of the steps with a linear warmup (GRPO 0, SFT 0.03)
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    adam_beta1: float = 0.9  # AdamW beta1
+    adam_beta2: float = 0.999  # AdamW beta2
+    adam_epsilon: float = 1e-8  # AdamW epsilon
+    max_grad_norm: float = 1.0  # global gradient-norm clip; 0 disables it
+    per_device_train_batch_size: int | None = None  # prompts per micro-step (GRPO 1, SFT 2); any value works
+    gradient_accumulation_steps: int | None = None  # micro-steps per optimizer step (GRPO 2, SFT 1)
+    num_train_epochs: int | None = None  # passes over the data (GRPO 2, SFT 5)
+    max_steps: int = -1  # optimizer steps; > 0 overrides num_train_epochs
+    # --- bookkeeping ---
+    save_steps: int = 1000  # a checkpoint every this many optimizer steps (and one at the end)
+    save_total_limit: int | None = None  # keep at most this many checkpoints (oldest removed first)
+    logging_steps: int = 1  # a metrics.jsonl line every this many steps
+    seed: int = 42  # data order, rollout seeds (keyed by seed, step and prompt index) and initial RNG state
+    # --- where and how it runs ---
+    device: str | None = None  # "cuda" or "cpu" (default: cuda when present)
+    dtype: str = "auto"  # parameter dtype: "auto" = bfloat16 on CUDA (fp32 master weights) / float32 on CPU
+    media_backend: str = "auto"  # clip decoding: "auto" (DALI on a GPU when installed), "dali", "pyav"
+    media_workers: int = 4  # decode threads (PyAV)
+    progress: bool = True  # a progress bar on stderr (tqdm)
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ConfigError(f"stage {self.stage!r}: expected one of {STAGES}")
+        for name, value in STAGE_DEFAULTS[self.stage].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        self.label_set = tuple(self.label_set)
+        self.reward_funcs = tuple(self.reward_funcs)
+        if self.reward_weights is not None:
+            self.reward_weights = tuple(float(w) for w in self.reward_weights)
+        self._check_choices()
+        self._check_numbers()
+
+    def _check_choices(self) -> None:
+        choices = {"on_bad_clip": ON_ERROR, "loss_type": LOSS_TYPES, "lr_scheduler_type": SCHEDULERS,
+                   "dtype": TRAIN_DTYPES, "media_backend": LOADER_BACKENDS, "scale_rewards": ("group", "batch", "none"),
+                   "prompt_template": ("qwen2vl", "chat_template")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} {getattr(self, name)!r}: expected one of {allowed}")
+        from omni_fast.grpo.rewards import REWARD_FUNCS
+
+        unknown = [r for r in self.reward_funcs if r not in REWARD_FUNCS]
+        if unknown or not self.reward_funcs:
+            raise ConfigError(f"reward_funcs {list(self.reward_funcs)}: each must be one of {sorted(REWARD_FUNCS)} "
+                              "(add your own with omni_fast.grpo.rewards.register_reward)")
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
+            raise ConfigError(f"reward_weights has {len(self.reward_weights)} values for "
+                              f"{len(self.reward_funcs)} reward_funcs")
+        if not self.label_set:
+            raise ConfigError("label_set must name at least one label")
+
+    def _check_numbers(self) -> None:
+        at_least = {"per_device_train_batch_size": 1, "gradient_accumulation_steps": 1, "num_train_epochs": 1,
+                    "max_prompt_length": 1, "max_completion_length": 1, "max_length": 2, "save_steps": 1,
+                    "logging_steps": 1, "num_iterations": 1, "media_workers": 1,
+                    "num_generations": 2 if self.stage == "grpo" else 1}
+        for name, low in at_least.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+        if not isinstance(self.max_steps, int) or (self.max_steps < 1 and self.max_steps != -1):
+            raise ConfigError(f"max_steps must be -1 (use num_train_epochs) or >= 1, got {self.max_steps!r}")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            raise ConfigError(f"save_total_limit must be None or >= 1, got {self.save_total_limit}")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        for name in ("beta", "weight_decay", "max_grad_norm", "adam_epsilon"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 0 < self.epsilon < 1 or (self.epsilon_high is not None and self.epsilon_high <= 0):
+            raise ConfigError(f"epsilon must be in (0, 1) and epsilon_high > 0, got {self.epsilon}, {self.epsilon_high}")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0 for rollouts (sampling), got {self.temperature}")
+        if self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_k must be >= 0 and top_p in (0, 1], got {self.top_k}, {self.top_p}")
+
+    @property
+    def prompts_per_step(self) -> int:
+        """Prompts in one optimizer step (per process)."""
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> GRPOConfig:
+        names = {f.name: f for f in fields(cls)}
+        unknown = [k for k in raw if k not in names]
+        if unknown:
+            import difflib
+
+            hints = {k: difflib.get_close_matches(k, names, 1) for k in unknown}
+            said = ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
+            raise ConfigError(f"{source}: unknown key(s) {said}")
+        try:
+            return cls(**{k: _coerce(k, v, names[k].type, source) for k, v in raw.items()})
+        except ConfigError as e:
+            if str(e).startswith(source):
+                raise
+            raise ConfigError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_file(cls, path: str | Path | None, overrides: dict[str, str] | None = None) -> GRPOConfig:
+        """A YAML or JSON file (or none), then `--key value` overrides (strings, parsed as YAML scalars/lists)."""
+        raw: dict[str, Any] = {}
+        if path is not None:
+            raw = _read_config_file(Path(path))
+        for key, text in (overrides or {}).items():
+            import yaml
+
+            try:
+                raw[key] = yaml.safe_load(text) if text != "" else ""
+            except yaml.YAMLError:
+                raw[key] = text
+        return cls.from_dict(raw, source=str(path) if path is not None else "arguments")
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".json":
+            raw = json.loads(text)
+        else:
+            import yaml
+
+            raw = yaml.safe_load(text)
+    except Exception as e:  # noqa: BLE001 - json / yaml parse errors have no common base
+        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'} ({e})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of GRPOConfig fields, got {type(raw).__name__}")
+    return raw
+
+
+def _coerce(name: str, value: Any, annotation: str, source: str) -> Any:
+    """A YAML/JSON value -> the field's type (int, float, str, bool, tuple), or ConfigError naming the key."""
+    kinds = [a.strip() for a in str(annotation).split("|")]
+    if value is None and "None" in kinds:
+        return None
+    base = kinds[0]
+    try:
+        if base.startswith("tuple"):
+            if isinstance(value, str):
+                items = [v.strip() for v in value.split(",")]
+            else:
+                items = list(value) if isinstance(value, (list, tuple)) else [value]
+            return tuple(float(v) for v in items) if "float" in base else tuple(str(v) for v in items)
+        if base == "bool":
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "false", "1", "0", "yes", "no"):
+                return str(value).lower() in ("true", "1", "yes")
+            raise ValueError
+        if base == "int":
+            if isinstance(value, bool) or float(value) != int(float(value)):
+                raise ValueError
+            return int(float(value))
+        if base == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        return str(value) if value is not None else value
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: {name} = {value!r} is not a valid {annotation}") from None

@@ -390,9 +390,10 @@ def clip_audio(seconds: float, sample_rate: int, channels: int, seed: int = 0) -
 
 def make_clip(path: str | Path, seconds: float = 2.0, fps: float = 25, size: tuple[int, int] = (160, 120),
               audio: bool = True, codec: str = "h264", sample_rate: int = 44100, channels: int = 2,
-              seed: int = 0) -> Path:
+              seed: int = 0, frame_fn=None) -> Path:
     """Encode a synthetic clip with PyAV. The container comes from the suffix (.mp4/.mov: h264|hevc + AAC,
-    .webm: vp8|vp9 + Opus, .mkv: any + FLAC, .avi: mjpeg + PCM); size is (width, height)."""
+    .webm: vp8|vp9 + Opus, .mkv: any + FLAC, .avi: mjpeg + PCM); size is (width, height). frame_fn(index, size)
+    -> (H, W, 3) uint8 replaces clip_frame's pattern."""
     import av
 
     path = Path(path)
@@ -415,7 +416,8 @@ def make_clip(path: str | Path, seconds: float = 2.0, fps: float = 25, size: tup
             rate = 48000 if acodec == "libopus" else sample_rate
             astream = container.add_stream(acodec, rate=rate, layout="stereo" if channels == 2 else "mono")
         for i in range(n_frames):
-            frame = av.VideoFrame.from_ndarray(clip_frame(i, size, seed), format="rgb24")
+            image = clip_frame(i, size, seed) if frame_fn is None else frame_fn(i, size)
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
             container.mux(video.encode(frame))
         container.mux(video.encode(None))
         if astream is not None:

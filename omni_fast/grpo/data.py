@@ -41,14 +41,55 @@ class Record:
     extra: dict[str, Any] = field(default_factory=dict)  # the entry's other keys, untouched
 
 
-def load_annotations(path: str | Path, data_root: str | Path | None = None) -> list[Record]:
-    """Read an annotation file (.json list or .jsonl) into Records; see the module docstring."""
+def load_annotations(path: str | Path, data_root: str | Path | None = None,
+                     errors: list[BadEntry] | None = None) -> list[Record]:
+    """Read an annotation file (.json list or .jsonl) into Records; see the module docstring. A malformed entry
+    raises its AnnotationError, or, when an `errors` list is given, is appended to it and left out."""
     path = Path(path)
     if not path.is_file():
         raise AnnotationError(f"{path}: no such annotation file")
     root = Path(data_root) if data_root is not None else path.parent
-    entries = _entries(path)
-    return [parse_entry(entry, i, root, path) for i, entry in enumerate(entries)]
+    records = []
+    for i, entry in enumerate(_entries(path)):
+        try:
+            records.append(parse_entry(entry, i, root, path))
+        except AnnotationError as e:
+            if errors is None:
+                raise
+            where = str(entry.get("video", entry.get("ori_path", "?"))) if isinstance(entry, dict) else "?"
+            errors.append(BadEntry(index=i, path=where, reason=str(e).removeprefix(f"{path}: entry {i}: ")))
+    return records
+
+
+@dataclass(slots=True)
+class BadEntry:
+    index: int  # the entry's position in its annotation file
+    path: str  # the clip it names
+    reason: str  # what is wrong with it
+
+
+def check_records(records: list[Record], label_set: tuple[str, ...] | None = None,
+                  need_target: bool = False) -> tuple[list[Record], list[BadEntry]]:
+    """Split records into usable ones and BadEntry's: a clip file that does not exist, a label outside
+    `label_set`, or (need_target, for SFT) no assistant turn to learn. Undecodable clips are found later, by
+    the media loader, when they are decoded."""
+    good, bad = [], []
+    allowed = set(label_set) if label_set is not None else None
+    for r in records:
+        reason = None
+        if not r.video.is_file():
+            reason = f"{r.video}: no such clip"
+        elif r.audio is not None and not r.audio.is_file():
+            reason = f"{r.audio}: no such audio file"
+        elif allowed is not None and r.label not in allowed:
+            reason = f"label {r.label!r} is not in the label set {sorted(allowed)}"
+        elif need_target and not r.target:
+            reason = "no assistant ('gpt') turn to train on"
+        if reason is None:
+            good.append(r)
+        else:
+            bad.append(BadEntry(index=r.index, path=str(r.video), reason=reason))
+    return good, bad
 
 
 def _entries(path: Path) -> list[Any]:

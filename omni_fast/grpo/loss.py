@@ -138,3 +138,19 @@ def fused_grpo_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, completi
     """
     logp = ops.selective_logprob(hidden, lm_head_weight, completion_ids, temperature)   # (B, T) fp32
     return grpo_loss(logp, advantages, mask, **loss_kwargs)
+
+
+def accumulation_scale(loss_type: str, mask: torch.Tensor, step_sequences: int, step_tokens: float) -> float:
+    """The factor for one micro-batch's `grpo_loss` so that the scaled losses of all the micro-batches of an
+    optimizer step add up to `grpo_loss` over the whole step's batch at once (same gradient, whatever
+    per_device_train_batch_size and gradient_accumulation_steps split it): "grpo" / "dr_grpo" average over
+    sequences, so each micro-batch weighs by its share of the step's sequences; "bnpo" averages over tokens,
+    so by its share of the tokens; "dapo" already divides by the step's token count (pass it as
+    num_items_in_batch) and weighs 1."""
+    if loss_type in ("grpo", "dr_grpo"):
+        return mask.shape[0] / step_sequences
+    if loss_type == "bnpo":
+        return float(mask.sum()) / max(step_tokens, 1.0)
+    if loss_type == "dapo":
+        return 1.0
+    raise ValueError(f"loss_type must be one of {sorted(NORMALIZERS)}, got {loss_type!r}")

@@ -5,7 +5,9 @@ reference sums them into a total reward in {0, 1, 2}.
 """
 from __future__ import annotations
 
+import inspect
 import re
+from typing import Callable
 
 _ANSWER = re.compile(r"<answer>(.*?)</answer>")                       # no DOTALL, as the reference
 _FORMAT = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
@@ -33,3 +35,41 @@ def format_reward(completions: list[str]) -> list[float]:
     """1.0 where the whole completion is <think>...</think> then <answer>...</answer> (whitespace between,
     anything inside, newlines allowed: re.fullmatch with re.DOTALL), else 0.0."""
     return [float(_FORMAT.fullmatch(c) is not None) for c in completions]
+
+
+# --- the registry ---------------------------------------------------------------------------------------------
+# A reward function takes the decoded completions (and, when it declares a second parameter, the solutions,
+# one per completion) and returns one float per completion. GRPOConfig.reward_funcs names entries of this
+# registry; the metric of each is logged as "rewards/<function name>", as the reference trainer logs it.
+RewardFn = Callable[..., list[float]]
+REWARD_FUNCS: dict[str, RewardFn] = {"accuracy": accuracy_reward, "format": format_reward}
+
+
+def register_reward(name: str, fn: RewardFn | None = None):
+    """Add a reward under `name` (usable as a decorator): fn(completions) or fn(completions, solutions)."""
+    def add(f: RewardFn) -> RewardFn:
+        if not callable(f):
+            raise TypeError(f"reward {name!r} must be callable, got {type(f).__name__}")
+        REWARD_FUNCS[name] = f
+        return f
+    return add(fn) if fn is not None else add
+
+
+def _takes_solutions(fn: RewardFn) -> bool:
+    params = [p for p in inspect.signature(fn).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(params) >= 2
+
+
+def compute_rewards(names: tuple[str, ...] | list[str], completions: list[str],
+                    solutions: list[str]) -> dict[str, list[float]]:
+    """{"rewards/<function name>": one float per completion} for each named reward, in order."""
+    out = {}
+    for name in names:
+        fn = REWARD_FUNCS[name]
+        values = fn(completions, solutions) if _takes_solutions(fn) else fn(completions)
+        values = [float(v) for v in values]
+        if len(values) != len(completions):
+            raise ValueError(f"reward {name!r} returned {len(values)} values for {len(completions)} completions")
+        out[f"rewards/{getattr(fn, '__name__', name)}"] = values
+    return out

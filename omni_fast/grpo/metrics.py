@@ -1,0 +1,120 @@
+"""Where training progress goes: output_dir/metrics.jsonl, output_dir/train.log, TensorBoard, a progress bar.
+
+metrics.jsonl holds one JSON object per logged step with the reference trainer's names (`loss`, `reward`,
+`reward_std`, `rewards/accuracy_reward`, `rewards/format_reward`, `kl`, `completion_length`, `grad_norm`,
+`learning_rate`) plus `step`, `epoch`, `skipped_clips`, `tokens_per_s` and the seconds of each phase
+(`time/media`, `time/towers`, `time/rollout`, `time/reference`, `time/policy`, `time/optimizer`). On resume the
+lines past the checkpoint's step (written by the run that was interrupted) are dropped, so the file reads as
+one run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+_BAR_KEYS = (("reward", "reward"), ("acc", "rewards/accuracy_reward"), ("fmt", "rewards/format_reward"),
+             ("kl", "kl"), ("len", "completion_length"), ("loss", "loss"), ("tok/s", "tokens_per_s"))
+
+
+class Phases:
+    """Seconds per named phase of one step: `with phases("rollout"): ...`."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._name, self._t0 = None, 0.0
+
+    def __call__(self, name: str) -> Phases:
+        self._name = name
+        return self
+
+    def __enter__(self) -> None:
+        self._t0 = time.perf_counter()
+
+    def __exit__(self, *exc) -> None:
+        self.seconds[self._name] = self.seconds.get(self._name, 0.0) + time.perf_counter() - self._t0
+
+    def as_metrics(self) -> dict[str, float]:
+        return {f"time/{k}": round(v, 6) for k, v in self.seconds.items()}
+
+
+def make_logger(output_dir: Path) -> logging.Logger:
+    """A logger writing to output_dir/train.log (appending) and, for warnings, to stderr."""
+    logger = logging.getLogger(f"omni_fast.train.{output_dir.resolve()}")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+        h.close()
+    file = logging.FileHandler(output_dir / "train.log", encoding="utf-8")
+    file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger.addHandler(file)
+    err = logging.StreamHandler(sys.stderr)
+    err.setLevel(logging.WARNING)
+    err.setFormatter(logging.Formatter("omni-fast train: %(levelname)s: %(message)s"))
+    logger.addHandler(err)
+    return logger
+
+
+class MetricsLog:
+    def __init__(self, output_dir: Path, total_steps: int, start_step: int = 0, progress: bool = True):
+        self.path = output_dir / "metrics.jsonl"
+        _truncate_after(self.path, start_step)
+        self.file = self.path.open("a", encoding="utf-8")
+        self.tensorboard = _tensorboard(output_dir / "tensorboard")
+        self.bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+                            file=sys.stderr)
+
+    def write(self, metrics: dict) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+        self.file.write(json.dumps(clean) + "\n")
+        self.file.flush()
+        if self.tensorboard is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tensorboard.add_scalar(k, v, metrics["step"])
+
+    def advance(self, metrics: dict) -> None:
+        if self.bar is None:
+            return
+        shown = {label: f"{metrics[k]:.3g}" for label, k in _BAR_KEYS if isinstance(metrics.get(k), (int, float))}
+        self.bar.set_postfix(shown, refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.bar is not None:
+            self.bar.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _tensorboard(directory: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # noqa: BLE001 - tensorboard is optional; without it only metrics.jsonl is written
+        return None
+    return SummaryWriter(str(directory))
+
+
+def read_metrics(output_dir: str | Path) -> list[dict]:
+    path = Path(output_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -1,0 +1,101 @@
+"""AdamW over fp32 master weights, gradient clipping, and the learning-rate schedules (pure functions).
+
+The rollout engine decodes with the policy's own parameters, so an optimizer step must update them in place:
+with float32 parameters AdamW steps them directly; with bfloat16 parameters (the GPU default) it steps an
+fp32 master copy and writes the result back into the bf16 storage (DeepSpeed's bf16 mode, which the
+reference trained with). Either way no tensor the engine or a captured CUDA graph holds changes address.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+
+
+def lr_lambda(kind: str, total_steps: int, warmup_steps: int):
+    """Multiplier of the peak learning rate after `step` optimizer steps, as transformers' schedules:
+    linear warmup over warmup_steps, then linear decay to 0 at total_steps ("linear"), half a cosine to 0
+    ("cosine"), or constant."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return step / max(1, warmup_steps)
+        if kind == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    return factor
+
+
+class MasterAdamW:
+    """AdamW (torch.optim.AdamW) over `params`; for low-precision params over fp32 master copies of them."""
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], *, lr: float, betas: tuple[float, float], eps: float,
+                 weight_decay: float, schedule):
+        self.params = [p for p in params if p.requires_grad]
+        self.masters = [p if p.dtype == torch.float32 else p.detach().float().clone().requires_grad_(True)
+                        for p in self.params]
+        self.has_copies = any(m is not p for m, p in zip(self.masters, self.params))
+        self.optimizer = torch.optim.AdamW(self.masters, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                           foreach=False)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+        for m in self.masters:
+            m.grad = None
+
+    def grad_norm(self) -> torch.Tensor:
+        """The global L2 norm of the gradients (fp32), before clipping."""
+        grads = [p.grad.float() for p in self.params if p.grad is not None]
+        if not grads:
+            return torch.zeros(())
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+
+    def clip(self, max_grad_norm: float) -> torch.Tensor:
+        """Move the gradients to the masters and clip their global norm to max_grad_norm (0: no clipping).
+        Returns the pre-clip norm; nothing has changed the weights yet, so a non-finite norm can still stop the
+        run with the weights intact."""
+        for p, m in zip(self.params, self.masters):
+            if m is not p:
+                m.grad = None if p.grad is None else p.grad.float()
+        if max_grad_norm > 0:
+            return torch.nn.utils.clip_grad_norm_(self.masters, max_grad_norm, foreach=False).detach().float()
+        return self.grad_norm()
+
+    def apply(self) -> None:
+        """Step AdamW and the schedule, write the masters back into the parameters (in place)."""
+        self.optimizer.step()
+        self.scheduler.step()
+        with torch.no_grad():
+            for p, m in zip(self.params, self.masters):
+                if m is not p:
+                    p.copy_(m)
+        self.zero_grad()
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def master_state(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The fp32 masters by parameter name, when they are copies (what a bf16 run must save to resume)."""
+        return {n: m.detach().cpu() for n, m, p in zip(names, self.masters, self.params) if m is not p}
+
+    def load_master_state(self, names: list[str], state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for n, m, p in zip(names, self.masters, self.params):
+                if m is not p:
+                    if n not in state:
+                        raise KeyError(f"master weight {n!r} missing from the checkpoint's trainer state")
+                    m.copy_(state[n])
+                    p.copy_(m)

@@ -1,0 +1,92 @@
+"""The no-grad half of a GRPO micro-step: rollouts, rewards, advantages, reference log-probs.
+
+    clip features --policy prefixes (no grad)--> engine: G completions per prompt, prefix prefilled once
+      --decode (skip_special_tokens=True, NOT stripped, as the reference scores them)--> rewards [K, B*G]
+      --group advantage kernel--> A [B*G];   reference model's shared-prefix pass --> ref_logp [B*G, C]
+
+The completion mask comes from each completion's own length (its stop token included), whichever stop token
+ended it; the reference builds it from <|im_end|> alone and so also trains on the pad tail of a completion
+that ended on <|endoftext|>.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from omni_fast.config import SamplingParams
+from omni_fast.engine.sequence import row_seed
+from omni_fast.grpo.advantage import group_advantages
+from omni_fast.grpo.inputs import ClipFeatures, pad_rows, prompt_embeddings
+from omni_fast.grpo.logprobs import completion_logprobs
+from omni_fast.grpo.rewards import compute_rewards
+
+
+@dataclass(slots=True)
+class Rollout:
+    """One micro-batch's rollouts, everything the policy pass needs."""
+    features: ClipFeatures  # the frozen towers' output, computed once
+    prompt_ids: list[torch.Tensor]  # per prompt, ids with placeholders
+    completions: torch.Tensor  # (B*G, C) int64, padded past `lengths`
+    lengths: torch.Tensor  # (B*G,) int64, stop token included
+    mask: torch.Tensor  # (B*G, C) float32: t < lengths[r]
+    advantages: torch.Tensor  # (B*G,) float32
+    rewards: dict[str, list[float]]  # "rewards/<name>" -> one weighted value per completion
+    total_rewards: torch.Tensor  # (B*G,) float32, the sum of the weighted rewards
+    texts: list[str]  # decoded completions
+    ref_logp: torch.Tensor | None  # (B*G, C) float32 reference-model log-probs, None when beta == 0
+    old_logp: torch.Tensor | None = None  # (B*G, C) the rollout policy's log-probs (num_iterations > 1)
+
+
+def rollout_seed(seed: int, step: int, index: int) -> int:
+    """The engine seed of one prompt's group: keyed by the run's seed, the optimizer step and the prompt's
+    index in the annotation file, so rollouts do not depend on batching, resumption or the process count."""
+    return row_seed(row_seed(seed, step), index)
+
+
+def solution(label: str) -> str:
+    """The reference's solution string for a label (grpo.py: f"<answer> {label} </answer>")."""
+    return f"<answer> {label} </answer>"
+
+
+def weighted_rewards(names, weights, texts: list[str], solutions: list[str]) -> dict[str, list[float]]:
+    raw = compute_rewards(names, texts, solutions)
+    weights = weights or [1.0] * len(raw)
+    return {k: [w * v for v in values] for (k, values), w in zip(raw.items(), weights)}
+
+
+@torch.no_grad()
+def rollout(policy, engine, tokenizer, features: ClipFeatures, prompt_ids: list[torch.Tensor],
+            bert: dict, labels: list[str], indices: list[int], step: int, cfg) -> Rollout:
+    """G completions for each of the B prompts of a micro-batch, scored; cfg is the GRPOConfig."""
+    device = features.vision.device
+    g = cfg.num_generations
+    prefixes = prompt_embeddings(policy, prompt_ids, features, bert)
+    params = [SamplingParams(n=g, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                             max_tokens=cfg.max_completion_length, seed=rollout_seed(cfg.seed, step, i))
+              for i in indices]
+    groups = engine.generate(prefixes, params)
+    token_ids = [c.token_ids for group in groups for c in group]           # B*G lists, prompt-major
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in token_ids]
+    rewards = weighted_rewards(cfg.reward_funcs, cfg.reward_weights, texts, [solution(l) for l in labels
+                                                                               for _ in range(g)])
+    stacked = torch.tensor(list(rewards.values()), dtype=torch.float32, device=device)   # (K, B*G)
+    advantages = group_advantages(stacked, g, scale=cfg.scale_rewards)
+    completions, lengths = pad_rows(token_ids, engine.default_stop[0], device)
+    mask = (torch.arange(completions.shape[1], device=device)[None] < lengths[:, None]).float()
+    return Rollout(features=features, prompt_ids=prompt_ids, completions=completions, lengths=lengths, mask=mask,
+                   advantages=advantages, rewards=rewards, total_rewards=stacked.sum(0), texts=texts,
+                   ref_logp=None)
+
+
+@torch.no_grad()
+def reference_logprobs(reference, ro: Rollout, bert: dict, group_size: int, temperature: float) -> torch.Tensor:
+    """The frozen reference model's log-probs of the rollouts, through its own projectors and gate on the same
+    tower features, with the same shared-prefix forward as the policy."""
+    prefixes = prompt_embeddings(reference, ro.prompt_ids, ro.features, bert)
+    return completion_logprobs(reference, prefixes, ro.completions, ro.lengths, group_size, temperature)
+
+
+def group_std(total: torch.Tensor, g: int) -> float:
+    """The reference's reward_std: the unbiased std of each group's rewards, averaged over groups."""
+    return float(total.view(-1, g).std(dim=1).mean())

@@ -1,0 +1,147 @@
+"""Training checkpoints: output_dir/checkpoint-<step>/ = a HumanOmni checkpoint + the trainer state, atomic.
+
+    checkpoint-<step>/
+      config.json, model.safetensors, tokenizer files, bert-base-uncased/   the HumanOmni format, in the
+                                                  parameters' dtype (loadable by OmniModel.from_pretrained)
+      trainer_state.json     step, epoch, data position, skipped entries, the training config
+      optimizer.pt           AdamW + scheduler state
+      rng_state.pt           Python, NumPy, torch CPU and every CUDA device's RNG state
+      master_weights.safetensors   fp32 master weights, only when the parameters are bf16
+    latest                   the name of the newest complete checkpoint
+
+A checkpoint is assembled in a hidden sibling directory and renamed into place only once every file is
+written; `latest` is replaced (os.replace) after that rename. A run killed during a save leaves the
+previous checkpoint whole and `latest` pointing at it; leftovers are removed when the next run starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from omni_fast.model.checkpoint import save_checkpoint
+
+STATE_FILE = "trainer_state.json"
+LATEST = "latest"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+class ResumeError(ValueError):
+    """A checkpoint to resume from that is missing or incomplete; the message names it."""
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints (those with a trainer state), oldest first."""
+    found = []
+    for d in output_dir.glob("checkpoint-*") if output_dir.is_dir() else []:
+        m = _CHECKPOINT.match(d.name)
+        if m and (d / STATE_FILE).is_file():
+            found.append((int(m.group(1)), d))
+    return [d for _, d in sorted(found)]
+
+
+def clean_partial(output_dir: Path) -> None:
+    """Remove what an interrupted save left behind (hidden .checkpoint-* directories)."""
+    for d in output_dir.glob(".checkpoint-*"):
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def save(output_dir: Path, step: int, loaded, optimizer, trainer_state: dict, param_names: list[str],
+         total_limit: int | None = None) -> Path:
+    """Write checkpoint-<step> atomically, point `latest` at it, and drop the oldest beyond total_limit."""
+    final = output_dir / f"checkpoint-{step}"
+    partial = output_dir / f".checkpoint-{step}.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    dtype = next(loaded.model.parameters()).dtype
+    config = dataclasses.replace(loaded.config, torch_dtype=str(dtype).removeprefix("torch."))
+    save_checkpoint(dataclasses.replace(loaded, config=config), partial)
+    try:
+        torch.save(optimizer.state_dict(), partial / "optimizer.pt")
+        torch.save(rng_state(), partial / "rng_state.pt")
+        masters = optimizer.master_state(param_names)
+        if masters:
+            save_file({k: v.contiguous() for k, v in masters.items()}, str(partial / "master_weights.safetensors"))
+        (partial / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
+        old = output_dir / f".checkpoint-{step}.old-{os.getpid()}"
+        if final.exists():
+            final.rename(old)
+        partial.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    _write_atomic(output_dir / LATEST, final.name + "\n")
+    if total_limit is not None:
+        for stale in checkpoints(output_dir)[:-total_limit]:
+            if stale != final:
+                shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def resolve(output_dir: Path, spec: str) -> Path:
+    """--resume_from_checkpoint: "latest" (the `latest` pointer, else the newest complete checkpoint) or a
+    checkpoint directory."""
+    if spec == "latest":
+        pointer = output_dir / LATEST
+        if pointer.is_file():
+            named = output_dir / pointer.read_text().strip()
+            if (named / STATE_FILE).is_file():
+                return named
+        found = checkpoints(output_dir)
+        if not found:
+            raise ResumeError(f"--resume_from_checkpoint latest: no complete checkpoint in {output_dir}")
+        return found[-1]
+    path = Path(spec).expanduser()
+    if not (path / STATE_FILE).is_file():
+        raise ResumeError(f"--resume_from_checkpoint {path}: not a training checkpoint (no {STATE_FILE})")
+    return path
+
+
+def load_trainer_state(path: Path) -> dict:
+    try:
+        return json.loads((path / STATE_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ResumeError(f"{path / STATE_FILE}: cannot read the trainer state ({e})") from None
+
+
+def restore(path: Path, optimizer, param_names: list[str]) -> None:
+    """Optimizer, scheduler, master weights and RNG states from a checkpoint (weights are loaded with it)."""
+    for name in ("optimizer.pt", "rng_state.pt"):
+        if not (path / name).is_file():
+            raise ResumeError(f"{path}: {name} is missing; the checkpoint cannot be resumed exactly")
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    if optimizer.has_copies:
+        masters = path / "master_weights.safetensors"
+        if not masters.is_file():
+            raise ResumeError(f"{path}: master_weights.safetensors is missing (the run had bf16 parameters)")
+        optimizer.load_master_state(param_names, load_file(str(masters)))
+    set_rng_state(torch.load(path / "rng_state.pt", weights_only=False))

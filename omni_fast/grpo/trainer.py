@@ -1,0 +1,345 @@
+"""The R1-Omni trainer: GRPO with verifiable rewards, and the cold-start SFT stage, on one process.
+
+    trainer = Trainer(GRPOConfig(model_path=..., train_annotations=..., output_dir=...))
+    trainer.train()                        # or: omni-fast train --config run.yaml
+
+One GRPO optimizer step (per_device_train_batch_size x gradient_accumulation_steps prompts):
+  1. clips come decoded ahead from the MediaLoader (pad-to-square frames, as the reference trains);
+  2. per micro-batch: the frozen towers run ONCE per clip (no grad), the projectors + gate make the prompt
+     embeddings, the engine samples G completions with the policy's own weights (prefix prefilled once,
+     shared-prefix decode), rewards -> group advantages (one kernel), and the frozen reference model scores
+     the completions (shared-prefix forward, no grad);
+  3. per micro-batch again: the policy's prompt embeddings with grad, its shared-prefix log-probs through
+     ops.selective_logprob, the loss (grpo/loss.py) scaled by accumulation_scale, backward;
+  4. clip the gradient norm, AdamW (fp32 masters for bf16 weights), the schedule; the parameters change in
+     place, so the engine (and its CUDA graphs) decodes the next step with the new weights, no copy.
+
+Where it departs from the reference trainer (humanOmni_grpo_trainer.py) and why:
+  * The towers run once per clip per step, not once per completion and pass (17x in the reference); they
+    are frozen there too, so the features are the same.
+  * Each prompt is computed once per group in the rollout, the reference pass and the policy pass (the
+    reference prefills and re-encodes it G times); values and gradients are those of the repeated forward
+    (tests/test_logprobs.py).
+  * BERT's dropout is off everywhere (the whole model stays in eval mode). The reference trains in train mode,
+    so its BERT drops out differently in generate and in each of the G repeated policy rows, and its
+    reference model (eval mode) sees no dropout: the policy's log-probs are then taken under a prompt that
+    differs from the one the completions were sampled from, and the KL compares two different prompts. With
+    dropout off the update is exactly on-policy and the KL compares like with like. Qwen2, SigLIP and
+    Whisper have no active dropout in R1-Omni's configs, so BERT was the only difference.
+  * The completion mask covers each completion up to its own stop token (<|im_end|> or <|endoftext|>), not up
+    to the first <|im_end|> only: the reference also trains on the pad tail of a completion that ended on
+    <|endoftext|>.
+  * per_device_train_batch_size may be any value (the reference requires 1: its reward grouping breaks above
+    it), and the loss of each micro-batch is scaled so that any split of a step's prompts into micro-batches
+    gives the update of the whole batch at once (the reference averages micro-batch means, which only agrees
+    when every micro-batch holds the same number of sequences, as it does at batch size 1).
+  * Rollout seeds are keyed by (seed, step, prompt index), so runs are reproducible and resume exactly.
+  * A bad entry (missing or undecodable clip, a label outside label_set) is skipped and listed, or fatal
+    (on_bad_clip); the reference falls back to 10 s of silence only for bad audio and crashes otherwise.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from omni_fast.config import EngineConfig, GRPOConfig, LoaderConfig
+from omni_fast.engine.engine import Engine
+from omni_fast.grpo import state as ckpt
+from omni_fast.grpo.data import BadEntry, check_records, load_annotations
+from omni_fast.grpo.inputs import grpo_bert_inputs, grpo_prompt_ids, prompt_embeddings, tower_features
+from omni_fast.grpo.logprobs import completion_logprobs
+from omni_fast.grpo.loss import accumulation_scale, grpo_loss
+from omni_fast.grpo.metrics import MetricsLog, Phases, make_logger
+from omni_fast.grpo.optim import MasterAdamW, lr_lambda
+from omni_fast.grpo.rollout import Rollout, group_std, reference_logprobs, rollout
+from omni_fast.grpo.sft import sft_batch, sft_loss
+from omni_fast.media.loader import MediaLoader
+from omni_fast.media.pyav import MediaError
+from omni_fast.model.checkpoint import load_checkpoint
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a bad entry with on_bad_clip="raise", a NaN); the message says where."""
+
+
+@dataclass(slots=True)
+class Position:
+    """Where the run is: what resume restores besides weights, optimizer and RNG states."""
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # current pass over the data
+    consumed: int = 0  # records of this epoch's order already used
+    excluded: list[int] = field(default_factory=list)  # entries left out of this epoch's order (bad so far)
+
+
+class Trainer:
+    def __init__(self, config: GRPOConfig, resume_from_checkpoint: str | None = None, on_step=None):
+        if config.model_path is None or config.train_annotations is None:
+            raise TrainingError("model_path and train_annotations must be set (in the config file or as "
+                                "--model_path / --train_annotations)")
+        self.cfg = cfg = config
+        self.on_step = on_step  # called with each step's metrics (the demo prints its reward curve)
+        self.history: list[dict] = []
+        self.out = Path(cfg.output_dir).expanduser()
+        self.out.mkdir(parents=True, exist_ok=True)
+        resume = ckpt.resolve(self.out, resume_from_checkpoint) if resume_from_checkpoint else None
+        if resume is None and ckpt.checkpoints(self.out):
+            raise TrainingError(f"{self.out} already holds checkpoints; pass --resume_from_checkpoint latest to "
+                                "continue that run, or choose another output_dir (nothing was overwritten)")
+        ckpt.clean_partial(self.out)
+        self.log = make_logger(self.out)
+        state = ckpt.load_trainer_state(resume) if resume else {}
+        self.init_model_path = state.get("init_model_path", str(Path(cfg.model_path).expanduser().resolve()))
+        device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = torch.float32 if cfg.dtype == "float32" or (cfg.dtype == "auto" and device.type == "cpu") \
+            else torch.bfloat16
+        self.loaded = load_checkpoint(resume or cfg.model_path, bert_path=None if resume else cfg.bert_path,
+                                      device=device, dtype=dtype)
+        self.model, self.device = self.loaded.model, device
+        self.tokenizer, self.bert_tokenizer = self.loaded.tokenizer, self.loaded.bert_tokenizer
+        self.model.eval()  # no dropout anywhere (see the module docstring)
+        self._set_trainable()
+        self.reference = self._reference(resume) if cfg.stage == "grpo" and cfg.beta > 0 else None
+        self.engine = Engine(self.model, EngineConfig(), self.loaded.generation.eos_token_ids)
+        self.records, self.skipped = self._records(state)
+        rollouts_per_epoch = math.ceil(len(self.records) / cfg.prompts_per_step)
+        self.total_steps = cfg.max_steps if cfg.max_steps > 0 else rollouts_per_epoch * cfg.num_train_epochs \
+            * cfg.num_iterations
+        self.optimizer = MasterAdamW(
+            [p for _, p in self.trainable], lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+            eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay,
+            schedule=lr_lambda(cfg.lr_scheduler_type, self.total_steps, math.ceil(cfg.warmup_ratio * self.total_steps)))
+        self.pos = Position(**state["position"]) if resume else Position()
+        if resume:
+            ckpt.restore(resume, self.optimizer, [n for n, _ in self.trainable])
+            self.log.info(f"resumed from {resume} at step {self.pos.step}")
+        else:
+            torch.manual_seed(cfg.seed)
+        self.last_checkpoint = resume
+        self.log.info(f"config: {cfg.to_dict()}")
+
+    # --- setup ---------------------------------------------------------------------------------------------
+    def _set_trainable(self) -> None:
+        """GRPO trains the LLM, projectors, BERT and gate (the reference freezes only the towers); SFT also
+        freezes BERT (train_humanomni.py)."""
+        frozen = ["model.vision_tower.", "model.audio_tower."] + (["model.bert_model."] if self.cfg.stage == "sft" else [])
+        self.trainable = []
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(not any(name.startswith(f) for f in frozen))
+            if p.requires_grad:
+                self.trainable.append((name, p))
+
+    def _reference(self, resume: Path | None):
+        """A frozen copy of the initial weights sharing the policy's (frozen) towers."""
+        towers = [self.model.model.vision_tower, self.model.model.audio_tower]
+        if resume is None:
+            ref = copy.deepcopy(self.model, memo={id(t): t for t in towers})
+        else:  # the initial weights are the run's model_path, not the checkpoint being resumed
+            ref = load_checkpoint(self.init_model_path, bert_path=self.cfg.bert_path, device=self.device,
+                                  dtype=next(self.model.parameters()).dtype).model
+            ref.model.vision_tower, ref.model.audio_tower = towers
+        return ref.requires_grad_(False).eval()
+
+    def _records(self, state: dict):
+        bad: list[BadEntry] = []
+        records = load_annotations(self.cfg.train_annotations, self.cfg.video_root, errors=bad)
+        good, unusable = check_records(records, self.cfg.label_set, need_target=self.cfg.stage == "sft")
+        skipped = {b["index"]: b for b in state.get("skipped", [])}
+        for b in sorted(bad + unusable, key=lambda b: b.index):
+            self._bad(b.index, b.path, b.reason, skipped)
+        if not good:
+            raise TrainingError(f"{self.cfg.train_annotations}: no usable entry ({len(skipped)} skipped)")
+        return good, skipped
+
+    def _bad(self, index: int, path: str, reason: str, skipped: dict | None = None) -> None:
+        message = f"entry {index} ({path}): {reason}"
+        if self.cfg.on_bad_clip == "raise":
+            raise TrainingError(f"{self.cfg.train_annotations}: {message}")
+        skipped = self.skipped if skipped is None else skipped
+        if index not in skipped:
+            self.log.warning(f"skipping {message}")
+            skipped[index] = {"index": index, "path": path, "reason": reason}
+
+    # --- the loop ------------------------------------------------------------------------------------------
+    def train(self) -> list[dict]:
+        """Run to total_steps; returns the logged metrics. Saves every save_steps and at the end."""
+        metrics_log = MetricsLog(self.out, self.total_steps, self.pos.step, self.cfg.progress)
+        history = self.history
+        try:
+            while self.pos.step < self.total_steps:
+                if not self._epoch(metrics_log, history):
+                    break
+            if self.last_checkpoint is None or self.last_checkpoint.name != f"checkpoint-{self.pos.step}":
+                self.save()
+        finally:
+            metrics_log.close()
+        return history
+
+    def _epoch_order(self) -> list:
+        order = torch.randperm(len(self.records), generator=torch.Generator().manual_seed(self.cfg.seed + self.pos.epoch))
+        excluded = set(self.pos.excluded)
+        return [self.records[i] for i in order.tolist() if self.records[i].index not in excluded]
+
+    def _epoch(self, metrics_log: MetricsLog, history: list[dict]) -> bool:
+        """Steps through the rest of the current epoch; False when the data is exhausted for good."""
+        cfg = self.cfg
+        order = self._epoch_order()
+        if self.pos.consumed >= len(order):
+            if cfg.max_steps <= 0 and self.pos.epoch + 1 >= cfg.num_train_epochs:
+                return False
+            self.pos = Position(self.pos.step, self.pos.epoch + 1, 0, sorted(self.skipped))
+            return True
+        todo = order[self.pos.consumed:]
+        loader_cfg = LoaderConfig(batch_size=cfg.per_device_train_batch_size, backend=cfg.media_backend,
+                                  workers=cfg.media_workers, prefetch=2, on_error=cfg.on_bad_clip, aspect="pad",
+                                  num_frames=self.loaded.config.num_frames,
+                                  n_mels=self.model.towers.audio.num_mel_bins)
+        with contextlib.closing(iter(MediaLoader(todo, loader_cfg, device=self.device))) as batches:
+            while self.pos.step < self.total_steps and self.pos.consumed < len(order):
+                phases, t0 = Phases(), time.perf_counter()
+                micro = self._next_batches(batches, todo, phases)
+                if not micro:
+                    continue
+                for metrics in (self._grpo_step if cfg.stage == "grpo" else self._sft_step)(micro, phases):
+                    metrics.update(epoch=self.pos.epoch + self.pos.consumed / len(order),
+                                   skipped_clips=len(self.skipped), **phases.as_metrics())
+                    metrics["tokens_per_s"] = metrics.pop("_tokens") / max(time.perf_counter() - t0, 1e-9)
+                    self._after_step(metrics, metrics_log, history)
+        return True
+
+    def _next_batches(self, batches, todo: list, phases: Phases) -> list:
+        """The next gradient_accumulation_steps micro-batches (fewer at the end of the epoch), bad clips
+        skipped and listed."""
+        out = []
+        for _ in range(self.cfg.gradient_accumulation_steps):
+            with phases("media"):
+                try:
+                    batch = next(batches, None)
+                except MediaError as e:  # on_bad_clip="raise"
+                    bad = next((r for r in todo if str(e).startswith(str(r.video))), None)
+                    raise TrainingError(f"{self.cfg.train_annotations}: entry "
+                                        f"{bad.index if bad else '?'}: {e}") from None
+            if batch is None:
+                break
+            self.pos.consumed += len(batch) + len(batch.failures)
+            for f in batch.failures:
+                self._bad(todo[f.index].index, f.path, f.error)
+            if len(batch):
+                out.append(batch)
+        return out
+
+    def _after_step(self, metrics: dict, metrics_log: MetricsLog, history: list[dict]) -> None:
+        self.pos.step += 1
+        metrics = {"step": self.pos.step, **metrics}
+        history.append(metrics)
+        if self.pos.step % self.cfg.logging_steps == 0 or self.pos.step == self.total_steps:
+            metrics_log.write(metrics)
+            self.log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+        metrics_log.advance(metrics)
+        if self.on_step is not None:
+            self.on_step(metrics)
+        if self.pos.step % self.cfg.save_steps == 0:
+            self.save()
+
+    # --- GRPO ------------------------------------------------------------------------------------------------
+    def _grpo_step(self, micro: list, phases: Phases):
+        cfg, g = self.cfg, self.cfg.num_generations
+        x_start_end = self.loaded.config.mm_use_x_start_end
+        ids = torch.tensor(grpo_prompt_ids(self.tokenizer, cfg.max_prompt_length, cfg.prompt_template, x_start_end),
+                           device=self.device)
+        bert = grpo_bert_inputs(self.bert_tokenizer, self.device, cfg.prompt_template, x_start_end)
+        rollouts: list[Rollout] = []
+        for batch in micro:
+            with phases("towers"):
+                feats = tower_features(self.model, batch.frames, batch.mel)
+            with phases("rollout"):
+                ro = rollout(self.model, self.engine, self.tokenizer, feats, [ids] * len(batch), bert,
+                             [r.label for r in batch.records], [r.index for r in batch.records],
+                             self.pos.step + 1, cfg)
+            if self.reference is not None:
+                with phases("reference"):
+                    ro.ref_logp = reference_logprobs(self.reference, ro, bert, g, cfg.temperature)
+            self._check_finite(ro.total_rewards, "reward")
+            rollouts.append(ro)
+        sequences = sum(r.mask.shape[0] for r in rollouts)
+        tokens = float(sum(r.mask.sum() for r in rollouts))
+        for iteration in range(cfg.num_iterations):
+            loss = kl = 0.0
+            for ro in rollouts:
+                with phases("policy"):
+                    prefixes = prompt_embeddings(self.model, ro.prompt_ids, ro.features, bert)
+                    logp = completion_logprobs(self.model, prefixes, ro.completions, ro.lengths, g, cfg.temperature)
+                    out = grpo_loss(logp, ro.advantages, ro.mask, ref_logp=ro.ref_logp, old_logp=ro.old_logp,
+                                    beta=cfg.beta, eps_low=cfg.epsilon, eps_high=cfg.epsilon_high or cfg.epsilon,
+                                    loss_type=cfg.loss_type, max_completion_length=cfg.max_completion_length,
+                                    num_items_in_batch=tokens)
+                    scaled = out.loss * accumulation_scale(cfg.loss_type, ro.mask, sequences, tokens)
+                    self._check_finite(scaled, "loss")
+                    scaled.backward()
+                    if cfg.num_iterations > 1 and iteration == 0:
+                        ro.old_logp = logp.detach()
+                loss += float(scaled.detach())
+                kl += float(out.kl) * ro.mask.shape[0] / sequences
+            with phases("optimizer"):
+                grad_norm = self._optimizer_step()
+            total = torch.cat([r.total_rewards for r in rollouts])
+            lengths = torch.cat([r.lengths for r in rollouts]).float()
+            per_reward = {k: sum(sum(r.rewards[k]) for r in rollouts) / sequences for k in rollouts[0].rewards}
+            yield {"loss": loss, "reward": float(total.mean()), "reward_std": group_std(total, g), **per_reward,
+                   "kl": kl if self.reference is not None else 0.0, "completion_length": float(lengths.mean()),
+                   "grad_norm": grad_norm, "learning_rate": self._lr_used, "_tokens": float(lengths.sum())}
+
+    # --- SFT -------------------------------------------------------------------------------------------------
+    def _sft_step(self, micro: list, phases: Phases):
+        cfg, pad = self.cfg, self.engine.default_stop[0]
+        batches = []
+        for batch in micro:
+            with phases("towers"):
+                feats = tower_features(self.model, batch.frames, batch.mel)
+            batches.append(sft_batch(self.tokenizer, feats, batch.records, cfg.max_length,
+                                     self.loaded.config.mm_use_x_start_end, pad))
+        tokens = sum(b.num_tokens for b in batches)
+        loss = 0.0
+        for b in batches:
+            with phases("policy"):
+                scaled = sft_loss(self.model, self.bert_tokenizer, b, tokens)
+                self._check_finite(scaled, "loss")
+                scaled.backward()
+            loss += float(scaled.detach())
+        with phases("optimizer"):
+            grad_norm = self._optimizer_step()
+        yield {"loss": loss, "num_tokens": tokens, "grad_norm": grad_norm, "learning_rate": self._lr_used,
+               "_tokens": float(tokens)}
+
+    # --- shared ----------------------------------------------------------------------------------------------
+    def _optimizer_step(self) -> float:
+        self._lr_used = self.optimizer.lr
+        norm = self.optimizer.clip(self.cfg.max_grad_norm)
+        self._check_finite(norm, "gradient norm")
+        self.optimizer.apply()
+        return float(norm)
+
+    def _check_finite(self, value: torch.Tensor, what: str) -> None:
+        if not bool(torch.isfinite(value).all()):
+            self.optimizer.zero_grad()
+            kept = f"the last good checkpoint, {self.last_checkpoint}, is untouched" if self.last_checkpoint \
+                else "no checkpoint was written"
+            shown = value.flatten()[~torch.isfinite(value.flatten())][0].item()
+            raise TrainingError(f"step {self.pos.step + 1}: the {what} is {shown}; stopping ({kept})")
+
+    def save(self) -> Path:
+        state = {"position": {"step": self.pos.step, "epoch": self.pos.epoch, "consumed": self.pos.consumed,
+                              "excluded": self.pos.excluded},
+                 "skipped": sorted(self.skipped.values(), key=lambda b: b["index"]),
+                 "init_model_path": self.init_model_path, "total_steps": self.total_steps,
+                 "config": self.cfg.to_dict()}
+        path = ckpt.save(self.out, self.pos.step, self.loaded, self.optimizer, state, [n for n, _ in self.trainable],
+                         self.cfg.save_total_limit)
+        self.last_checkpoint = path
+        self.log.info(f"saved {path}")
+        return path

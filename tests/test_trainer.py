@@ -1,0 +1,317 @@
+"""The trainer on the tiny checkpoint: config, checkpoints that load and resume exactly, atomic saves, the
+loss against an independent computation, gradient-accumulation invariance, bad entries, NaN stops, SFT."""
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from omni_fast.config import ConfigError, GRPOConfig
+from omni_fast.grpo import rewards as reward_registry
+from omni_fast.grpo import state as ckpt_state
+from omni_fast.grpo.inputs import sft_example, sft_user_text
+from omni_fast.grpo.logprobs import naive_completion_logprobs
+from omni_fast.grpo.metrics import read_metrics
+from omni_fast.grpo.trainer import Trainer, TrainingError
+from omni_fast.model.checkpoint import load_checkpoint, load_tokenizer
+from omni_fast.toy import make_toy_task, toy_config
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    return make_toy_task(tmp_path_factory.mktemp("toy"), clips_per_label=2)
+
+
+@pytest.fixture(autouse=True)
+def text_length_reward():
+    """A reward that differs between the tiny random model's completions (accuracy and format are 0 for all of
+    them), so the advantages, and with them the loss and its gradient, are not zero."""
+    reward_registry.register_reward("text_length", lambda completions: [len(c) / 10 for c in completions])
+    yield
+    reward_registry.REWARD_FUNCS.pop("text_length")
+
+
+def _config(task, ckpt, out, stage="grpo", **kw):
+    base = dict(max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=1, num_generations=4,
+                max_completion_length=6, progress=False, learning_rate=1e-3, reward_funcs=("text_length", "format"))
+    if stage == "sft":
+        base = dict(max_steps=2, per_device_train_batch_size=2, progress=False)
+    return toy_config(task, ckpt, out, stage, **{**base, **kw})
+
+
+def _trainable_state(trainer):
+    return {n: p.detach().clone() for n, p in trainer.trainable}
+
+
+# --- configuration --------------------------------------------------------------------------------------------
+def test_config_defaults_follow_the_stage_recipes():
+    g, s = GRPOConfig(), GRPOConfig(stage="sft")
+    assert (g.num_generations, g.beta, g.learning_rate, g.lr_scheduler_type, g.warmup_ratio) == (8, 0.04, 1e-6, "linear", 0.0)
+    assert (g.per_device_train_batch_size, g.gradient_accumulation_steps, g.num_train_epochs) == (1, 2, 2)
+    assert (g.top_k, g.top_p, g.temperature, g.max_prompt_length, g.max_completion_length) == (50, 1.0, 1.0, 512, 512)
+    assert (g.adam_beta1, g.adam_beta2, g.adam_epsilon, g.max_grad_norm, g.seed) == (0.9, 0.999, 1e-8, 1.0, 42)
+    assert (s.learning_rate, s.lr_scheduler_type, s.warmup_ratio, s.num_train_epochs) == (2e-5, "cosine", 0.03, 5)
+    assert g.reward_funcs == ("accuracy", "format") and g.loss_type == "grpo"
+
+
+def test_config_from_yaml_json_and_overrides(tmp_path):
+    (tmp_path / "a.yaml").write_text("learning_rate: 3.0e-6\nreward_funcs: [accuracy]\nmax_steps: 7\n")
+    c = GRPOConfig.from_file(tmp_path / "a.yaml", {"max_steps": "9", "reward_weights": "2.0", "beta": "0"})
+    assert (c.learning_rate, c.reward_funcs, c.max_steps, c.reward_weights, c.beta) == (3e-6, ("accuracy",), 9, (2.0,), 0.0)
+    (tmp_path / "b.json").write_text(json.dumps({"stage": "sft", "per_device_train_batch_size": 3}))
+    assert GRPOConfig.from_file(tmp_path / "b.json").per_device_train_batch_size == 3
+
+
+@pytest.mark.parametrize("raw,needle", [({"learnig_rate": 1}, "did you mean 'learning_rate'"),
+                                        ({"max_steps": 2.5}, "max_steps"), ({"stage": "ppo"}, "stage"),
+                                        ({"reward_funcs": ["nope"]}, "reward_funcs"), ({"num_generations": 1}, "num_generations"),
+                                        ({"loss_type": "x"}, "loss_type"), ({"reward_weights": [1.0]}, "reward_weights")])
+def test_config_errors_name_the_key(raw, needle):
+    with pytest.raises(ConfigError, match=needle):
+        GRPOConfig.from_dict(raw)
+
+
+def test_missing_config_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="no such config file"):
+        GRPOConfig.from_file(tmp_path / "nope.yaml")
+
+
+def test_registered_reward_is_usable_by_name():
+    reward_registry.register_reward("length_penalty", lambda completions: [-len(c) / 100 for c in completions])
+    try:
+        out = reward_registry.compute_rewards(("length_penalty", "accuracy"), ["<answer>x</answer>", "y"],
+                                              ["<answer> x </answer>"] * 2)
+        assert out["rewards/<lambda>"] == [-0.18, -0.01] and out["rewards/accuracy_reward"] == [1.0, 0.0]
+        assert GRPOConfig(reward_funcs=("length_penalty",)).reward_funcs == ("length_penalty",)
+    finally:
+        reward_registry.REWARD_FUNCS.pop("length_penalty")
+
+
+# --- SFT prompts --------------------------------------------------------------------------------------------
+def test_sft_user_text_is_preprocess_multimodal():
+    assert sft_user_text("<video>\n<audio>\nAs an expert?") == \
+        "<vi_start><video><vi_end>\n<au_start><audio><au_end>\n\n\nAs an expert?"
+    assert sft_user_text("<video>\nQ") == "<vi_start><video><vi_end>\nQ"
+
+
+def test_sft_target_is_the_assistant_turn(tiny_ckpt):
+    tok = load_tokenizer(tiny_ckpt)
+    ex = sft_example(tok, "<video>\n<audio>\nWhich emotion?", "<answer>sad</answer>", 2048)
+    assert tok.decode(ex.target_ids) == "<answer>sad</answer><|im_end|>\n"
+    assert tok.decode([i for i in ex.prompt_ids if i >= 0]).endswith("<|im_start|>assistant\n")
+    assert ex.prompt_ids.count(-201) == 1 and ex.prompt_ids.count(-202) == 1
+    assert ex.bert_text == "<vi_start><vi_end><au_start><audio><au_end>Which emotion?"
+    short = sft_example(tok, "<video>\n<audio>\nWhich emotion?", "<answer>sad</answer>", len(ex.prompt_ids) + 2)
+    assert len(short.target_ids) == 2
+
+
+# --- GRPO: the step's loss, checkpoints, resume -------------------------------------------------------------
+def test_step_loss_and_gradient_equal_the_reference_formula(task, tiny_ckpt, tmp_path, monkeypatch):
+    """Step 1 recomputed independently: naive per-row forward, (r - mean)/(std + 1e-4) advantages, k3 KL with
+    beta, per-sequence masked mean then mean over sequences; the logged loss and the gradient must match. The
+    reference model is perturbed so that the KL term is not 0 (at step 1 the policy equals its copy)."""
+    from omni_fast.grpo import trainer as trainer_module
+    from omni_fast.grpo.inputs import grpo_bert_inputs, prompt_embeddings
+
+    captured = []
+    real = trainer_module.rollout
+    monkeypatch.setattr(trainer_module, "rollout", lambda *a, **k: captured.append(real(*a, **k)) or captured[-1])
+    trainer = Trainer(_config(task, tiny_ckpt, tmp_path / "run", max_steps=1, beta=0.3, reward_weights=(1.0, 0.5),
+                                max_grad_norm=0.0))
+    with torch.no_grad():
+        for p in trainer.reference.model.layers.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    policy0 = __import__("copy").deepcopy(trainer.model)
+    grads = {}
+    real_apply = trainer.optimizer.apply
+    monkeypatch.setattr(trainer.optimizer, "apply", lambda: grads.update(
+        {n: p.grad.clone() for n, p in trainer.trainable if p.grad is not None}) or real_apply())
+    logged = trainer.train()[0]
+    (ro,) = captured
+    bert = grpo_bert_inputs(trainer.bert_tokenizer, trainer.device, "chat_template")
+    logp = naive_completion_logprobs(policy0, prompt_embeddings(policy0, ro.prompt_ids, ro.features, bert),
+                                     ro.completions, ro.lengths, 4)
+    with torch.no_grad():
+        ref = naive_completion_logprobs(trainer.reference, prompt_embeddings(trainer.reference, ro.prompt_ids,
+                                        ro.features, bert), ro.completions, ro.lengths, 4)
+    r = torch.tensor(ro.rewards["rewards/<lambda>"]) + torch.tensor(ro.rewards["rewards/format_reward"])
+    assert float(r.std()) > 0.1  # the advantages are not all zero
+    grouped = r.view(-1, 4)
+    adv = ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4)).flatten()
+    total = 0.0
+    for row in range(r.numel()):
+        n = int(ro.lengths[row])
+        d = ref[row, :n] - logp[row, :n]
+        policy_term = torch.exp(logp[row, :n] - logp[row, :n].detach()) * adv[row]
+        total = total + (-(policy_term - 0.3 * (torch.exp(d) - d - 1))).sum() / max(n, 1)
+    total = total / r.numel()
+    assert abs(float(total.detach())) > 1e-3  # a loss of 0 would match too many bugs
+    assert logged["loss"] == pytest.approx(float(total.detach()), rel=1e-4)
+    assert logged["reward"] == pytest.approx(float(r.mean()), abs=1e-6)
+    total.backward()
+    want = dict(policy0.named_parameters())
+    scale = max(float(want[n].grad.abs().max()) for n in grads if want[n].grad is not None)
+    for n, g in grads.items():
+        expected = want[n].grad if want[n].grad is not None else torch.zeros_like(g)
+        assert float((g - expected).abs().max()) <= 1e-4 * scale, n
+    # the weights 1.0 / 0.5 are applied: format counts half
+    assert ro.rewards["rewards/format_reward"] == [0.5 * v for v in reward_registry.format_reward(ro.texts)]
+
+
+def test_gradient_accumulation_and_batch_split_give_the_same_update(task, tiny_ckpt, tmp_path, monkeypatch):
+    grads = {}
+    for split in ((4, 1), (2, 2), (1, 4)):
+        trainer = Trainer(_config(task, tiny_ckpt, tmp_path / f"run{split}", max_steps=1,
+                                  per_device_train_batch_size=split[0], gradient_accumulation_steps=split[1]))
+        seen = {}
+        monkeypatch.setattr(trainer.optimizer, "apply", lambda t=trainer, s=seen: s.update(
+            {n: p.grad.clone() for n, p in t.trainable if p.grad is not None}))
+        trainer.train()
+        grads[split] = seen
+    ref = grads[(4, 1)]
+    scale = max(float(g.abs().max()) for g in ref.values())
+    assert scale > 0
+    for split in ((2, 2), (1, 4)):
+        assert grads[split].keys() == ref.keys()
+        worst = max(float((grads[split][n] - ref[n]).abs().max()) for n in ref)
+        assert worst <= 1e-5 * scale, (split, worst, scale)
+
+
+def test_checkpoint_loads_and_resume_is_exact(task, tiny_ckpt, tmp_path):
+    cfg = dict(max_steps=4, save_steps=2, reward_funcs=("text_length", "accuracy", "format"))
+    straight = Trainer(_config(task, tiny_ckpt, tmp_path / "a", **cfg))
+    straight.train()
+    want = _trainable_state(straight)
+
+    class Kill(Exception):
+        pass
+
+    def die(m):
+        if m["step"] == 3:
+            raise Kill
+    with pytest.raises(Kill):
+        Trainer(_config(task, tiny_ckpt, tmp_path / "b", **cfg), on_step=die).train()
+    assert ckpt_state.resolve(tmp_path / "b", "latest").name == "checkpoint-2"
+    with pytest.raises(TrainingError, match="already holds checkpoints"):
+        Trainer(_config(task, tiny_ckpt, tmp_path / "b", **cfg))
+    resumed = Trainer(_config(task, tiny_ckpt, tmp_path / "b", **cfg), "latest")
+    assert resumed.pos.step == 2
+    resumed.train()
+    got = _trainable_state(resumed)
+    assert max(float((got[n] - want[n]).abs().max()) for n in want) <= 1e-6
+    a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    assert [m["step"] for m in b] == [1, 2, 3, 4]
+    for ma, mb in zip(a, b):
+        assert mb["loss"] == pytest.approx(ma["loss"], abs=1e-6) and mb["reward"] == ma["reward"]
+    # the HumanOmni directory loads and holds the trained weights
+    loaded = load_checkpoint(tmp_path / "b" / "checkpoint-4", device="cpu", dtype=torch.float32)
+    params = dict(loaded.model.named_parameters())
+    assert max(float((params[n] - want[n]).abs().max()) for n in want) == 0.0
+    assert json.loads((tmp_path / "b" / "checkpoint-4" / "config.json").read_text())["torch_dtype"] == "float32"
+    assert set(read_metrics(tmp_path / "a")[0]) >= {"loss", "reward", "reward_std", "rewards/format_reward", "kl", "completion_length", "grad_norm",
+                                                    "learning_rate", "step", "epoch", "skipped_clips", "tokens_per_s",
+                                                    "time/media", "time/towers", "time/rollout", "time/reference",
+                                                    "time/policy", "time/optimizer"}
+    assert "rewards/accuracy_reward" in read_metrics(tmp_path / "a")[0]
+
+
+def test_interrupted_save_keeps_the_previous_checkpoint(task, tiny_ckpt, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    trainer = Trainer(_config(task, tiny_ckpt, out, max_steps=2, save_steps=1))
+    real_save = torch.save
+
+    def failing(obj, path, *a, **k):
+        if "checkpoint-2" in str(path):
+            raise OSError("disk full")
+        return real_save(obj, path, *a, **k)
+    monkeypatch.setattr(torch, "save", failing)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.train()
+    assert [p.name for p in ckpt_state.checkpoints(out)] == ["checkpoint-1"]
+    assert (out / "latest").read_text().strip() == "checkpoint-1"
+    assert not list(out.glob(".checkpoint-*")) and not (out / "checkpoint-2").exists()
+    assert load_checkpoint(out / "checkpoint-1", device="cpu", dtype=torch.float32) is not None
+
+
+def test_nan_reward_stops_without_touching_the_last_checkpoint(task, tiny_ckpt, tmp_path):
+    calls = {"n": 0}
+
+    def flaky(completions):
+        calls["n"] += 1
+        return [math.nan if calls["n"] >= 2 else 0.0 for _ in completions]
+    reward_registry.register_reward("flaky", flaky)
+    try:
+        out = tmp_path / "run"
+        trainer = Trainer(_config(task, tiny_ckpt, out, max_steps=3, save_steps=1, reward_funcs=("text_length", "flaky")))
+        before = (out / "checkpoint-1" / "model.safetensors")
+        with pytest.raises(TrainingError, match=r"step 2: the reward is nan.*checkpoint-1.*untouched"):
+            trainer.train()
+        assert before.is_file() and [p.name for p in ckpt_state.checkpoints(out)] == ["checkpoint-1"]
+    finally:
+        reward_registry.REWARD_FUNCS.pop("flaky")
+
+
+# --- bad entries --------------------------------------------------------------------------------------------
+def _bad_annotations(task, tmp_path):
+    entries = json.loads(task.grpo_annotations.read_text())
+    (tmp_path / "broken.mp4").write_bytes(b"not a video at all" * 50)
+    human = entries[0]["conversations"][0]
+    entries += [{"video": "clips/missing.mp4", "conversations": [human, {"from": "gpt", "value": "sad"}]},
+                {"video": str(tmp_path / "broken.mp4"), "conversations": [human, {"from": "gpt", "value": "sad"}]},
+                {"video": entries[0]["video"], "conversations": [human, {"from": "gpt", "value": "bored"}]},
+                {"video": entries[0]["video"]}]
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(entries))
+    return path, len(entries)
+
+
+def test_bad_entries_are_skipped_listed_and_counted(task, tiny_ckpt, tmp_path):
+    path, n = _bad_annotations(task, tmp_path)
+    out = tmp_path / "run"
+    trainer = Trainer(_config(task, tiny_ckpt, out, train_annotations=str(path), max_steps=-1, num_train_epochs=1,
+                              per_device_train_batch_size=5))
+    with pytest.warns(UserWarning, match="broken.mp4"):
+        metrics = trainer.train()
+    assert sorted(trainer.skipped) == [n - 4, n - 3, n - 2, n - 1]
+    assert metrics[-1]["skipped_clips"] == 4
+    log = (out / "train.log").read_text()
+    for index in range(n - 4, n):
+        assert f"entry {index} (" in log
+    assert "bored" in log and "missing.mp4" in log
+    state = json.loads((out / f"checkpoint-{trainer.pos.step}" / "trainer_state.json").read_text())
+    assert [s["index"] for s in state["skipped"]] == [n - 4, n - 3, n - 2, n - 1]
+
+
+def test_bad_entry_is_fatal_with_on_bad_clip_raise(task, tiny_ckpt, tmp_path):
+    path, n = _bad_annotations(task, tmp_path)
+    with pytest.raises(TrainingError, match=rf"entry {n - 4} .*missing.mp4"):
+        Trainer(_config(task, tiny_ckpt, tmp_path / "run", train_annotations=str(path), on_bad_clip="raise"))
+
+
+# --- SFT --------------------------------------------------------------------------------------------------------
+def test_sft_trains_llm_projectors_and_gate_only(task, tiny_ckpt, tmp_path):
+    trainer = Trainer(_config(task, tiny_ckpt, tmp_path / "sft", "sft", max_steps=3, learning_rate=3e-3))
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    history = trainer.train()
+    after = dict(trainer.model.named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert not any(n.startswith(("model.vision_tower.", "model.audio_tower.", "model.bert_model.")) for n in changed)
+    for part in ("model.layers.0.", "model.mm_projector.", "model.audio_projector.", "model.bert_gate.",
+                 "model.embed_tokens."):
+        assert any(n.startswith(part) for n in changed), part
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert trainer.reference is None
+
+
+def test_cli_train_runs_from_a_config_file(task, tiny_ckpt, tmp_path, capsys):
+    from omni_fast.cli import main
+
+    cfg = _config(task, tiny_ckpt, tmp_path / "cli", max_steps=1).to_dict()
+    (tmp_path / "run.json").write_text(json.dumps(cfg))
+    assert main(["train", "--config", str(tmp_path / "run.json"), "--max_steps", "2", "--seed=3"]) == 0
+    assert "trained 2 steps" in capsys.readouterr().out
+    assert ckpt_state.resolve(tmp_path / "cli", "latest").name == "checkpoint-2"
+    assert main(["train", "--config", str(tmp_path / "run.json"), "--max_stepz", "2"]) == 2
+    assert "did you mean 'max_steps'" in capsys.readouterr().err
+    shutil.rmtree(tmp_path / "cli")
