@@ -15,7 +15,7 @@ import time
 import warnings
 from pathlib import Path
 
-DEMO_GRPO_STEPS = 30
+DEMO_GRPO_STEPS = 12
 DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "float32": "float32",
           "fp32": "float32"}
 

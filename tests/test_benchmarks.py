@@ -20,3 +20,15 @@ def test_gpu_check_script_cpu_path(tmp_path):
         result = json.loads(last)
         assert result["quick"] is True and result["rows"]
     assert "results in" in proc.stdout and "steps (rc, seconds)" in proc.stdout
+
+
+def test_grpo_step_quick():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_grpo_step.py"), "--quick"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["bench"] == "grpo_step" and result["quick"] is True and result["ratio"] > 0
+    phases = {"towers", "rollout", "reference", "policy", "optimizer"}
+    for path in ("ours", "reference"):
+        assert set(result[path]["phase_s"]) == phases and all(v > 0 for v in result[path]["phase_s"].values())
+        assert result[path]["projected_recipe_hours"] > 0

@@ -1,0 +1,354 @@
+"""One GRPO optimizer step of the R1-Omni shape (B prompts x G=8 completions, towers included): omni_fast's
+trainer path (OURS) against the reference trainer's mechanics composed from transformers classes (REFERENCE),
+same weights, same run.
+
+OURS (the project's code, as omni_fast/grpo/trainer.py runs a step):
+  towers     grpo.inputs.tower_features, once per clip
+  rollout    prompt_embeddings (no grad) + engine.Engine.generate (n=8, top_k 50, T=1, ignore_eos so every
+             completion has exactly N tokens) + rewards + group advantages + pad_rows (rollout.rollout's body;
+             rollout() does not expose ignore_eos)
+  reference  grpo.rollout.reference_logprobs with a frozen deepcopy of the model (shared-prefix forward)
+  policy     prompt_embeddings with grad + completion_logprobs + grpo_loss + backward
+  optimizer  torch.optim.AdamW step (LLM, projectors, BERT, gate; towers frozen)
+REFERENCE (humanOmni_grpo_trainer.py, research/r1omni.md §3.8, §5):
+  towers     the towers once per clip for generate's prompt (the reference's generate encodes once)
+  rollout    transformers' Qwen2ForCausalLM.generate(inputs_embeds=spliced prompt, do_sample, top_k 50,
+             num_return_sequences=8, min_new_tokens = max_new_tokens = N) + rewards + advantages
+  reference  the towers + projectors + BERT gate re-run on the 8x repeated inputs, a separate frozen HF LLM's
+             full forward over cat(prompt x 8, completion), full logits, a per-row log_softmax + gather
+             (_get_per_token_logps), under inference_mode
+  policy     the same with grad through projectors / BERT / gate / LLM, the §5 loss, backward
+  optimizer  torch.optim.AdamW step over the same parameter set
+So the towers run 1 + 8 + 8 = 17 times per clip in the reference and once in ours; the prompt (~990
+embeddings) goes through the LLM 8x per pass in the reference and once in ours.
+
+The towers are omni_fast's SigLIP / Whisper / projector modules in both paths (the work counted is how
+often they run, not whose implementation). --quick runs the tiny checkpoint (omni_fast.testing) on the CPU:
+it measures the algorithmic savings (towers once vs 17x, prompt once vs 8x), not the kernels. The full mode
+(a GPU) takes --model_path, a HumanOmni / R1-Omni checkpoint directory; without one it falls back to the
+tiny checkpoint and says so. Projected hours of the recipe = seconds per prompt x 15,306 clips x 2 epochs /
+3600 on one device of this kind (the recipe: 16 prompts per optimizer step, about 1,914 steps).
+Last stdout line: one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import statistics
+import tempfile
+import time
+
+import torch
+
+from common import emit
+from omni_fast.config import EngineConfig, GRPOConfig, SamplingParams
+from omni_fast.engine.engine import Engine
+from omni_fast.grpo.advantage import group_advantages
+from omni_fast.grpo.inputs import grpo_bert_inputs, grpo_prompt_ids, pad_rows, prompt_embeddings, tower_features
+from omni_fast.grpo.logprobs import completion_logprobs
+from omni_fast.grpo.loss import grpo_loss
+from omni_fast.grpo.rewards import compute_rewards
+from omni_fast.grpo.rollout import Rollout, reference_logprobs, rollout_seed, solution, weighted_rewards
+from omni_fast.model.checkpoint import load_checkpoint
+from omni_fast.testing import EMOTIONS, make_tiny_checkpoint, transformers_twin
+
+PHASES = ("towers", "rollout", "reference", "policy", "optimizer")
+CLIPS, EPOCHS, PROMPTS_PER_STEP = 15306, 2, 16
+HOURS_FORMULA = "hours = (step_s / B) * 15306 clips * 2 epochs / 3600"
+
+
+class Timer:
+    """Wall seconds per phase (the device synchronised at both ends)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.times = device, {}
+
+    def __call__(self, name: str):
+        timer = self
+
+        class _Phase:
+            def __enter__(self):
+                _sync(timer.device)
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                _sync(timer.device)
+                timer.times[name] = timer.times.get(name, 0.0) + time.perf_counter() - self.t0
+        return _Phase()
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def trainable(module) -> list[torch.nn.Parameter]:
+    """GRPO trains everything but the towers (trainer._set_trainable)."""
+    return [p for n, p in module.named_parameters()
+            if not n.startswith(("model.vision_tower.", "model.audio_tower."))]
+
+
+# --- OURS ------------------------------------------------------------------------------------------------------
+class Ours:
+    def __init__(self, loaded, b: int, n: int, cfg: GRPOConfig):
+        self.model, self.cfg, self.loaded = loaded.model, cfg, loaded
+        self.tokenizer = loaded.tokenizer
+        for p in trainable(self.model):
+            p.requires_grad_(True)
+        towers = [self.model.model.vision_tower, self.model.model.audio_tower]
+        self.reference = copy.deepcopy(self.model, memo={id(t): t for t in towers}).requires_grad_(False).eval()
+        self.engine = Engine(self.model, EngineConfig(max_prompts=b, max_samples=b * cfg.num_generations),
+                             loaded.generation.eos_token_ids)
+        self.optimizer = torch.optim.AdamW(trainable(self.model), lr=1e-6)
+
+    def step(self, frames, mel, ids, bert, labels, step: int, phases: Timer) -> float:
+        cfg, g, model = self.cfg, self.cfg.num_generations, self.model
+        b = frames.shape[0]
+        with phases("towers"):
+            feats = tower_features(model, frames, mel)
+        with phases("rollout"):
+            with torch.no_grad():
+                prefixes = prompt_embeddings(model, [ids] * b, feats, bert)
+            params = [SamplingParams(n=g, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                                     max_tokens=cfg.max_completion_length, ignore_eos=True,
+                                     seed=rollout_seed(cfg.seed, step, i)) for i in range(b)]
+            groups = self.engine.generate(prefixes, params)
+            token_ids = [c.token_ids for group in groups for c in group]
+            texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in token_ids]
+            rewards = weighted_rewards(cfg.reward_funcs, cfg.reward_weights, texts,
+                                       [solution(l) for l in labels for _ in range(g)])
+            stacked = torch.tensor(list(rewards.values()), dtype=torch.float32, device=frames.device)
+            advantages = group_advantages(stacked, g, scale=cfg.scale_rewards)
+            completions, lengths = pad_rows(token_ids, self.engine.default_stop[0], frames.device)
+            mask = (torch.arange(completions.shape[1], device=frames.device)[None] < lengths[:, None]).float()
+            ro = Rollout(features=feats, prompt_ids=[ids] * b, completions=completions, lengths=lengths, mask=mask,
+                         advantages=advantages, rewards=rewards, total_rewards=stacked.sum(0), texts=texts,
+                         ref_logp=None)
+        assert int(lengths.min()) == int(lengths.max()) == cfg.max_completion_length, lengths
+        with phases("reference"):
+            ro.ref_logp = reference_logprobs(self.reference, ro, bert, g, cfg.temperature)
+        with phases("policy"):
+            prefixes = prompt_embeddings(model, ro.prompt_ids, ro.features, bert)
+            logp = completion_logprobs(model, prefixes, ro.completions, ro.lengths, g, cfg.temperature)
+            out = grpo_loss(logp, ro.advantages, ro.mask, ref_logp=ro.ref_logp, beta=cfg.beta,
+                            loss_type=cfg.loss_type, max_completion_length=cfg.max_completion_length)
+            out.loss.backward()
+        with phases("optimizer"):
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return float(out.loss.detach())
+
+
+# --- REFERENCE -------------------------------------------------------------------------------------------------
+class Reference:
+    """The reference trainer's step: HF LLM (same weights), towers + projectors re-run per completion, the
+    prompt repeated per completion, full logits and a per-row log_softmax loop."""
+
+    def __init__(self, loaded, cfg: GRPOConfig, ref_tokens: int):
+        towers = [loaded.model.model.vision_tower, loaded.model.model.audio_tower]
+        # multimodal side (towers shared and frozen; projectors, BERT, gate trainable) + a transformers LLM
+        self.mm = copy.deepcopy(loaded.model, memo={id(t): t for t in towers})
+        self.llm = transformers_twin(loaded.model)
+        self.ref_mm = copy.deepcopy(self.mm, memo={id(t): t for t in towers}).requires_grad_(False).eval()
+        self.ref_llm = copy.deepcopy(self.llm).requires_grad_(False).eval()
+        self.mm.model.layers = torch.nn.ModuleList()  # the LLM lives in self.llm; drop the unused copy
+        self.ref_mm.model.layers = torch.nn.ModuleList()
+        for p in self.llm.parameters():
+            p.requires_grad_(True)
+        params = [p for n, p in self.mm.named_parameters()
+                  if not n.startswith(("model.vision_tower.", "model.audio_tower.", "model.embed_tokens",
+                                       "model.norm"))]
+        self.optimizer = torch.optim.AdamW(list(self.llm.parameters()) + params, lr=1e-6)
+        self.cfg, self.tokenizer, self.ref_tokens = cfg, loaded.tokenizer, ref_tokens
+        self.eos = loaded.generation.eos_token_ids
+        self.pad = loaded.generation.pad_token_id if loaded.generation.pad_token_id is not None else self.eos[0]
+
+    def _embeds(self, mm, llm, ids, frames, mel, bert, rows_per_clip: int) -> torch.Tensor:
+        """Towers + gate + projectors on inputs repeated rows_per_clip times, spliced: (B*rows, P, H)."""
+        frames = frames.repeat_interleave(rows_per_clip, 0)
+        mel = mel.repeat_interleave(rows_per_clip, 0)
+        with torch.no_grad():  # frozen towers (the reference runs them inside the grad-enabled forward)
+            vision, audio = mm.vision_features(frames), mm.audio_features(mel)
+        bert_rows = {k: v.expand(frames.shape[0], -1) for k, v in bert.items()}
+        weights = mm.gate_weights(bert_rows)
+        video, aud = mm.project_video(vision, weights), mm.project_audio(audio)
+        embed = llm.get_input_embeddings()
+        text = embed(ids.clamp(min=0))
+        rows = []
+        for r in range(frames.shape[0]):  # prepare_inputs_labels_for_multimodal: splice per row
+            pieces, start = [], 0
+            for pos in torch.nonzero(ids < 0).flatten().tolist():
+                pieces += [text[start:pos], video[r] if int(ids[pos]) == -201 else aud[r]]
+                start = pos + 1
+            rows.append(torch.cat(pieces + [text[start:]]))
+        return torch.stack(rows)
+
+    def _per_token_logps(self, llm, prompt_embeds, completions) -> torch.Tensor:
+        """_get_per_token_logps on cat(prompt x G, completion): full logits, a per-row log_softmax + gather."""
+        c = completions.shape[1]
+        embeds = torch.cat((prompt_embeds, llm.get_input_embeddings()(completions)), dim=1)
+        logits = llm(inputs_embeds=embeds).logits[:, :-1][:, -c:]
+        out = []
+        for logits_row, ids_row in zip(logits, completions):
+            out.append(torch.gather(logits_row.log_softmax(dim=-1), 1, ids_row[:, None])[:, 0])
+        return torch.stack(out)
+
+    def step(self, frames, mel, ids, bert, labels, step: int, phases: Timer) -> float:
+        cfg, g, n = self.cfg, self.cfg.num_generations, self.cfg.max_completion_length
+        b, device = frames.shape[0], frames.device
+        with phases("towers"):  # generate encodes each clip once
+            with torch.no_grad():
+                prompt = self._embeds(self.mm, self.llm, ids, frames, mel, bert, 1)
+        with phases("rollout"):
+            with torch.inference_mode():
+                out = self.llm.generate(inputs_embeds=prompt, attention_mask=torch.ones(prompt.shape[:2], dtype=torch.long,
+                                                                                       device=device),
+                                        do_sample=True, temperature=1.0, top_k=50, num_return_sequences=g,
+                                        max_new_tokens=self.ref_tokens, min_new_tokens=self.ref_tokens,
+                                        eos_token_id=list(self.eos), pad_token_id=self.pad)
+            completions = out[:, -self.ref_tokens:].clone()
+            if self.ref_tokens < n:  # fewer decode steps: the forward passes still see N tokens
+                filler = torch.randint(0, self.llm.config.vocab_size, (completions.shape[0], n - self.ref_tokens),
+                                       device=device)
+                completions = torch.cat((completions, filler), dim=1)
+            texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
+            raw = compute_rewards(cfg.reward_funcs, texts, [solution(l) for l in labels for _ in range(g)])
+            rewards = torch.tensor(list(raw.values()), dtype=torch.float32, device=device).sum(0)
+            mean_g = rewards.view(-1, g).mean(1).repeat_interleave(g)
+            std_g = rewards.view(-1, g).std(1).repeat_interleave(g)
+            advantages = (rewards - mean_g) / (std_g + 1e-4)
+            is_eos = completions == self.eos[0]  # the reference's mask: up to the first <|im_end|>, included
+            first = torch.full((is_eos.shape[0],), n, dtype=torch.long, device=device)
+            hit = is_eos.any(1)
+            first[hit] = is_eos.int().argmax(1)[hit]
+            mask = (torch.arange(n, device=device)[None] <= first[:, None]).int()
+        with phases("reference"):
+            with torch.inference_mode():
+                ref_embeds = self._embeds(self.ref_mm, self.ref_llm, ids, frames, mel, bert, g)
+                ref_logp = self._per_token_logps(self.ref_llm, ref_embeds, completions)
+            ref_logp = ref_logp.clone()
+        with phases("policy"):
+            embeds = self._embeds(self.mm, self.llm, ids, frames, mel, bert, g)
+            logp = self._per_token_logps(self.llm, embeds, completions)
+            kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
+            per_token = -(torch.exp(logp - logp.detach()) * advantages[:, None] - cfg.beta * kl)
+            loss = ((per_token * mask).sum(dim=1) / mask.sum(dim=1)).mean()
+            loss.backward()
+        with phases("optimizer"):
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+
+# --- the run ---------------------------------------------------------------------------------------------------
+def measure(path, args, device, inputs, reps: int) -> dict:
+    """One warm-up step, then `reps` timed steps: median seconds per phase, the peak memory of a step."""
+    runs = []
+    for i in range(1 + reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            start_bytes = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        phases = Timer(device)
+        path.step(*inputs, step=i + 1, phases=phases)
+        if i:
+            runs.append(phases.times)
+    phase_s = {p: statistics.median(r.get(p, 0.0) for r in runs) for p in PHASES}
+    step_s = sum(phase_s.values())
+    memory = None
+    if device.type == "cuda":
+        memory = {"peak_bytes": torch.cuda.max_memory_allocated(),
+                  "peak_over_step_start_bytes": torch.cuda.max_memory_allocated() - start_bytes}
+    b = inputs[0].shape[0]
+    hours = step_s / b * CLIPS * EPOCHS / 3600
+    return {"phase_s": phase_s, "step_s": step_s, "s_per_prompt": step_s / b, "peak_memory": memory,
+            "projected_recipe_hours": hours}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny checkpoint on the CPU (algorithmic savings only)")
+    ap.add_argument("--model_path", default=None, help="HumanOmni / R1-Omni checkpoint directory (full mode)")
+    ap.add_argument("--prompts", type=int, default=None, help="B, prompts per step (default: 2 quick, 1 full)")
+    ap.add_argument("--completion_length", type=int, default=None, help="N (default: 8 quick, 256 full)")
+    ap.add_argument("--ref_tokens", type=int, default=None,
+                    help="decode steps of HF generate (default N); fewer: its rollout time is scaled by N/ref_tokens")
+    ap.add_argument("--reps", type=int, default=None, help="timed steps after one warm-up (default: 2 quick, 3 full)")
+    ap.add_argument("--out", default=None, help="also write the JSON here")
+    args = ap.parse_args(argv)
+    device = torch.device("cpu" if args.quick or not torch.cuda.is_available() else "cuda")
+    b = args.prompts or (2 if args.quick else 1)
+    n = args.completion_length or (8 if args.quick else 256)
+    ref_tokens = min(args.ref_tokens or n, n)
+    reps = args.reps or (2 if args.quick else 3)
+    notes = []
+    if args.quick:
+        notes.append("--quick: tiny checkpoint on the CPU; measures the algorithmic savings (towers once vs 17x, "
+                     "prompt once vs 8x), not the kernels")
+    tmp = None
+    model_path = args.model_path
+    if model_path is None:
+        tmp = tempfile.TemporaryDirectory()
+        model_path = make_tiny_checkpoint(tmp.name)
+        if not args.quick:
+            notes.append("no --model_path: the tiny checkpoint (omni_fast.testing) stands in; not a real-size figure")
+    torch.manual_seed(0)
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    loaded = load_checkpoint(model_path, device=device, dtype=dtype)
+    cfg = GRPOConfig(num_generations=8, max_completion_length=n)
+    x_start_end = loaded.config.mm_use_x_start_end
+    ids = torch.tensor(grpo_prompt_ids(loaded.tokenizer, cfg.max_prompt_length, cfg.prompt_template, x_start_end),
+                       device=device)
+    bert = grpo_bert_inputs(loaded.bert_tokenizer, device, cfg.prompt_template, x_start_end)
+    g = torch.Generator().manual_seed(0)
+    frames = torch.randn(b, loaded.config.num_frames, 3, 224, 224, generator=g).to(device, dtype)
+    mel = torch.randn(b, 128, 3000, generator=g).mul_(0.5).to(device, dtype)
+    labels = [EMOTIONS[i % len(EMOTIONS)] for i in range(b)]
+    inputs = (frames, mel, ids, bert, labels)
+
+    reference = Reference(loaded, cfg, ref_tokens)  # built before Ours touches requires_grad / the weights
+    ours = Ours(loaded, b, n, cfg)
+    r_ours = measure(ours, args, device, inputs, reps)
+    del ours
+    r_ref = measure(reference, args, device, inputs, reps)
+    if ref_tokens < n:
+        r_ref["phase_s"]["rollout"] *= n / ref_tokens
+        r_ref["step_s"] = sum(r_ref["phase_s"].values())
+        r_ref["s_per_prompt"] = r_ref["step_s"] / b
+        r_ref["projected_recipe_hours"] = r_ref["s_per_prompt"] * CLIPS * EPOCHS / 3600
+        notes.append(f"reference rollout: HF generate ran {ref_tokens} of {n} decode steps (the forward passes saw "
+                     f"{n} tokens); its rollout time is scaled by {n}/{ref_tokens} (prefill included: an overestimate)")
+    ratio = r_ref["step_s"] / r_ours["step_s"]
+    prompt_len = int((ids >= 0).sum()) + loaded.model.num_video_tokens + loaded.model.num_audio_tokens
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+
+    kind = "CPU, tiny checkpoint: algorithmic savings, not kernels" if device.type == "cpu" else device_name
+    print(f"GRPO step, B={b} prompts x G=8, N={n} completion tokens, prompt {prompt_len} embeddings ({kind})")
+    for note in notes:
+        print("note:", note)
+    rows = [[p, r_ours["phase_s"][p], r_ref["phase_s"][p], r_ref["phase_s"][p] / max(r_ours["phase_s"][p], 1e-12)]
+            for p in PHASES]
+    rows.append(["step", r_ours["step_s"], r_ref["step_s"], ratio])
+    rows.append(["recipe hours", r_ours["projected_recipe_hours"], r_ref["projected_recipe_hours"], ratio])
+    steps = math.ceil(CLIPS / PROMPTS_PER_STEP) * EPOCHS
+    print(f"projected recipe: {HOURS_FORMULA} (15,306 x 2 / 16 = {steps} optimizer steps of 16 prompts)")
+    if device.type == "cuda":
+        print(f"peak memory (GiB): ours {r_ours['peak_memory']['peak_bytes'] / 2**30:.2f}, "
+              f"reference {r_ref['peak_memory']['peak_bytes'] / 2**30:.2f}")
+    result = emit("grpo_step", ["phase", "ours s", "reference s", "ref/ours"], rows, {
+        "device": device_name, "dtype": str(dtype), "quick": args.quick,
+        "model": str(args.model_path) if args.model_path else "tiny (omni_fast.testing.make_tiny_checkpoint)",
+        "prompts": b, "num_generations": 8, "completion_length": n, "ref_decode_tokens": ref_tokens,
+        "prompt_embeddings": prompt_len,
+        "ours": r_ours, "reference": r_ref, "ratio": ratio,
+        "projected_hours_formula": HOURS_FORMULA, "recipe_optimizer_steps": steps, "notes": notes,
+        "rows": [{"phase": p, "ours_s": r_ours["phase_s"][p], "reference_s": r_ref["phase_s"][p]} for p in PHASES],
+    }, args.out)
+    if tmp is not None:
+        tmp.cleanup()
+    return result
+
+
+if __name__ == "__main__":
+    main()
