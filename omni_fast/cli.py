@@ -15,7 +15,7 @@ import time
 import warnings
 from pathlib import Path
 
-DEMO_GRPO_STEPS = 12
+DEMO_GRPO_STEPS = 30
 DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "float32": "float32",
           "fp32": "float32"}
 
@@ -199,8 +199,9 @@ def _demo_training(root: Path, ckpt: Path, grpo_steps: int) -> None:
         print(f"[demo] GRPO step {m['step']:>3}  reward {m['reward']:.2f}  accuracy {m['rewards/accuracy_reward']:.2f} "
               f"{bar:<20}  format {m['rewards/format_reward']:.2f}  kl {m['kl']:.3f}", flush=True)
 
+    # half the learning test's batch at twice its learning rate: about as fast to learn, at half the cost
     grpo = Trainer(toy_config(task, sft.last_checkpoint, root / "toy-grpo", "grpo", max_steps=grpo_steps,
-                              progress=False), on_step=show)
+                              per_device_train_batch_size=6, learning_rate=2e-3, progress=False), on_step=show)
     grpo.train()
     after = toy_answers(grpo.last_checkpoint, clips)
     for label, b, a in zip(task.labels, before, after):

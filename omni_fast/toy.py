@@ -2,10 +2,15 @@
 
 Each clip's dominant colour is its label (red: angry, blue: sad, green: happy); the frames carry noise and a
 drifting brightness so no two clips are alike. Two annotation files in the R1-Omni format are written:
-  sft.json   the cold start: answers in R1-Omni's format, "<think>...</think>\\n<answer>X</answer>", each clip once
-             with every label X: the best SFT can do is answer in format with the labels equally likely, so it
-             teaches the format, not the task, and GRPO starts at chance level (1/3);
-  grpo.json  the clips with their true labels: GRPO's accuracy reward is all that can teach the colour rule.
+  sft.json   the cold start: answers in R1-Omni's format, "<think>The scene is red.</think>\\n<answer>X</answer>":
+             the reasoning names the clip's colour, and each clip appears once with every label X, so the best
+             SFT can do is to describe the colour and then answer with the labels equally likely. It teaches
+             the format and the reasoning step, not the task: GRPO starts at chance level (1/3);
+  grpo.json  the clips with their true labels: GRPO's accuracy reward is all that can teach which colour means
+             which emotion (red: angry, blue: sad, green: happy).
+(Without the colour in the reasoning, an SFT on clip-independent labels teaches the tiny model to ignore the
+clip altogether: the log-probs of its answers then differ by 0.002 nats between a red and a blue clip, and
+neither GRPO nor SFT on the true labels recovers the clip within tens of steps; measured while building this.)
 `omni-fast demo` and tests/test_learning.py run SFT then GRPO on it and watch the accuracy reward rise.
 """
 from __future__ import annotations
@@ -18,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 COLOURS = {"angry": (200, 40, 40), "sad": (40, 60, 200), "happy": (40, 180, 60)}
-THINK = "<think>The colour tells.</think>"
+COLOUR_NAMES = {"angry": "red", "sad": "blue", "happy": "green"}
+THINK = "<think>The scene is {colour}.</think>"
 
 
 @dataclass(slots=True)
@@ -59,7 +65,7 @@ def make_toy_task(directory: str | Path, clips_per_label: int = 4, seed: int = 0
             human = {"from": "human", "value": DEFAULT_SFT_QUESTION}
             grpo.append({"video": f"clips/{path.name}", "conversations": [human, {"from": "gpt", "value": label}]})
             for other in labels:  # the same audio track everywhere: the colour is the only cue
-                answer = f"{THINK}\n<answer>{other}</answer>"
+                answer = f"{THINK.format(colour=COLOUR_NAMES[label])}\n<answer>{other}</answer>"
                 sft.append({"video": f"clips/{path.name}", "conversations": [human, {"from": "gpt", "value": answer}]})
     rng.shuffle(sft)
     (root / "grpo.json").write_text(json.dumps(grpo, indent=1))
@@ -77,11 +83,11 @@ def toy_config(task: ToyTask, model_path: str | Path, output_dir: str | Path, st
                   video_root=str(task.root), media_backend="pyav", media_workers=2, device="cpu", save_steps=10_000)
     if stage == "sft":
         base = dict(train_annotations=str(task.sft_annotations), learning_rate=3e-3, lr_scheduler_type="constant",
-                    warmup_ratio=0.0, per_device_train_batch_size=4, gradient_accumulation_steps=1, max_steps=30)
+                    warmup_ratio=0.0, per_device_train_batch_size=4, gradient_accumulation_steps=1, max_steps=40)
     else:
         base = dict(train_annotations=str(task.grpo_annotations), learning_rate=1e-3, lr_scheduler_type="constant",
-                    per_device_train_batch_size=3, gradient_accumulation_steps=1, num_generations=8,
-                    max_completion_length=40, max_steps=30, beta=0.04, prompt_template="chat_template")
+                    per_device_train_batch_size=12, gradient_accumulation_steps=1, num_generations=8,
+                    max_completion_length=24, max_steps=30, beta=0.04, prompt_template="chat_template")
     return GRPOConfig(**{**common, **base, **overrides})
 
 
