@@ -4,9 +4,8 @@ same weights, same run.
 
 OURS (the project's code, as omni_fast/grpo/trainer.py runs a step):
   towers     grpo.inputs.tower_features, once per clip
-  rollout    prompt_embeddings (no grad) + engine.Engine.generate (n=8, top_k 50, T=1, ignore_eos so every
-             completion has exactly N tokens) + rewards + group advantages + pad_rows (rollout.rollout's body;
-             rollout() does not expose ignore_eos)
+  rollout    grpo.rollout.rollout: prompt_embeddings (no grad) + engine.Engine.generate (n=8, top_k 50, T=1,
+             ignore_eos so every completion has exactly N tokens) + rewards + group advantages
   reference  grpo.rollout.reference_logprobs with a frozen deepcopy of the model (shared-prefix forward)
   policy     prompt_embeddings with grad + completion_logprobs + grpo_loss + backward
   optimizer  torch.optim.AdamW step (LLM, projectors, BERT, gate; towers frozen)
@@ -42,14 +41,13 @@ import time
 import torch
 
 from common import emit
-from omni_fast.config import EngineConfig, GRPOConfig, SamplingParams
+from omni_fast.config import EngineConfig, GRPOConfig
 from omni_fast.engine.engine import Engine
-from omni_fast.grpo.advantage import group_advantages
-from omni_fast.grpo.inputs import grpo_bert_inputs, grpo_prompt_ids, pad_rows, prompt_embeddings, tower_features
+from omni_fast.grpo.inputs import grpo_bert_inputs, grpo_prompt_ids, prompt_embeddings, tower_features
 from omni_fast.grpo.logprobs import completion_logprobs
 from omni_fast.grpo.loss import grpo_loss
 from omni_fast.grpo.rewards import compute_rewards
-from omni_fast.grpo.rollout import Rollout, reference_logprobs, rollout_seed, solution, weighted_rewards
+from omni_fast.grpo.rollout import reference_logprobs, rollout, solution
 from omni_fast.model.checkpoint import load_checkpoint
 from omni_fast.testing import EMOTIONS, make_tiny_checkpoint, transformers_twin
 
@@ -108,23 +106,9 @@ class Ours:
         with phases("towers"):
             feats = tower_features(model, frames, mel)
         with phases("rollout"):
-            with torch.no_grad():
-                prefixes = prompt_embeddings(model, [ids] * b, feats, bert)
-            params = [SamplingParams(n=g, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                                     max_tokens=cfg.max_completion_length, ignore_eos=True,
-                                     seed=rollout_seed(cfg.seed, step, i)) for i in range(b)]
-            groups = self.engine.generate(prefixes, params)
-            token_ids = [c.token_ids for group in groups for c in group]
-            texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in token_ids]
-            rewards = weighted_rewards(cfg.reward_funcs, cfg.reward_weights, texts,
-                                       [solution(l) for l in labels for _ in range(g)])
-            stacked = torch.tensor(list(rewards.values()), dtype=torch.float32, device=frames.device)
-            advantages = group_advantages(stacked, g, scale=cfg.scale_rewards)
-            completions, lengths = pad_rows(token_ids, self.engine.default_stop[0], frames.device)
-            mask = (torch.arange(completions.shape[1], device=frames.device)[None] < lengths[:, None]).float()
-            ro = Rollout(features=feats, prompt_ids=[ids] * b, completions=completions, lengths=lengths, mask=mask,
-                         advantages=advantages, rewards=rewards, total_rewards=stacked.sum(0), texts=texts,
-                         ref_logp=None)
+            ro = rollout(model, self.engine, self.tokenizer, feats, [ids] * b, bert, labels, list(range(b)), step,
+                         cfg, ignore_eos=True)
+        lengths = ro.lengths
         assert int(lengths.min()) == int(lengths.max()) == cfg.max_completion_length, lengths
         with phases("reference"):
             ro.ref_logp = reference_logprobs(self.reference, ro, bert, g, cfg.temperature)
@@ -196,7 +180,7 @@ class Reference:
 
     def step(self, frames, mel, ids, bert, labels, step: int, phases: Timer) -> float:
         cfg, g, n = self.cfg, self.cfg.num_generations, self.cfg.max_completion_length
-        b, device = frames.shape[0], frames.device
+        device = frames.device
         with phases("towers"):  # generate encodes each clip once
             with torch.no_grad():
                 prompt = self._embeds(self.mm, self.llm, ids, frames, mel, bert, 1)

@@ -57,13 +57,15 @@ def weighted_rewards(names, weights, texts: list[str], solutions: list[str]) -> 
 
 @torch.no_grad()
 def rollout(policy, engine, tokenizer, features: ClipFeatures, prompt_ids: list[torch.Tensor],
-            bert: dict, labels: list[str], indices: list[int], step: int, cfg) -> Rollout:
-    """G completions for each of the B prompts of a micro-batch, scored; cfg is the GRPOConfig."""
+            bert: dict, labels: list[str], indices: list[int], step: int, cfg, ignore_eos: bool = False) -> Rollout:
+    """G completions for each of the B prompts of a micro-batch, scored; cfg is the GRPOConfig. ignore_eos
+    forces every completion to max_completion_length tokens (benchmarks)."""
     device = features.vision.device
     g = cfg.num_generations
     prefixes = prompt_embeddings(policy, prompt_ids, features, bert)
     params = [SamplingParams(n=g, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                             max_tokens=cfg.max_completion_length, seed=rollout_seed(cfg.seed, step, i))
+                             max_tokens=cfg.max_completion_length, seed=rollout_seed(cfg.seed, step, i),
+                             ignore_eos=ignore_eos)
               for i in indices]
     groups = engine.generate(prefixes, params)
     token_ids = [c.token_ids for group in groups for c in group]           # B*G lists, prompt-major
