@@ -24,8 +24,8 @@ embeddings) goes through the LLM 8x per pass in the reference and once in ours.
 The towers are omni_fast's SigLIP / Whisper / projector modules in both paths (the work counted is how
 often they run, not whose implementation). --quick runs the tiny checkpoint (omni_fast.testing) on the CPU:
 it measures the algorithmic savings (towers once vs 17x, prompt once vs 8x), not the kernels. The full mode
-(a GPU) takes --model_path, a HumanOmni / R1-Omni checkpoint directory; without one it falls back to the
-tiny checkpoint and says so. Projected hours of the recipe = seconds per prompt x 15,306 clips x 2 epochs /
+(a GPU) takes --model_path, a HumanOmni / R1-Omni checkpoint directory; without one it builds random weights
+of the real R1-Omni-0.5B shape in memory (omni_fast.testing.random_r1omni) and says so. Projected hours of the recipe = seconds per prompt x 15,306 clips x 2 epochs /
 3600 on one device of this kind (the recipe: 16 prompts per optimizer step, about 1,914 steps).
 Last stdout line: one JSON object.
 """
@@ -49,7 +49,7 @@ from omni_fast.grpo.loss import grpo_loss
 from omni_fast.grpo.rewards import compute_rewards
 from omni_fast.grpo.rollout import reference_logprobs, rollout, solution
 from omni_fast.model.checkpoint import load_checkpoint
-from omni_fast.testing import EMOTIONS, make_tiny_checkpoint, transformers_twin
+from omni_fast.testing import EMOTIONS, make_tiny_checkpoint, random_r1omni, transformers_twin
 
 PHASES = ("towers", "rollout", "reference", "policy", "optimizer")
 CLIPS, EPOCHS, PROMPTS_PER_STEP = 15306, 2, 16
@@ -271,15 +271,19 @@ def main(argv=None) -> dict:
         notes.append("--quick: tiny checkpoint on the CPU; measures the algorithmic savings (towers once vs 17x, "
                      "prompt once vs 8x), not the kernels")
     tmp = None
-    model_path = args.model_path
-    if model_path is None:
-        tmp = tempfile.TemporaryDirectory()
-        model_path = make_tiny_checkpoint(tmp.name)
-        if not args.quick:
-            notes.append("no --model_path: the tiny checkpoint (omni_fast.testing) stands in; not a real-size figure")
-    torch.manual_seed(0)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    loaded = load_checkpoint(model_path, device=device, dtype=dtype)
+    if args.model_path is not None:
+        loaded = load_checkpoint(args.model_path, device=device, dtype=dtype)
+    else:
+        tmp = tempfile.TemporaryDirectory()
+        tiny = make_tiny_checkpoint(tmp.name)
+        if args.quick:
+            loaded = load_checkpoint(tiny, device=device, dtype=dtype)
+        else:
+            loaded = random_r1omni(tiny, device, dtype)
+            notes.append("no --model_path: random weights of the real R1-Omni-0.5B shape (omni_fast.testing."
+                         "random_r1omni: Qwen2.5-0.5B, SigLIP-base, Whisper-large-v3, bert-base)")
+    torch.manual_seed(0)
     cfg = GRPOConfig(num_generations=8, max_completion_length=n)
     x_start_end = loaded.config.mm_use_x_start_end
     ids = torch.tensor(grpo_prompt_ids(loaded.tokenizer, cfg.max_prompt_length, cfg.prompt_template, x_start_end),
@@ -322,7 +326,8 @@ def main(argv=None) -> dict:
               f"reference {r_ref['peak_memory']['peak_bytes'] / 2**30:.2f}")
     result = emit("grpo_step", ["phase", "ours s", "reference s", "ref/ours"], rows, {
         "device": device_name, "dtype": str(dtype), "quick": args.quick,
-        "model": str(args.model_path) if args.model_path else "tiny (omni_fast.testing.make_tiny_checkpoint)",
+        "model": str(args.model_path) if args.model_path else
+        "tiny (omni_fast.testing.make_tiny_checkpoint)" if args.quick else "random R1-Omni-0.5B shape",
         "prompts": b, "num_generations": 8, "completion_length": n, "ref_decode_tokens": ref_tokens,
         "prompt_embeddings": prompt_len,
         "ours": r_ours, "reference": r_ref, "ratio": ratio,

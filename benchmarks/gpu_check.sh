@@ -70,7 +70,7 @@ for bench in benchmarks/bench_*.py; do
   limit=120; extra=()
   case "$name" in
     bench_rollout|bench_selective_logprob) limit=240 ;;
-    bench_grpo_step) limit=300 ;;  # both full GRPO steps (warm-up + 3 timed each), tiny checkpoint without a model
+    bench_grpo_step) limit=300 ;;  # both full GRPO steps (warm-up + 3 timed each), random weights of the real shape
     bench_media) limit=180; [ "$GPU" = 1 ] && extra=(--clips 32 --repeats 2) ;;  # encoding the clips dominates
   esac
   step "$name" "$limit" "$PY" "$bench" ${QUICK[@]+"${QUICK[@]}"} ${extra[@]+"${extra[@]}"} --out "$OUT/$name.json"

@@ -461,3 +461,37 @@ def make_wav(path: str | Path, seconds: float = 2.0, sample_rate: int = 44100, c
         f.setframerate(sample_rate)
         f.writeframes(samples.tobytes())
     return path
+
+
+def random_r1omni(tiny_checkpoint: str | Path, device: str | torch.device, dtype: torch.dtype, seed: int = 0):
+    """A LoadedCheckpoint of the real R1-Omni-0.5B shape with random weights, built in memory: the Qwen2.5-0.5B
+    decoder, SigLIP-base-patch16-224, the Whisper-large-v3 encoder, bert-base and the real projector widths,
+    with the tokenizers and generation defaults of a tiny checkpoint (their ids are valid in the real
+    vocabulary). For benchmarks of the real sizes where no weights can be downloaded."""
+    import dataclasses
+
+    from transformers import BertConfig, SiglipVisionConfig, WhisperConfig
+
+    from omni_fast.model.checkpoint import load_checkpoint
+    from omni_fast.model.omni import HumanOmniForCausalLM, TowerConfigs
+    from omni_fast.model.towers import SIGLIP_BASE_PATCH16_224, WHISPER_LARGE_V3
+
+    tiny = load_checkpoint(tiny_checkpoint, device="cpu", dtype=torch.float32)
+    shape = {k: v for k, v in QWEN25_05B.items()}
+    cfg = dataclasses.replace(tiny.config, **shape, audio_hidden_size=WHISPER_LARGE_V3["d_model"],
+                              torch_dtype=str(dtype).removeprefix("torch."))
+    towers = TowerConfigs(vision=SiglipVisionConfig(**SIGLIP_BASE_PATCH16_224), audio=WhisperConfig(**WHISPER_LARGE_V3),
+                          bert=BertConfig())
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = HumanOmniForCausalLM(cfg, towers)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or ".bn.weight" in name:
+                p.fill_(1.0)
+            elif p.dim() > 1:
+                p.normal_(0, 0.1 if "embed_tokens" in name else 0.02)
+    model = model.to(dtype).eval()
+    model.model.vision_tower.requires_grad_(False)
+    model.model.audio_tower.requires_grad_(False)
+    return dataclasses.replace(tiny, model=model, config=cfg)

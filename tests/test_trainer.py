@@ -315,3 +315,36 @@ def test_cli_train_runs_from_a_config_file(task, tiny_ckpt, tmp_path, capsys):
     assert main(["train", "--config", str(tmp_path / "run.json"), "--max_stepz", "2"]) == 2
     assert "did you mean 'max_steps'" in capsys.readouterr().err
     shutil.rmtree(tmp_path / "cli")
+
+
+def test_towers_run_once_per_clip_and_weights_update_in_place(task, tiny_ckpt, tmp_path):
+    trainer = Trainer(_config(task, tiny_ckpt, tmp_path / "run", max_steps=1, per_device_train_batch_size=3))
+    calls = {"vision": [], "audio": []}
+    trainer.model.model.vision_tower.register_forward_hook(lambda m, i, o: calls["vision"].append(i[0].shape[0]))
+    trainer.model.model.audio_tower.register_forward_hook(lambda m, i, o: calls["audio"].append(i[0].shape[0]))
+    pointers = {n: p.data_ptr() for n, p in trainer.trainable}
+    before = _trainable_state(trainer)
+    trainer.train()
+    assert calls == {"vision": [3 * 8], "audio": [3]}  # one pass, 3 clips x 8 frames; 3 mel inputs
+    assert trainer.engine.model is trainer.model  # the engine decodes with the policy itself, no copy
+    assert {n: p.data_ptr() for n, p in trainer.trainable} == pointers  # updated in place
+    assert any(not torch.equal(before[n], p) for n, p in trainer.trainable)
+
+
+def test_bf16_parameters_train_through_fp32_masters_and_resume(task, tiny_ckpt, tmp_path):
+    out = tmp_path / "run"
+    trainer = Trainer(_config(task, tiny_ckpt, out, max_steps=2, save_steps=1, dtype="bfloat16"))
+    assert {p.dtype for _, p in trainer.trainable} == {torch.bfloat16}
+    assert {m.dtype for m in trainer.optimizer.masters} == {torch.float32}
+    trainer.train()
+    for p, m in zip(trainer.optimizer.params, trainer.optimizer.masters):
+        assert torch.equal(p, m.to(torch.bfloat16))  # the bf16 weights are the rounded masters
+    ck = out / "checkpoint-1"
+    assert (ck / "master_weights.safetensors").is_file()
+    assert json.loads((ck / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    shutil.rmtree(out / "checkpoint-2")
+    (out / "latest").write_text("checkpoint-1\n")
+    resumed = Trainer(_config(task, tiny_ckpt, out, max_steps=2, save_steps=1, dtype="bfloat16"), "latest")
+    resumed.train()
+    for a, b in zip(trainer.optimizer.masters, resumed.optimizer.masters):
+        assert float((a - b).detach().abs().max()) <= 1e-6

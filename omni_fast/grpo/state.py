@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from omni_fast.model.checkpoint import save_checkpoint
+from omni_fast.model.checkpoint import move_into_place, save_checkpoint
 
 STATE_FILE = "trainer_state.json"
 LATEST = "latest"
@@ -70,8 +70,8 @@ def checkpoints(output_dir: Path) -> list[Path]:
 
 
 def clean_partial(output_dir: Path) -> None:
-    """Remove what an interrupted save left behind (hidden .checkpoint-* directories)."""
-    for d in output_dir.glob(".checkpoint-*"):
+    """Remove what an interrupted save left behind (hidden .checkpoint-* / ..checkpoint-* directories)."""
+    for d in output_dir.glob(".*checkpoint-*"):
         shutil.rmtree(d, ignore_errors=True)
 
 
@@ -91,11 +91,7 @@ def save(output_dir: Path, step: int, loaded, optimizer, trainer_state: dict, pa
         if masters:
             save_file({k: v.contiguous() for k, v in masters.items()}, str(partial / "master_weights.safetensors"))
         (partial / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
-        old = output_dir / f".checkpoint-{step}.old-{os.getpid()}"
-        if final.exists():
-            final.rename(old)
-        partial.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
+        move_into_place(partial, final)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise

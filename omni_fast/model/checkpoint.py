@@ -346,12 +346,18 @@ def save_checkpoint(loaded: LoadedCheckpoint, directory: str | Path, *, shards: 
         for name in BERT_FILES:
             if (loaded.bert_dir / name).is_file():
                 shutil.copy2(loaded.bert_dir / name, tmp / "bert-base-uncased" / name)
-        old = target.parent / f".{target.name}.old-{os.getpid()}"
-        if target.exists():
-            target.rename(old)
-        tmp.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
+        move_into_place(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def move_into_place(tmp: Path, target: Path) -> None:
+    """Rename a fully written directory onto `target`; an existing target is moved aside first and removed
+    only once the new one is in place."""
+    old = target.parent / f".{target.name}.old-{os.getpid()}"
+    if target.exists():
+        target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
