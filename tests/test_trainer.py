@@ -155,6 +155,9 @@ def test_step_loss_and_gradient_equal_the_reference_formula(task, tiny_ckpt, tmp
     for n, g in grads.items():
         expected = want[n].grad if want[n].grad is not None else torch.zeros_like(g)
         assert float((g - expected).abs().max()) <= 1e-4 * scale, n
+    # rewards read the completions decoded with special tokens skipped and NOT stripped, as the reference does
+    assert ro.texts == [trainer.tokenizer.decode(c[:n].tolist(), skip_special_tokens=True)
+                        for c, n in zip(ro.completions, ro.lengths)]
     # the weights 1.0 / 0.5 are applied: format counts half
     assert ro.rewards["rewards/format_reward"] == [0.5 * v for v in reward_registry.format_reward(ro.texts)]
 
@@ -287,6 +290,14 @@ def test_bad_entry_is_fatal_with_on_bad_clip_raise(task, tiny_ckpt, tmp_path):
     path, n = _bad_annotations(task, tmp_path)
     with pytest.raises(TrainingError, match=rf"entry {n - 4} .*missing.mp4"):
         Trainer(_config(task, tiny_ckpt, tmp_path / "run", train_annotations=str(path), on_bad_clip="raise"))
+    # a clip that exists but cannot be decoded is found by the loader, and is fatal there too
+    entries = json.loads(path.read_text())[: n - 4] + [json.loads(path.read_text())[n - 3]]
+    path.write_text(json.dumps(entries))
+    trainer = Trainer(_config(task, tiny_ckpt, tmp_path / "run2", train_annotations=str(path), on_bad_clip="raise",
+                              max_steps=-1, num_train_epochs=1, per_device_train_batch_size=len(entries)))
+    with pytest.raises(TrainingError, match=rf"entry {n - 4}: .*broken.mp4"):
+        trainer.train()
+    assert not ckpt_state.checkpoints(tmp_path / "run2")
 
 
 # --- SFT --------------------------------------------------------------------------------------------------------

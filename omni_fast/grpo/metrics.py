@@ -2,10 +2,11 @@
 
 metrics.jsonl holds one JSON object per logged step with the reference trainer's names (`loss`, `reward`,
 `reward_std`, `rewards/accuracy_reward`, `rewards/format_reward`, `kl`, `completion_length`, `grad_norm`,
-`learning_rate`) plus `step`, `epoch`, `skipped_clips`, `tokens_per_s` and the seconds of each phase
+`learning_rate`) plus `step`, `epoch`, `skipped_clips`, `tokens_per_s` (completion tokens generated per second
+of the step's wall time; SFT: target tokens) and the seconds of each phase
 (`time/media`, `time/towers`, `time/rollout`, `time/reference`, `time/policy`, `time/optimizer`). On resume the
 lines past the checkpoint's step (written by the run that was interrupted) are dropped, so the file reads as
-one run.
+one run. A value that is not a number (`kl` without a reference model, beta = 0) is written as null.
 """
 from __future__ import annotations
 

@@ -291,7 +291,7 @@ class Trainer:
             lengths = torch.cat([r.lengths for r in rollouts]).float()
             per_reward = {k: sum(sum(r.rewards[k]) for r in rollouts) / sequences for k in rollouts[0].rewards}
             yield {"loss": loss, "reward": float(total.mean()), "reward_std": group_std(total, g), **per_reward,
-                   "kl": kl if self.reference is not None else 0.0, "completion_length": float(lengths.mean()),
+                   "kl": kl if self.reference is not None else math.nan, "completion_length": float(lengths.mean()),
                    "grad_norm": grad_norm, "learning_rate": self._lr_used, "_tokens": float(lengths.sum())}
 
     # --- SFT -------------------------------------------------------------------------------------------------
