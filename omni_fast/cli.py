@@ -97,9 +97,14 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     from omni_fast.config import GRPOConfig
     from omni_fast.grpo.trainer import Trainer
 
+    from omni_fast import distributed
+
     config = GRPOConfig.from_file(args.config, parse_overrides(extra))
     trainer = Trainer(config, args.resume_from_checkpoint)
     history = trainer.train()
+    distributed.shutdown(trainer.dist)
+    if not trainer.dist.is_main:
+        return 0
     last = history[-1] if history else {}
     shown = ", ".join(f"{k} {last[k]:.4g}" for k in ("loss", "reward", "rewards/accuracy_reward") if k in last)
     print(f"trained {trainer.pos.step} steps ({shown}); checkpoint: {trainer.last_checkpoint}; "

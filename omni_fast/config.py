@@ -247,7 +247,7 @@ class GRPOConfig:
     epsilon: float = 0.2  # lower clip of the ratio (num_iterations > 1)
     epsilon_high: float | None = None  # upper clip (DAPO's clip-higher); None: epsilon
     scale_rewards: str = "group"  # advantage scale: "group" std (R1-Omni), "batch" std, or "none" (Dr. GRPO)
-    reward_funcs: tuple[str, ...] = ("accuracy", "format")  # names in omni_fast.grpo.rewards.REWARD_FUNCS
+    reward_funcs: tuple[str, ...] = ("accuracy", "format")  # registered names, or "module:function" to import
     reward_weights: tuple[float, ...] | None = None  # one weight per reward function; None: all 1.0
     prompt_template: str = "qwen2vl"  # GRPO prompt: "qwen2vl" (the reference's) or "chat_template" (as SFT renders it)
     temperature: float = 1.0  # rollout sampling temperature (the reference hard-codes 1.0)
@@ -301,12 +301,18 @@ class GRPOConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} {getattr(self, name)!r}: expected one of {allowed}")
-        from omni_fast.grpo.rewards import REWARD_FUNCS
+        from omni_fast.grpo.rewards import REWARD_FUNCS, resolve_reward
 
-        unknown = [r for r in self.reward_funcs if r not in REWARD_FUNCS]
+        unknown = []
+        for name in self.reward_funcs:
+            try:
+                resolve_reward(name)
+            except KeyError:
+                unknown.append(name)
         if unknown or not self.reward_funcs:
-            raise ConfigError(f"reward_funcs {list(self.reward_funcs)}: each must be one of {sorted(REWARD_FUNCS)} "
-                              "(add your own with omni_fast.grpo.rewards.register_reward)")
+            raise ConfigError(f"reward_funcs {list(self.reward_funcs)}: {unknown or 'none given'}; each must be one "
+                              f"of {sorted(REWARD_FUNCS)} or an importable 'module:function' (or add your own with "
+                              "omni_fast.grpo.rewards.register_reward)")
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
             raise ConfigError(f"reward_weights has {len(self.reward_weights)} values for "
                               f"{len(self.reward_funcs)} reward_funcs")

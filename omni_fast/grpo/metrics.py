@@ -43,19 +43,21 @@ class Phases:
         return {f"time/{k}": round(v, 6) for k, v in self.seconds.items()}
 
 
-def make_logger(output_dir: Path) -> logging.Logger:
-    """A logger writing to output_dir/train.log (appending) and, for warnings, to stderr."""
-    logger = logging.getLogger(f"omni_fast.train.{output_dir.resolve()}")
+def make_logger(output_dir: Path, rank: int = 0) -> logging.Logger:
+    """A logger writing to output_dir/train.log (appending) and, for warnings, to stderr; on ranks other than 0
+    only errors, to stderr (rank 0 logs what every rank saw)."""
+    logger = logging.getLogger(f"omni_fast.train.{output_dir.resolve()}.{rank}")
     logger.setLevel(logging.INFO)
     logger.propagate = False
     for h in list(logger.handlers):
         logger.removeHandler(h)
         h.close()
-    file = logging.FileHandler(output_dir / "train.log", encoding="utf-8")
-    file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logger.addHandler(file)
     err = logging.StreamHandler(sys.stderr)
-    err.setLevel(logging.WARNING)
+    err.setLevel(logging.WARNING if rank == 0 else logging.ERROR)
+    if rank == 0:
+        file = logging.FileHandler(output_dir / "train.log", encoding="utf-8")
+        file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logger.addHandler(file)
     err.setFormatter(logging.Formatter("omni-fast train: %(levelname)s: %(message)s"))
     logger.addHandler(err)
     return logger

@@ -55,10 +55,31 @@ def register_reward(name: str, fn: RewardFn | None = None):
     return add(fn) if fn is not None else add
 
 
+def resolve_reward(name: str) -> RewardFn:
+    """The reward registered under `name`; a "package.module:function" name is imported and registered on
+    first use, so a config file can name a user's reward without code that registers it."""
+    if name not in REWARD_FUNCS and ":" in name:
+        import importlib
+
+        module, _, attr = name.partition(":")
+        try:
+            register_reward(name, getattr(importlib.import_module(module), attr))
+        except (ImportError, AttributeError) as e:
+            raise KeyError(f"reward {name!r}: cannot import it ({e})") from None
+    if name not in REWARD_FUNCS:
+        raise KeyError(f"reward {name!r} is not registered; known: {sorted(REWARD_FUNCS)}")
+    return REWARD_FUNCS[name]
+
+
 def _takes_solutions(fn: RewardFn) -> bool:
     params = [p for p in inspect.signature(fn).parameters.values()
               if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     return len(params) >= 2
+
+
+def metric_name(name: str) -> str:
+    """The metric a registered reward is logged under: "rewards/<function name>", as the reference logs it."""
+    return f"rewards/{getattr(resolve_reward(name), '__name__', name)}"
 
 
 def compute_rewards(names: tuple[str, ...] | list[str], completions: list[str],
@@ -66,10 +87,10 @@ def compute_rewards(names: tuple[str, ...] | list[str], completions: list[str],
     """{"rewards/<function name>": one float per completion} for each named reward, in order."""
     out = {}
     for name in names:
-        fn = REWARD_FUNCS[name]
+        fn = resolve_reward(name)
         values = fn(completions, solutions) if _takes_solutions(fn) else fn(completions)
         values = [float(v) for v in values]
         if len(values) != len(completions):
             raise ValueError(f"reward {name!r} returned {len(values)} values for {len(completions)} completions")
-        out[f"rewards/{getattr(fn, '__name__', name)}"] = values
+        out[metric_name(name)] = values
     return out

@@ -89,6 +89,18 @@ def reference_logprobs(reference, ro: Rollout, bert: dict, group_size: int, temp
     return completion_logprobs(reference, prefixes, ro.completions, ro.lengths, group_size, temperature)
 
 
-def group_std(total: torch.Tensor, g: int) -> float:
-    """The reference's reward_std: the unbiased std of each group's rewards, averaged over groups."""
-    return float(total.view(-1, g).std(dim=1).mean())
+def rollout_sums(rollouts: list[Rollout], reward_keys: list[str], g: int) -> dict[str, float]:
+    """Sums over a rank's rollouts that, added over ranks and divided by their counts, give the step's
+    metrics: completions, groups, total reward, each reward, completion length, and the per-group
+    (unbiased) reward std that the reference averages into reward_std."""
+    sums = {"sequences": 0.0, "groups": 0.0, "reward": 0.0, "reward_std": 0.0, "completion_length": 0.0}
+    sums.update({k: 0.0 for k in reward_keys})
+    for r in rollouts:
+        sums["sequences"] += r.total_rewards.numel()
+        sums["groups"] += r.total_rewards.numel() // g
+        sums["reward"] += float(r.total_rewards.sum())
+        sums["reward_std"] += float(r.total_rewards.view(-1, g).std(dim=1).sum())
+        sums["completion_length"] += float(r.lengths.sum())
+        for k in reward_keys:
+            sums[k] += sum(r.rewards[k])
+    return sums

@@ -5,7 +5,7 @@
                                                   parameters' dtype (loadable by OmniModel.from_pretrained)
       trainer_state.json     step, epoch, data position, skipped entries, the training config
       optimizer.pt           AdamW + scheduler state
-      rng_state.pt           Python, NumPy, torch CPU and every CUDA device's RNG state
+      rng_state.pt           per rank: Python, NumPy, torch CPU and every CUDA device's RNG state
       master_weights.safetensors   fp32 master weights, only when the parameters are bf16
     latest                   the name of the newest complete checkpoint
 
@@ -76,7 +76,7 @@ def clean_partial(output_dir: Path) -> None:
 
 
 def save(output_dir: Path, step: int, loaded, optimizer, trainer_state: dict, param_names: list[str],
-         total_limit: int | None = None) -> Path:
+         rng_states: list[dict], total_limit: int | None = None) -> Path:
     """Write checkpoint-<step> atomically, point `latest` at it, and drop the oldest beyond total_limit."""
     final = output_dir / f"checkpoint-{step}"
     partial = output_dir / f".checkpoint-{step}.partial-{os.getpid()}"
@@ -86,7 +86,7 @@ def save(output_dir: Path, step: int, loaded, optimizer, trainer_state: dict, pa
     save_checkpoint(dataclasses.replace(loaded, config=config), partial)
     try:
         torch.save(optimizer.state_dict(), partial / "optimizer.pt")
-        torch.save(rng_state(), partial / "rng_state.pt")
+        torch.save({"world_size": len(rng_states), "ranks": rng_states}, partial / "rng_state.pt")
         masters = optimizer.master_state(param_names)
         if masters:
             save_file({k: v.contiguous() for k, v in masters.items()}, str(partial / "master_weights.safetensors"))
@@ -129,8 +129,10 @@ def load_trainer_state(path: Path) -> dict:
         raise ResumeError(f"{path / STATE_FILE}: cannot read the trainer state ({e})") from None
 
 
-def restore(path: Path, optimizer, param_names: list[str]) -> None:
-    """Optimizer, scheduler, master weights and RNG states from a checkpoint (weights are loaded with it)."""
+def restore(path: Path, optimizer, param_names: list[str], rank: int = 0, world_size: int = 1) -> int:
+    """Optimizer, scheduler, master weights and this rank's RNG states from a checkpoint (the weights are
+    loaded with it); returns the number of processes that saved it. Under another world size every rank
+    takes rank 0's RNG states."""
     for name in ("optimizer.pt", "rng_state.pt"):
         if not (path / name).is_file():
             raise ResumeError(f"{path}: {name} is missing; the checkpoint cannot be resumed exactly")
@@ -140,4 +142,7 @@ def restore(path: Path, optimizer, param_names: list[str]) -> None:
         if not masters.is_file():
             raise ResumeError(f"{path}: master_weights.safetensors is missing (the run had bf16 parameters)")
         optimizer.load_master_state(param_names, load_file(str(masters)))
-    set_rng_state(torch.load(path / "rng_state.pt", weights_only=False))
+    rng = torch.load(path / "rng_state.pt", weights_only=False)
+    saved_world = rng["world_size"]
+    set_rng_state(rng["ranks"][rank if saved_world == world_size else 0])
+    return saved_world

@@ -48,6 +48,7 @@ from pathlib import Path
 
 import torch
 
+from omni_fast import distributed
 from omni_fast.config import EngineConfig, GRPOConfig, LoaderConfig
 from omni_fast.engine.engine import Engine
 from omni_fast.grpo import state as ckpt
@@ -57,7 +58,8 @@ from omni_fast.grpo.logprobs import completion_logprobs
 from omni_fast.grpo.loss import accumulation_scale, grpo_loss
 from omni_fast.grpo.metrics import MetricsLog, Phases, make_logger
 from omni_fast.grpo.optim import MasterAdamW, lr_lambda
-from omni_fast.grpo.rollout import Rollout, group_std, reference_logprobs, rollout
+from omni_fast.grpo.rewards import metric_name
+from omni_fast.grpo.rollout import Rollout, reference_logprobs, rollout, rollout_sums
 from omni_fast.grpo.sft import sft_batch, sft_loss
 from omni_fast.media.loader import MediaLoader
 from omni_fast.media.pyav import MediaError
@@ -85,17 +87,20 @@ class Trainer:
         self.cfg = cfg = config
         self.on_step = on_step  # called with each step's metrics (the demo prints its reward curve)
         self.history: list[dict] = []
+        self.dist = distributed.init(cfg.device)  # torchrun's environment, or one process
         self.out = Path(cfg.output_dir).expanduser()
         self.out.mkdir(parents=True, exist_ok=True)
         resume = ckpt.resolve(self.out, resume_from_checkpoint) if resume_from_checkpoint else None
         if resume is None and ckpt.checkpoints(self.out):
             raise TrainingError(f"{self.out} already holds checkpoints; pass --resume_from_checkpoint latest to "
                                 "continue that run, or choose another output_dir (nothing was overwritten)")
-        ckpt.clean_partial(self.out)
-        self.log = make_logger(self.out)
+        distributed.barrier(self.dist)  # every rank has looked before rank 0 tidies up
+        if self.dist.is_main:
+            ckpt.clean_partial(self.out)
+        self.log = make_logger(self.out, self.dist.rank)
         state = ckpt.load_trainer_state(resume) if resume else {}
         self.init_model_path = state.get("init_model_path", str(Path(cfg.model_path).expanduser().resolve()))
-        device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = self.dist.device
         dtype = torch.float32 if cfg.dtype == "float32" or (cfg.dtype == "auto" and device.type == "cpu") \
             else torch.bfloat16
         self.loaded = load_checkpoint(resume or cfg.model_path, bert_path=None if resume else cfg.bert_path,
@@ -107,7 +112,8 @@ class Trainer:
         self.reference = self._reference(resume) if cfg.stage == "grpo" and cfg.beta > 0 else None
         self.engine = Engine(self.model, EngineConfig(), self.loaded.generation.eos_token_ids)
         self.records, self.skipped = self._records(state)
-        rollouts_per_epoch = math.ceil(len(self.records) / cfg.prompts_per_step)
+        self.step_prompts = cfg.prompts_per_step * self.dist.world_size  # the global batch of one step
+        rollouts_per_epoch = math.ceil(len(self.records) / self.step_prompts)
         self.total_steps = cfg.max_steps if cfg.max_steps > 0 else rollouts_per_epoch * cfg.num_train_epochs \
             * cfg.num_iterations
         self.optimizer = MasterAdamW(
@@ -116,8 +122,13 @@ class Trainer:
             schedule=lr_lambda(cfg.lr_scheduler_type, self.total_steps, math.ceil(cfg.warmup_ratio * self.total_steps)))
         self.pos = Position(**state["position"]) if resume else Position()
         if resume:
-            ckpt.restore(resume, self.optimizer, [n for n, _ in self.trainable])
+            saved_world = ckpt.restore(resume, self.optimizer, [n for n, _ in self.trainable], self.dist.rank,
+                                       self.dist.world_size)
             self.log.info(f"resumed from {resume} at step {self.pos.step}")
+            if saved_world != self.dist.world_size:
+                self.log.warning(f"resuming a run saved by {saved_world} process(es) with {self.dist.world_size}: "
+                                 f"the global batch is now {self.step_prompts} prompts a step and the RNG states "
+                                 "are rank 0's, so the run continues but does not repeat the original exactly")
         else:
             torch.manual_seed(cfg.seed)
         self.last_checkpoint = resume
@@ -168,7 +179,8 @@ class Trainer:
     # --- the loop ------------------------------------------------------------------------------------------
     def train(self) -> list[dict]:
         """Run to total_steps; returns the logged metrics. Saves every save_steps and at the end."""
-        metrics_log = MetricsLog(self.out, self.total_steps, self.pos.step, self.cfg.progress)
+        metrics_log = MetricsLog(self.out, self.total_steps, self.pos.step, self.cfg.progress) \
+            if self.dist.is_main else None
         history = self.history
         try:
             while self.pos.step < self.total_steps:
@@ -177,7 +189,8 @@ class Trainer:
             if self.last_checkpoint is None or self.last_checkpoint.name != f"checkpoint-{self.pos.step}":
                 self.save()
         finally:
-            metrics_log.close()
+            if metrics_log is not None:
+                metrics_log.close()
         return history
 
     def _epoch_order(self) -> list:
@@ -195,16 +208,21 @@ class Trainer:
             self.pos = Position(self.pos.step, self.pos.epoch + 1, 0, sorted(self.skipped))
             return True
         todo = order[self.pos.consumed:]
+        per_rank = cfg.prompts_per_step
+        mine = [r for start in range(0, len(todo), self.step_prompts)
+                for r in distributed.shard_step(todo[start:start + self.step_prompts], self.dist, per_rank)]
         loader_cfg = LoaderConfig(batch_size=cfg.per_device_train_batch_size, backend=cfg.media_backend,
                                   workers=cfg.media_workers, prefetch=2, on_error=cfg.on_bad_clip, aspect="pad",
                                   num_frames=self.loaded.config.num_frames,
                                   n_mels=self.model.towers.audio.num_mel_bins)
-        with contextlib.closing(iter(MediaLoader(todo, loader_cfg, device=self.device))) as batches:
+        with contextlib.closing(iter(MediaLoader(mine, loader_cfg, device=self.device))) as batches:
             while self.pos.step < self.total_steps and self.pos.consumed < len(order):
                 phases, t0 = Phases(), time.perf_counter()
-                micro = self._next_batches(batches, todo, phases)
-                if not micro:
-                    continue
+                micro = self._next_batches(batches, mine, phases)
+                self.pos.consumed = min(len(order), self.pos.consumed + self.step_prompts)
+                self._share_skipped()
+                if not int(distributed.all_reduce_sum(self.dist, torch.tensor([sum(len(b) for b in micro)]))):
+                    continue  # every clip of this step was bad, on every rank
                 for metrics in (self._grpo_step if cfg.stage == "grpo" else self._sft_step)(micro, phases):
                     metrics.update(epoch=self.pos.epoch + self.pos.consumed / len(order),
                                    skipped_clips=len(self.skipped), **phases.as_metrics())
@@ -212,36 +230,44 @@ class Trainer:
                     self._after_step(metrics, metrics_log, history)
         return True
 
-    def _next_batches(self, batches, todo: list, phases: Phases) -> list:
-        """The next gradient_accumulation_steps micro-batches (fewer at the end of the epoch), bad clips
-        skipped and listed."""
+    def _next_batches(self, batches, mine: list, phases: Phases) -> list:
+        """This rank's next gradient_accumulation_steps micro-batches (fewer, or none, at the end of the
+        epoch), bad clips skipped and listed."""
         out = []
         for _ in range(self.cfg.gradient_accumulation_steps):
             with phases("media"):
                 try:
                     batch = next(batches, None)
                 except MediaError as e:  # on_bad_clip="raise"
-                    bad = next((r for r in todo if str(e).startswith(str(r.video))), None)
+                    bad = next((r for r in mine if str(e).startswith(str(r.video))), None)
                     raise TrainingError(f"{self.cfg.train_annotations}: entry "
                                         f"{bad.index if bad else '?'}: {e}") from None
             if batch is None:
                 break
-            self.pos.consumed += len(batch) + len(batch.failures)
             for f in batch.failures:
-                self._bad(todo[f.index].index, f.path, f.error)
+                self._bad(mine[f.index].index, f.path, f.error)
             if len(batch):
                 out.append(batch)
         return out
+
+    def _share_skipped(self) -> None:
+        """Every rank learns the entries the others skipped (rank 0 logs them and saves the list)."""
+        if self.dist.enabled:
+            for theirs in distributed.all_gather_objects(self.dist, list(self.skipped.values())):
+                for b in theirs:
+                    self._bad(b["index"], b["path"], b["reason"])
 
     def _after_step(self, metrics: dict, metrics_log: MetricsLog, history: list[dict]) -> None:
         self.pos.step += 1
         metrics = {"step": self.pos.step, **metrics}
         history.append(metrics)
-        if self.pos.step % self.cfg.logging_steps == 0 or self.pos.step == self.total_steps:
-            metrics_log.write(metrics)
-            self.log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
-        metrics_log.advance(metrics)
-        if self.on_step is not None:
+        if metrics_log is not None:
+            if self.pos.step % self.cfg.logging_steps == 0 or self.pos.step == self.total_steps:
+                metrics_log.write(metrics)
+                self.log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                       for k, v in metrics.items()))
+            metrics_log.advance(metrics)
+        if self.on_step is not None and self.dist.is_main:
             self.on_step(metrics)
         if self.pos.step % self.cfg.save_steps == 0:
             self.save()
@@ -266,8 +292,9 @@ class Trainer:
                     ro.ref_logp = reference_logprobs(self.reference, ro, bert, g, cfg.temperature)
             self._check_finite(ro.total_rewards, "reward")
             rollouts.append(ro)
-        sequences = sum(r.mask.shape[0] for r in rollouts)
-        tokens = float(sum(r.mask.sum() for r in rollouts))
+        counts = torch.tensor([sum(r.mask.shape[0] for r in rollouts), sum(float(r.mask.sum()) for r in rollouts)],
+                              dtype=torch.float64)
+        sequences, tokens = distributed.all_reduce_sum(self.dist, counts).tolist()  # the global batch's
         for iteration in range(cfg.num_iterations):
             loss = kl = 0.0
             for ro in rollouts:
@@ -278,21 +305,31 @@ class Trainer:
                                     beta=cfg.beta, eps_low=cfg.epsilon, eps_high=cfg.epsilon_high or cfg.epsilon,
                                     loss_type=cfg.loss_type, max_completion_length=cfg.max_completion_length,
                                     num_items_in_batch=tokens)
-                    scaled = out.loss * accumulation_scale(cfg.loss_type, ro.mask, sequences, tokens)
+                    scaled = out.loss * accumulation_scale(cfg.loss_type, ro.mask, int(sequences), tokens)
                     self._check_finite(scaled, "loss")
                     scaled.backward()
                     if cfg.num_iterations > 1 and iteration == 0:
                         ro.old_logp = logp.detach()
                 loss += float(scaled.detach())
-                kl += float(out.kl) * ro.mask.shape[0] / sequences
+                kl += float(out.kl) * ro.mask.shape[0]
             with phases("optimizer"):
                 grad_norm = self._optimizer_step()
-            total = torch.cat([r.total_rewards for r in rollouts])
-            lengths = torch.cat([r.lengths for r in rollouts]).float()
-            per_reward = {k: sum(sum(r.rewards[k]) for r in rollouts) / sequences for k in rollouts[0].rewards}
-            yield {"loss": loss, "reward": float(total.mean()), "reward_std": group_std(total, g), **per_reward,
-                   "kl": kl if self.reference is not None else math.nan, "completion_length": float(lengths.mean()),
-                   "grad_norm": grad_norm, "learning_rate": self._lr_used, "_tokens": float(lengths.sum())}
+            yield self._grpo_metrics(rollouts, loss, kl, grad_norm)
+
+    def _grpo_metrics(self, rollouts: list[Rollout], loss: float, kl: float, grad_norm: float) -> dict:
+        """The step's metrics over every rank's rollouts."""
+        keys = [metric_name(n) for n in self.cfg.reward_funcs]
+        sums = rollout_sums(rollouts, keys, self.cfg.num_generations)
+        sums.update(loss=loss, kl=kl)
+        names = sorted(sums)
+        total = dict(zip(names, distributed.all_reduce_sum(
+            self.dist, torch.tensor([sums[k] for k in names], dtype=torch.float64)).tolist()))
+        n = max(total["sequences"], 1.0)
+        return {"loss": total["loss"], "reward": total["reward"] / n,
+                "reward_std": total["reward_std"] / max(total["groups"], 1.0), **{k: total[k] / n for k in keys},
+                "kl": total["kl"] / n if self.reference is not None else math.nan,
+                "completion_length": total["completion_length"] / n, "grad_norm": grad_norm,
+                "learning_rate": self._lr_used, "_tokens": total["completion_length"]}
 
     # --- SFT -------------------------------------------------------------------------------------------------
     def _sft_step(self, micro: list, phases: Phases):
@@ -303,7 +340,7 @@ class Trainer:
                 feats = tower_features(self.model, batch.frames, batch.mel)
             batches.append(sft_batch(self.tokenizer, feats, batch.records, cfg.max_length,
                                      self.loaded.config.mm_use_x_start_end, pad))
-        tokens = sum(b.num_tokens for b in batches)
+        tokens = int(distributed.all_reduce_sum(self.dist, torch.tensor([sum(b.num_tokens for b in batches)])))
         loss = 0.0
         for b in batches:
             with phases("policy"):
@@ -313,12 +350,14 @@ class Trainer:
             loss += float(scaled.detach())
         with phases("optimizer"):
             grad_norm = self._optimizer_step()
+        loss = float(distributed.all_reduce_sum(self.dist, torch.tensor([loss], dtype=torch.float64)))
         yield {"loss": loss, "num_tokens": tokens, "grad_norm": grad_norm, "learning_rate": self._lr_used,
                "_tokens": float(tokens)}
 
     # --- shared ----------------------------------------------------------------------------------------------
     def _optimizer_step(self) -> float:
         self._lr_used = self.optimizer.lr
+        distributed.all_reduce_grads(self.dist, self.optimizer.params)
         norm = self.optimizer.clip(self.cfg.max_grad_norm)
         self._check_finite(norm, "gradient norm")
         self.optimizer.apply()
@@ -338,8 +377,12 @@ class Trainer:
                  "skipped": sorted(self.skipped.values(), key=lambda b: b["index"]),
                  "init_model_path": self.init_model_path, "total_steps": self.total_steps,
                  "config": self.cfg.to_dict()}
-        path = ckpt.save(self.out, self.pos.step, self.loaded, self.optimizer, state, [n for n, _ in self.trainable],
-                         self.cfg.save_total_limit)
+        rng = distributed.all_gather_objects(self.dist, ckpt.rng_state())
+        path = self.out / f"checkpoint-{self.pos.step}"
+        if self.dist.is_main:
+            ckpt.save(self.out, self.pos.step, self.loaded, self.optimizer, state, [n for n, _ in self.trainable],
+                      rng, self.cfg.save_total_limit)
+            self.log.info(f"saved {path}")
+        distributed.barrier(self.dist)  # no rank goes on (or stops) before the checkpoint is whole
         self.last_checkpoint = path
-        self.log.info(f"saved {path}")
         return path

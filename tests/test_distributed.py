@@ -1,0 +1,150 @@
+"""Data-parallel training under torchrun with gloo on the CPU: 2 ranks equal 1 process on the same global batch,
+resume under 2 and under 1, two "nodes" on one machine, and a failing rank that ends the job (no hang).
+
+Each test launches real processes (`python -m torch.distributed.run ... -m omni_fast.cli train`), rendezvous on
+127.0.0.1 only. The learning rate is large and adam_epsilon is 1, so that AdamW's update is nearly linear in the
+gradient: the float noise of a different summation order stays at the noise level instead of being
+amplified to +-lr where a gradient is tiny, while a real error (a gradient not summed, or summed twice, over
+ranks) moves the weights by about 1e-3.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from omni_fast.grpo.metrics import read_metrics
+from omni_fast.toy import make_toy_task, toy_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT = 240
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    return make_toy_task(tmp_path_factory.mktemp("toy"), clips_per_label=2)
+
+
+def _env() -> dict:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def _write_config(task, ckpt, path: Path, out: Path, per_device: int, **kw) -> Path:
+    cfg = toy_config(task, ckpt, out, "grpo", max_steps=3, save_steps=1, per_device_train_batch_size=per_device,
+                     num_generations=4, max_completion_length=6, progress=False, learning_rate=0.1,
+                     adam_epsilon=1.0, max_grad_norm=0.0, reward_funcs=("rewards_for_tests:text_length", "format"),
+                     **kw).to_dict()
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def _torchrun(config: Path, *extra: str, nproc: int = 2, launcher: list[str] | None = None) -> subprocess.Popen:
+    launcher = launcher or ["--standalone"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, "--nproc_per_node", str(nproc), "-m",
+           "omni_fast.cli", "train", "--config", str(config), *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc: subprocess.Popen) -> tuple[int, str]:
+    out, _ = proc.communicate(timeout=TIMEOUT)
+    return proc.returncode, out
+
+
+def _single(config: Path, *extra: str) -> tuple[int, str]:
+    proc = subprocess.run([sys.executable, "-m", "omni_fast.cli", "train", "--config", str(config), *extra],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def _weights(checkpoint: Path) -> dict:
+    return {k: v for k, v in load_file(str(checkpoint / "model.safetensors")).items() if "_tower." not in k}
+
+
+def _relative_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a) / max(float(a[k].abs().max()) for k in a)
+
+
+@pytest.fixture(scope="module")
+def runs(task, tiny_ckpt, tmp_path_factory):
+    """The same 3 steps on 2 ranks (2 prompts each) and on 1 process (4 prompts): the same global batch."""
+    d = tmp_path_factory.mktemp("dist")
+    two = _write_config(task, tiny_ckpt, d / "two.json", d / "two", per_device=2)
+    one = _write_config(task, tiny_ckpt, d / "one.json", d / "one", per_device=4)
+    rc, out = _finish(_torchrun(two))
+    assert rc == 0, out[-3000:]
+    rc, out1 = _single(one)
+    assert rc == 0, out1[-3000:]
+    return d
+
+
+def test_two_ranks_equal_one_process(runs, tiny_ckpt):
+    for step in (1, 3):  # step 1: the first update (a function of the first gradients); step 3: the weights
+        a, b = _weights(runs / "one" / f"checkpoint-{step}"), _weights(runs / "two" / f"checkpoint-{step}")
+        assert _relative_diff(a, b) <= 1e-6, step
+    start = {k: v.float() for k, v in _weights(tiny_ckpt).items()}
+    assert _relative_diff(start, _weights(runs / "one" / "checkpoint-3")) > 1e-3  # the weights did move
+    one, two = read_metrics(runs / "one"), read_metrics(runs / "two")
+    assert [m["step"] for m in two] == [1, 2, 3]
+    for m1, m2 in zip(one, two):  # metrics are reduced over ranks before they are logged
+        for key in ("loss", "reward", "reward_std", "rewards/format_reward", "completion_length", "grad_norm"):
+            assert m2[key] == pytest.approx(m1[key], rel=1e-5, abs=1e-7), key
+    rng = __import__("torch").load(runs / "two" / "checkpoint-3" / "rng_state.pt", weights_only=False)
+    assert rng["world_size"] == 2 and len(rng["ranks"]) == 2
+
+
+def test_resume_under_two_and_under_one(runs, task, tiny_ckpt, tmp_path):
+    import shutil
+
+    for name, nproc in (("again2", 2), ("again1", 1)):
+        out = tmp_path / name
+        out.mkdir()
+        shutil.copytree(runs / "two" / "checkpoint-1", out / "checkpoint-1")
+        (out / "latest").write_text("checkpoint-1\n")
+        config = _write_config(task, tiny_ckpt, tmp_path / f"{name}.json", out, per_device=4 // nproc)
+        rc, log = _finish(_torchrun(config, "--resume_from_checkpoint", "latest", nproc=nproc))
+        assert rc == 0, log[-3000:]
+        if nproc == 2:  # the same world size resumes exactly
+            assert _relative_diff(_weights(runs / "two" / "checkpoint-3"), _weights(out / "checkpoint-3")) <= 1e-6
+            straight = {m["step"]: m["loss"] for m in read_metrics(runs / "two")}
+            for m in read_metrics(out):
+                assert m["loss"] == pytest.approx(straight[m["step"]], rel=1e-5, abs=1e-7)
+        else:  # another world size continues, and says so
+            assert (out / "checkpoint-3").is_dir()
+            assert "saved by 2 process(es) with 1" in (out / "train.log").read_text()
+
+
+def test_two_nodes_on_one_machine(task, tiny_ckpt, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = _write_config(task, tiny_ckpt, tmp_path / "nodes.json", tmp_path / "nodes", per_device=2)
+    common = ["--nnodes", "2", "--master_addr", "127.0.0.1", "--master_port", str(port)]
+    procs = [_torchrun(config, "--max_steps", "1", nproc=1, launcher=common + ["--node_rank", str(r)])
+             for r in (0, 1)]
+    results = [_finish(p) for p in procs]
+    for rc, out in results:
+        assert rc == 0, out[-3000:]
+    assert [m["step"] for m in read_metrics(tmp_path / "nodes")] == [1]
+    assert (tmp_path / "nodes" / "checkpoint-1").is_dir()
+
+
+def test_a_failing_rank_ends_the_job_with_its_message(task, tiny_ckpt, tmp_path):
+    config = _write_config(task, tiny_ckpt, tmp_path / "fail.json", tmp_path / "fail", per_device=2)
+    raw = json.loads(config.read_text())
+    raw["reward_funcs"] = ["rewards_for_tests:fail_on_rank_1"]
+    config.write_text(json.dumps(raw))
+    t0 = time.monotonic()
+    rc, out = _finish(_torchrun(config))
+    assert rc != 0
+    assert "rank 1's reward failed on purpose" in out
+    assert time.monotonic() - t0 < TIMEOUT
+    assert not list((tmp_path / "fail").glob("checkpoint-*"))
