@@ -137,14 +137,19 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from omni_fast import distributed
     from omni_fast.api import OmniModel
     from omni_fast.eval import evaluate, write_json
     from omni_fast.grpo.data import load_annotations
 
     records = load_annotations(args.annotations, args.data_root)[: args.limit]
-    model = OmniModel.from_pretrained(args.model_path, args.device, _dtype(args.dtype), bert_path=args.bert_path,
+    ctx = distributed.init(args.device)  # under torchrun each rank recognises a shard; rank 0 scores
+    model = OmniModel.from_pretrained(args.model_path, ctx.device, _dtype(args.dtype), bert_path=args.bert_path,
                                       vision_tower=args.vision_tower, audio_tower=args.audio_tower)
-    report = evaluate(model, records, args.instruct, args.max_new_tokens, args.batch_size)
+    report = evaluate(model, records, args.instruct, args.max_new_tokens, args.batch_size, ctx)
+    distributed.shutdown(ctx)
+    if report is None:
+        return 0
     print(f"{'source':>10} {'clips':>6} {'WAR':>7} {'UAR':>7}")
     for source, s in report.by_source.items():
         print(f"{source:>10} {s['clips']:>6} {s['war']:>7.2f} {s['uar']:>7.2f}")

@@ -79,19 +79,36 @@ def score(rows: list[dict], skipped: list[dict] | None = None) -> EvalReport:
                       skipped=skipped or [])
 
 
-def evaluate(model, records: list[Record], instruct: str | None = None, max_new_tokens: int = 1024,
-             batch_size: int = 8) -> EvalReport:
-    """Greedy recognition of every record's clip (clips that cannot be decoded are skipped and reported)."""
+def recognize_rows(model, records: list[Record], instruct: str | None = None, max_new_tokens: int = 1024,
+                   batch_size: int = 8) -> tuple[list[dict], list[dict]]:
+    """Greedy recognition of every record's clip -> (per-clip rows in record order, skipped clips)."""
     results = model.recognize(records, instruct, max_new_tokens=max_new_tokens, batch_size=batch_size,
                               on_error="skip")
     failed = {f.index for f in model.failures}
     kept = [r for i, r in enumerate(records) if i not in failed]  # results come in record order, skips removed
     assert len(kept) == len(results), (len(kept), len(results))
-    rows = []
-    for record, res in zip(kept, results):
-        rows.append({"gt": ground_truth(record), "prediction": prediction(res.text), "response": res.text,
-                     "source": record.source, "video_path": res.video})
-    skipped = [{"path": f.path, "error": f.error} for f in model.failures]
+    rows = [{"index": record.index, "gt": ground_truth(record), "prediction": prediction(res.text),
+             "response": res.text, "source": record.source, "video_path": res.video}
+            for record, res in zip(kept, results)]
+    return rows, [{"path": f.path, "error": f.error} for f in model.failures]
+
+
+def evaluate(model, records: list[Record], instruct: str | None = None, max_new_tokens: int = 1024,
+             batch_size: int = 8, dist_ctx=None) -> EvalReport | None:
+    """Greedy recognition of every record's clip (clips that cannot be decoded are skipped and reported).
+
+    Under torchrun (dist_ctx from omni_fast.distributed.init), rank r recognises records r, r + W, r + 2W, ...;
+    rank 0 merges the rows in record order and scores them once (the other ranks get None)."""
+    world, rank = (dist_ctx.world_size, dist_ctx.rank) if dist_ctx is not None else (1, 0)
+    rows, skipped = recognize_rows(model, records[rank::world], instruct, max_new_tokens, batch_size)
+    if world > 1:
+        from omni_fast import distributed
+
+        shards = distributed.all_gather_objects(dist_ctx, (rows, skipped))
+        if rank != 0:
+            return None
+        rows = sorted((row for s in shards for row in s[0]), key=lambda row: row["index"])  # record order
+        skipped = [x for s in shards for x in s[1]]
     if not rows:
         raise ValueError(f"none of the {len(records)} clips could be decoded (first error: "
                          f"{skipped[0]['error'] if skipped else 'none'})")

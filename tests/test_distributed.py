@@ -46,10 +46,12 @@ def _write_config(task, ckpt, path: Path, out: Path, per_device: int, **kw) -> P
     return path
 
 
-def _torchrun(config: Path, *extra: str, nproc: int = 2, launcher: list[str] | None = None) -> subprocess.Popen:
+def _torchrun(config: Path | None, *extra: str, nproc: int = 2, launcher: list[str] | None = None) -> subprocess.Popen:
+    """torchrun ... omni-fast train --config CONFIG EXTRA (config None: omni-fast EXTRA)."""
     launcher = launcher or ["--standalone"]
+    command = ["train", "--config", str(config)] if config is not None else []
     cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, "--nproc_per_node", str(nproc), "-m",
-           "omni_fast.cli", "train", "--config", str(config), *extra]
+           "omni_fast.cli", *command, *extra]
     return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -148,3 +150,20 @@ def test_a_failing_rank_ends_the_job_with_its_message(task, tiny_ckpt, tmp_path)
     assert "rank 1's reward failed on purpose" in out
     assert time.monotonic() - t0 < TIMEOUT
     assert not list((tmp_path / "fail").glob("checkpoint-*"))
+
+
+def test_eval_under_torchrun_equals_one_process(task, tiny_ckpt, tmp_path):
+    entries = json.loads(task.grpo_annotations.read_text())[:5]
+    entries.insert(2, {"video": "clips/missing.mp4", "conversations": entries[0]["conversations"]})
+    ann = task.root / "eval5.json"
+    ann.write_text(json.dumps(entries))
+    args = ["eval", "--model_path", str(tiny_ckpt), "--annotations", str(ann), "--max_new_tokens", "6",
+            "--device", "cpu", "--batch_size", "2"]
+    rc, out = _finish(_torchrun(None, *args, "--out", str(tmp_path / "two.json")))
+    assert rc == 0, out[-3000:]
+    single = subprocess.run([sys.executable, "-m", "omni_fast.cli", *args, "--out", str(tmp_path / "one.json")],
+                            cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert single.returncode == 0, single.stderr[-3000:]
+    one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    assert [r["index"] for r in two["results"]] == [0, 1, 3, 4, 5]  # record order, the missing clip skipped
+    assert two["results"] == one["results"] and two["scores"] == one["scores"]
