@@ -1,9 +1,10 @@
-"""The R1-Omni trainer: GRPO with verifiable rewards, and the cold-start SFT stage, on one process.
+"""The R1-Omni trainer: GRPO with verifiable rewards, and the cold-start SFT stage, on one process or on every
+rank of a torchrun job (omni_fast/distributed.py: data parallel, each rank with its own rollout engine).
 
     trainer = Trainer(GRPOConfig(model_path=..., train_annotations=..., output_dir=...))
     trainer.train()                        # or: omni-fast train --config run.yaml
 
-One GRPO optimizer step (per_device_train_batch_size x gradient_accumulation_steps prompts):
+One GRPO optimizer step (per_device_train_batch_size x gradient_accumulation_steps prompts per rank):
   1. clips come decoded ahead from the MediaLoader (pad-to-square frames, as the reference trains);
   2. per micro-batch: the frozen towers run ONCE per clip (no grad), the projectors + gate make the prompt
      embeddings, the engine samples G completions with the policy's own weights (prefix prefilled once,
@@ -11,8 +12,9 @@ One GRPO optimizer step (per_device_train_batch_size x gradient_accumulation_ste
      the completions (shared-prefix forward, no grad);
   3. per micro-batch again: the policy's prompt embeddings with grad, its shared-prefix log-probs through
      ops.selective_logprob, the loss (grpo/loss.py) scaled by accumulation_scale, backward;
-  4. clip the gradient norm, AdamW (fp32 masters for bf16 weights), the schedule; the parameters change in
-     place, so the engine (and its CUDA graphs) decodes the next step with the new weights, no copy.
+  4. sum the gradients over ranks, clip their norm, AdamW (fp32 masters for bf16 weights), the schedule;
+     the parameters change in place, so the engine (and its CUDA graphs) decodes the next step with the new
+     weights, no copy.
 
 Where it departs from the reference trainer (humanOmni_grpo_trainer.py) and why:
   * The towers run once per clip per step, not once per completion and pass (17x in the reference); they
