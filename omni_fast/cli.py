@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 
 DEMO_GRPO_STEPS = 30
+DEMO_SFT_STEPS = 40
 DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "float32": "float32",
           "fp32": "float32"}
 
@@ -72,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", default=None, help="where to write the tiny checkpoint and clip (default: temp)")
     demo.add_argument("--max_new_tokens", type=int, default=48)
     demo.add_argument("--grpo_steps", type=int, default=DEMO_GRPO_STEPS, help="GRPO steps of the toy run (0: skip)")
+    demo.add_argument("--sft_steps", type=int, default=DEMO_SFT_STEPS, help="SFT steps before the GRPO run")
     return parser
 
 
@@ -187,11 +189,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
               f"generate {model.timings.generate:.3f} s for {len(result.token_ids)} tokens")
         print(f"[demo] response (random tiny weights, so not meaningful): {result.text!r}")
         if args.grpo_steps > 0:
-            stage("train on a toy task: cold-start SFT, then GRPO", lambda: _demo_training(root, ckpt, args.grpo_steps))
+            stage("train on a toy task: cold-start SFT, then GRPO",
+                  lambda: _demo_training(root, ckpt, args.sft_steps, args.grpo_steps))
     return 0
 
 
-def _demo_training(root: Path, ckpt: Path, grpo_steps: int) -> None:
+def _demo_training(root: Path, ckpt: Path, sft_steps: int, grpo_steps: int) -> None:
     """The toy task of omni_fast.toy (a clip's colour is its emotion): SFT teaches the answer format at chance
     accuracy, GRPO's accuracy reward teaches the task; the reward curve is printed as it goes."""
     from omni_fast.grpo.trainer import Trainer
@@ -199,7 +202,7 @@ def _demo_training(root: Path, ckpt: Path, grpo_steps: int) -> None:
 
     task = make_toy_task(root / "toy-task")
     clips = [task.clips[label][0] for label in task.labels]
-    sft = Trainer(toy_config(task, ckpt, root / "toy-sft", "sft", progress=False))
+    sft = Trainer(toy_config(task, ckpt, root / "toy-sft", "sft", max_steps=max(1, sft_steps), progress=False))
     sft.train()
     print(f"[demo] SFT: {sft.pos.step} steps on the answer format, loss {sft.history[-1]['loss']:.3f}")
     before = toy_answers(sft.last_checkpoint, clips)

@@ -51,9 +51,13 @@ def test_cli_errors_name_the_argument(tiny_ckpt, clips, capsys, argv, match):
 
 
 def test_cli_demo(capsys, tmp_path):
-    assert cli.main(["demo", "--workdir", str(tmp_path), "--max_new_tokens", "6"]) == 0
+    assert cli.main(["demo", "--workdir", str(tmp_path), "--max_new_tokens", "6", "--sft_steps", "2",
+                     "--grpo_steps", "2"]) == 0
     out = capsys.readouterr().out
     assert "write tiny R1-Omni checkpoint" in out and "recognize" in out and "response" in out
+    assert "SFT: 2 steps" in out and "GRPO step   2" in out and "GRPO step   3" not in out
+    assert out.count("after GRPO") == 3  # one clip per toy label
+    assert (tmp_path / "toy-grpo" / "checkpoint-2" / "model.safetensors").is_file()
     assert (tmp_path / "tiny-r1-omni" / "config.json").is_file()
 
 
@@ -65,10 +69,23 @@ def test_batched_recognize_equals_one_by_one(omni, clips):
     assert [r.video for r in together] == [str(p) for p in paths]
 
 
+@pytest.mark.filterwarnings("ignore:Passing `repetition_penalty`")
 @pytest.mark.parametrize("modal", ["video", "audio"])
-def test_single_modality(omni, clips, modal):
+def test_single_modality(omni, reference, clips, modal):
     r = omni.recognize(clips["mp4"], modal=modal, max_new_tokens=6)[0]
     assert 1 <= len(r.token_ids) <= 6 and isinstance(r.text, str)
+    # exactly what the transformers composition generates greedily for the one modality: 6 tokens unless it
+    # stopped at an EOS (then "stop" and the EOS last)
+    clip = load_clip(clips["mp4"], aspect="stretch")
+    bert = dict(omni.bert_tokenizer([DEFAULT_INSTRUCT], return_tensors="pt", padding=True, truncation=True))
+    embeds = reference.embeddings(omni.prompt_ids(DEFAULT_INSTRUCT, modal), clip.frames if modal == "video" else None,
+                                  clip.mel if modal == "audio" else None, bert)
+    gen = omni.loaded.generation
+    expected = reference.greedy(embeds, 6, list(gen.eos_token_ids), gen.repetition_penalty, gen.pad_token_id)
+    assert r.token_ids == expected
+    stopped = bool(expected) and expected[-1] in gen.eos_token_ids
+    assert len(r.token_ids) == (len(expected) if stopped else 6)
+    assert r.finish_reason == ("stop" if stopped else "length")
 
 
 def test_generate_samples_n_per_clip(omni, clips):

@@ -107,7 +107,21 @@ def test_tower_override_must_exist(ckpt, tmp_path):
 def test_relative_tower_path_resolves_against_the_checkpoint(ckpt):
     _edit_config(ckpt, mm_vision_tower="siglip-base-patch16-224", mm_audio_tower="whisper-large-v3")
     _rewrite(ckpt, lambda s: {k: v for k, v in s.items() if not k.startswith("model.vision_tower.")})
-    assert _load(ckpt).model is not None
+    # this copy's SigLIP weights differ from the shared tiny checkpoint's: they can only come from ckpt/siglip...
+    siglip_file = ckpt / "siglip-base-patch16-224" / "model.safetensors"
+    siglip = {k: v + 0.5 if v.is_floating_point() else v for k, v in load_file(str(siglip_file)).items()}
+    save_file(siglip, str(siglip_file))
+    loaded = _load(ckpt)
+    assert loaded.model is not None
+    ours = loaded.model.state_dict()
+    vision = {k: v for k, v in siglip.items() if k.startswith("vision_model.")}
+    assert vision
+    for k, v in vision.items():
+        assert torch.equal(ours["model.vision_tower.vision_tower." + k], v.float()), k
+    assert f"vision tower weights: {ckpt / 'siglip-base-patch16-224'}" in loaded.notes
+    stored = load_file(str(ckpt / "model.safetensors"))                  # the rest still from the checkpoint
+    for k in ("model.embed_tokens.weight", "model.audio_tower.audio_tower.encoder.conv1.weight"):
+        assert torch.equal(ours[k], stored[k].float()), k
 
 
 def test_missing_bert_directory_names_where_it_looked(ckpt, tmp_path, monkeypatch):

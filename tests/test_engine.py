@@ -105,6 +105,22 @@ def test_stop_tokens_max_tokens_and_ignore_eos(pair):
     assert one.token_ids == free.token_ids[:1] and len(one.logprobs) == 1
 
 
+@pytest.mark.parametrize("sync_every", [1, 4])
+def test_each_row_gets_exactly_its_own_max_tokens(pair, sync_every):
+    """One batch, per-prompt max_tokens all different (and not the batch's longest): with ignore_eos every
+    completion is exactly max_tokens long, so an off-by-one in the per-row stop shows on the shorter rows."""
+    _, ours = pair
+    prompts = _prompts(4, 9, 2, 6)
+    max_tokens = [3, 11, 1, 6]
+    params = [SamplingParams(n=1 + i % 2, temperature=1.0, top_k=20, max_tokens=m, seed=i, ignore_eos=True)
+              for i, m in enumerate(max_tokens)]
+    results = Engine(ours, EngineConfig(sync_every=sync_every), stop_token_ids=(3,)).generate(prompts, params)
+    assert [len(group) for group in results] == [1, 2, 1, 2]
+    for m, group in zip(max_tokens, results):
+        for c in group:
+            assert len(c.token_ids) == m and len(c.logprobs) == m and c.finish_reason == "length", (m, c)
+
+
 def test_bad_requests(pair):
     _, ours = pair
     engine = Engine(ours, EngineConfig(max_samples=4))

@@ -1,10 +1,12 @@
 """WAR / UAR as R1-Omni's eval scripts define them, and the eval command end to end."""
 import json
+from pathlib import Path
 
 import pytest
 
 from omni_fast import cli
-from omni_fast.eval import prediction, score, war_uar
+from omni_fast.eval import ground_truth, prediction, score, war_uar
+from omni_fast.grpo.data import Record
 
 
 def _reference_war_uar(y_true, y_pred):
@@ -30,6 +32,16 @@ def test_war_uar(y_true, y_pred):
 def test_war_uar_bad_input():
     with pytest.raises(ValueError, match="2 labels but 1"):
         war_uar(["a", "b"], ["a"])
+
+
+@pytest.mark.parametrize("source,label,expected", [
+    ("ravdess", "fearful", "fear"), ("ravdess", "surprised", "surprise"), ("ravdess", " fearful\n", "fear"),
+    ("ravdess", "happy", "happy"), ("ravdess", "fear", "fear"),
+    ("dfew", "fearful", "fearful"), ("mafw", "surprised", "surprised"), ("dfew", " sad ", "sad"),
+])
+def test_ground_truth_renames_ravdess_labels_only(source, label, expected):
+    """eval_ravedess.py's renames (fearful -> fear, surprised -> surprise) apply to RAVDESS records only."""
+    assert ground_truth(Record(video=Path("x.mp4"), label=label, index=0, source=source)) == expected
 
 
 def test_prediction_and_per_source_scores():

@@ -76,6 +76,25 @@ class TestReferencePath:
         assert ours.dtype == torch.float32
         assert (ours.double() - ref).abs().max().item() <= 4 * torch.finfo(torch.float32).eps * ref.abs().max()
 
+    @pytest.mark.parametrize("backend", _backends("cpu"))
+    @pytest.mark.parametrize("k,group_size", [(1, 2), (1, 8), (2, 5), (3, 16)])
+    def test_group_scale_equals_the_formula_in_python(self, backend, k, group_size):
+        """Independent of group_advantage_ref: the default scale="group" is (r - mean_g) / (std_g + eps), std
+        unbiased (N - 1), r the rewards summed over K, computed here in Python floats."""
+        rewards = torch.rand(k, 6 * group_size) * 2 - 0.5
+        summed = [sum(float(rewards[j, i]) for j in range(k)) for i in range(rewards.shape[1])]
+        expected = []
+        for g0 in range(0, len(summed), group_size):
+            group = summed[g0:g0 + group_size]
+            mean = sum(group) / group_size
+            std = math.sqrt(sum((v - mean) ** 2 for v in group) / (group_size - 1))
+            expected += [(v - mean) / (std + 1e-4) for v in group]
+        with ops.force_backend(backend, "group_advantage"):
+            ours = group_advantages(rewards[0] if k == 1 else rewards, group_size)
+        expected = torch.tensor(expected, dtype=torch.float64)
+        err = (ours.double() - expected).abs().max().item()
+        assert err <= 1e-5 * expected.abs().max().item(), (backend, err)
+
     def test_batch_and_none_definitions(self):
         rewards = _rewards(1, 4, 8)
         centred = rewards - rewards.view(-1, 8).mean(1).repeat_interleave(8)

@@ -65,17 +65,29 @@ def test_k3_kl_is_nonnegative_and_zero_at_ref():
     assert torch.all(k3_kl(logp, logp) == 0)
 
 
+@pytest.mark.parametrize("logp,ref", [(-1.0, -3.0), (-3.0, -1.0), (-0.5, -0.25), (-2.0, -0.1), (-0.1, -4.0)])
+def test_k3_kl_exact_values(logp, ref):
+    """k3 is exp(ref - logp) - (ref - logp) - 1, ref minus policy: not symmetric, so the sign matters."""
+    d = ref - logp
+    expected = math.exp(d) - d - 1
+    swapped = math.exp(-d) + d - 1
+    assert abs(expected - swapped) > 1e-3                                   # the pairs tell the two orders apart
+    out = k3_kl(torch.tensor([logp], dtype=torch.float64), torch.tensor([ref], dtype=torch.float64)).item()
+    assert out == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
+@pytest.mark.parametrize("beta", (0.04, 0.3))
 @pytest.mark.parametrize("loss_type", sorted(NORMALIZERS))
 @pytest.mark.parametrize("clipped,with_ref", list(itertools.product((False, True), (False, True))))
-def test_loss_equals_loop_reference(loss_type, clipped, with_ref):
+def test_loss_equals_loop_reference(loss_type, clipped, with_ref, beta):
     logp, advantages, mask, ref, old = (x.double() for x in _batch())
-    kwargs = dict(ref_logp=ref if with_ref else None, old_logp=old if clipped else None, beta=0.04,
+    kwargs = dict(ref_logp=ref if with_ref else None, old_logp=old if clipped else None, beta=beta,
                   eps_low=0.2, eps_high=0.28, loss_type=loss_type, max_completion_length=16,
                   num_items_in_batch=41 if loss_type == "dapo" else None)
     out = grpo_loss(logp, advantages, mask, **kwargs)
     expected, clip_ratio = _loop_loss(logp.tolist(), advantages.tolist(), mask.tolist(),
                                       ref.tolist() if with_ref else None, old.tolist() if clipped else None,
-                                      0.04, 0.2, 0.28, loss_type, 16, kwargs["num_items_in_batch"])
+                                      beta, 0.2, 0.28, loss_type, 16, kwargs["num_items_in_batch"])
     assert out.loss.item() == pytest.approx(expected, rel=1e-12, abs=1e-12)
     assert out.clip_ratio.item() == pytest.approx(clip_ratio, abs=1e-12)
     if with_ref:

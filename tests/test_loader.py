@@ -1,5 +1,6 @@
 """MediaLoader: batches equal to load_clip per clip, order kept, bad clips reported (never dropped silently)."""
 import sys
+import threading
 import warnings
 
 import pytest
@@ -110,9 +111,15 @@ def test_record_audio_file_is_used(media):
 def test_stopping_early_releases_the_workers(clips):
     loader = MediaLoader([clips["mp4"]] * 9, LoaderConfig(batch_size=2, prefetch=3, workers=2, backend="pyav"),
                          device="cpu")
+    def media_threads():
+        return {t for t in threading.enumerate() if t.name.startswith("omni-media") and t.is_alive()}
+
+    before = media_threads()
     it = iter(loader)
     next(it)
+    assert media_threads() - before, "the pool's workers should be running while batches are prefetched"
     it.close()  # must not hang or leak the pool
+    assert not media_threads() - before, "worker threads still alive after the iterator was closed"
 
 
 def test_backend_choice(monkeypatch):

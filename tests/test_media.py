@@ -155,17 +155,33 @@ def test_bad_files_are_named(tmp_path):
         load_clip(text)
 
 
-def test_truncated_file_decodes_what_it_can_or_names_the_file(tmp_path):
+def test_truncated_file_without_its_index_names_the_file(tmp_path):
+    """An mp4 cut in half loses its moov atom (written at the end): it cannot be opened, and the error says
+    which file."""
     src = make_clip(tmp_path / "full.mp4", seconds=2.0)
     data = src.read_bytes()
     cut = tmp_path / "cut.mp4"
     cut.write_bytes(data[: len(data) // 2])
-    try:
-        frames, indices, total = sample_video(cut)
-    except MediaError as e:
-        assert "cut.mp4" in str(e)
-    else:
-        assert len(frames) == 8
+    with pytest.raises(MediaError, match=r"cut\.mp4: cannot be opened"):
+        sample_video(cut)
+
+
+def test_truncated_file_decodes_what_it_can(tmp_path):
+    """An avi cut in half keeps its header (frame count) but loses its later frames: the frames that are there
+    are decoded as in the whole file, the missing ones padded black, and the header's indices / N kept."""
+    src = make_clip(tmp_path / "full.avi", seconds=2.0, codec="mjpeg")
+    data = src.read_bytes()
+    cut = tmp_path / "cut.avi"
+    cut.write_bytes(data[: len(data) // 2])
+    full_frames, full_indices, full_total = sample_video(src)
+    frames, indices, total = sample_video(cut)
+    assert (indices, total) == (full_indices, full_total)
+    assert len(frames) == 8
+    decoded = [f.any() for f in frames]
+    n = decoded.index(False)
+    assert 0 < n < 8 and not any(decoded[n:]), decoded                       # a prefix decoded, the rest black
+    for ours, whole in zip(frames[:n], full_frames):
+        assert np.array_equal(ours, whole)
 
 
 @pytest.mark.parametrize("size", [(640, 360), (360, 640), (128, 96), (301, 215), (7, 5)])

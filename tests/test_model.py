@@ -71,3 +71,16 @@ def test_forward_logits_rejects_missing_inputs(omni):
         omni.forward_logits(ids, torch.zeros(8, 3, 224, 224), None)
     with pytest.raises(ValueError, match=r"\[1, T\]"):
         omni.forward_logits(ids[0])
+
+
+def test_token_counts_equal_the_projected_embeddings(omni, clips):
+    """num_video_tokens / num_audio_tokens (the prompt's placeholder budget) are the rows that project_video /
+    project_audio actually produce for a clip."""
+    clip = load_clip(clips["mp4"])
+    model = omni.model
+    with torch.no_grad():
+        video = model.project_video(model.vision_features(clip.frames[None]), model.gate_weights(_bert(omni, DEFAULT_INSTRUCT)))
+        audio = model.project_audio(model.audio_features(clip.mel[None]))
+    assert video.shape[:2] == (1, model.num_video_tokens)
+    assert audio.shape[:2] == (1, model.num_audio_tokens)
+    assert (model.num_video_tokens, model.num_audio_tokens) == (392, 500)     # the tiny checkpoint's (and R1-Omni's)

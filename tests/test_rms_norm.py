@@ -51,6 +51,16 @@ def test_gpu(shape, dtype):
     _check(shape, dtype, "cuda", True)
 
 
+def _rms_norm_grads_fp64(s, w, g, eps):
+    """d(sum g * w * s / rms(s))/ds and /dw written out in fp64: rms = sqrt(mean(s^2) + eps),
+    ds = w g / rms - s * sum(w g s) / (H rms^3), dw = sum over rows of g s / rms."""
+    s, w, g = s.double(), w.double(), g.double()
+    rms = (s.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+    wg = w * g
+    ds = wg / rms - s * (wg * s).sum(-1, keepdim=True) / (s.shape[-1] * rms ** 3)
+    return ds, (g * s / rms).reshape(-1, s.shape[-1]).sum(0)
+
+
 def test_forward_only_kernels_yield_to_autograd():
     """With a gradient to compute, the dispatch runs the differentiable torch reference even if Triton is forced."""
     x = torch.randn(3, 64, requires_grad=True)
@@ -59,5 +69,27 @@ def test_forward_only_kernels_yield_to_autograd():
         out, _ = ops.add_rms_norm(x, None, w, 1e-6)
         out.sum().backward()
         assert x.grad is not None
+        expected, _ = _rms_norm_grads_fp64(x.detach(), w, torch.ones(3, 64), 1e-6)
+        assert torch.allclose(x.grad.double(), expected, rtol=1e-5, atol=1e-6), (x.grad.double() - expected).abs().max()
         with torch.no_grad():
             assert torch.allclose(ops.add_rms_norm(x, None, w, 1e-6)[0], out, atol=1e-5)
+
+
+@pytest.mark.parametrize("residual", [True, False])
+def test_gradients_equal_the_fp64_formula(residual):
+    """Through the dispatch (Triton forced, so autograd takes the reference): the gradients of x, the residual
+    and the weight against the analytic fp64 gradient, for a random upstream gradient."""
+    x, r, w = _inputs((5, 96), torch.float32, "cpu", residual)
+    x.requires_grad_()
+    w.requires_grad_()
+    if r is not None:
+        r.requires_grad_()
+    g = torch.randn(5, 96)
+    with ops.force_backend("triton", "add_rms_norm"):
+        out, _ = ops.add_rms_norm(x, r, w, 1e-6)
+    (out * g).sum().backward()
+    s = x.detach() if r is None else x.detach() + r.detach()
+    ds, dw = _rms_norm_grads_fp64(s, w.detach(), g, 1e-6)
+    for got, exp in [(x.grad, ds), (w.grad, dw)] + ([(r.grad, ds)] if r is not None else []):
+        err = (got.double() - exp).abs().max().item()
+        assert err <= 8 * torch.finfo(torch.float32).eps * exp.abs().max().item(), err
