@@ -149,12 +149,16 @@ def test_step_loss_and_gradient_equal_the_reference_formula(task, tiny_ckpt, tmp
     assert abs(float(total.detach())) > 1e-3  # a loss of 0 would match too many bugs
     assert logged["loss"] == pytest.approx(float(total.detach()), rel=1e-4)
     assert logged["reward"] == pytest.approx(float(r.mean()), abs=1e-6)
+    assert logged["reward_std"] == pytest.approx(float(grouped.std(1).mean()), rel=1e-6)  # unbiased, per group
+    assert logged["completion_length"] == pytest.approx(float(ro.lengths.float().mean()))
     total.backward()
     want = dict(policy0.named_parameters())
     scale = max(float(want[n].grad.abs().max()) for n in grads if want[n].grad is not None)
     for n, g in grads.items():
         expected = want[n].grad if want[n].grad is not None else torch.zeros_like(g)
         assert float((g - expected).abs().max()) <= 1e-4 * scale, n
+    norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()])))
+    assert logged["grad_norm"] == pytest.approx(norm, rel=1e-6)
     # rewards read the completions decoded with special tokens skipped and NOT stripped, as the reference does
     assert ro.texts == [trainer.tokenizer.decode(c[:n].tolist(), skip_special_tokens=True)
                         for c, n in zip(ro.completions, ro.lengths)]
@@ -389,3 +393,20 @@ def test_gpu_grpo_steps_in_bf16_with_cuda_graphs(task, tiny_ckpt, tmp_path):
     trainer.engine.config.cuda_graphs = False
     eager = trainer.engine.generate(prefix, greedy)[0][0].token_ids
     assert graphed == eager
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine", "constant"])
+def test_lr_schedules_equal_transformers(kind):
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup, \
+        get_linear_schedule_with_warmup
+
+    from omni_fast.grpo.optim import lr_lambda
+
+    total, warmup = 17, 3
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    hf = {"linear": lambda: get_linear_schedule_with_warmup(opt, warmup, total),
+          "cosine": lambda: get_cosine_schedule_with_warmup(opt, warmup, total),
+          "constant": lambda: get_constant_schedule_with_warmup(opt, warmup)}[kind]()
+    ours = lr_lambda(kind, total, warmup)
+    for step in range(total + 1):
+        assert ours(step) == pytest.approx(hf.lr_lambdas[0](step), abs=1e-12), step

@@ -89,6 +89,7 @@ class Trainer:
         self.cfg = cfg = config
         self.on_step = on_step  # called with each step's metrics (the demo prints its reward curve)
         self.history: list[dict] = []
+        self._prompt = None  # GRPO prompt ids + BERT inputs, tokenised at the first step
         self.dist = distributed.init(cfg.device)  # torchrun's environment, or one process
         self.out = Path(cfg.output_dir).expanduser()
         self.out.mkdir(parents=True, exist_ok=True)
@@ -275,12 +276,18 @@ class Trainer:
             self.save()
 
     # --- GRPO ------------------------------------------------------------------------------------------------
+    def _grpo_prompt(self) -> tuple[torch.Tensor, dict]:
+        """The GRPO prompt's ids and the gate's BERT inputs, the same for every clip (tokenised once)."""
+        if self._prompt is None:
+            cfg, x_start_end = self.cfg, self.loaded.config.mm_use_x_start_end
+            ids = grpo_prompt_ids(self.tokenizer, cfg.max_prompt_length, cfg.prompt_template, x_start_end)
+            self._prompt = (torch.tensor(ids, device=self.device),
+                            grpo_bert_inputs(self.bert_tokenizer, self.device, cfg.prompt_template, x_start_end))
+        return self._prompt
+
     def _grpo_step(self, micro: list, phases: Phases):
         cfg, g = self.cfg, self.cfg.num_generations
-        x_start_end = self.loaded.config.mm_use_x_start_end
-        ids = torch.tensor(grpo_prompt_ids(self.tokenizer, cfg.max_prompt_length, cfg.prompt_template, x_start_end),
-                           device=self.device)
-        bert = grpo_bert_inputs(self.bert_tokenizer, self.device, cfg.prompt_template, x_start_end)
+        ids, bert = self._grpo_prompt()
         rollouts: list[Rollout] = []
         for batch in micro:
             with phases("towers"):
