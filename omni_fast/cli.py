@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="GRPO (or the cold-start SFT stage) from a YAML / JSON config",
                            description="Any GRPOConfig field can be given as --key value after the config file "
-                                       "(e.g. --max_steps 100 --learning_rate 1e-6); it overrides the file.")
+                                       "(e.g. --max_steps 100 --learning_rate 1e-6); it overrides the file.",
+                           epilog=_config_fields(), formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_argument("--config", default=None, help="YAML or JSON file of GRPOConfig fields")
     train.add_argument("--resume_from_checkpoint", default=None,
                        help="a checkpoint-<step> directory, or 'latest' (the newest one in output_dir)")
@@ -75,6 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--grpo_steps", type=int, default=DEMO_GRPO_STEPS, help="GRPO steps of the toy run (0: skip)")
     demo.add_argument("--sft_steps", type=int, default=DEMO_SFT_STEPS, help="SFT steps before the GRPO run")
     return parser
+
+
+def _config_fields() -> str:
+    from omni_fast.config import GRPOConfig
+
+    lines = ["GRPOConfig fields (default; None: the stage's recipe value):"]
+    for name, default, comment in GRPOConfig.describe():
+        shown = list(default) if isinstance(default, tuple) else default
+        lines.append(f"  {name} = {shown!r}: {comment}")
+    return "\n".join(lines)
 
 
 def parse_overrides(extra: list[str]) -> dict[str, str]:

@@ -349,6 +349,15 @@ class GRPOConfig:
         if self.top_k < 0 or not 0 < self.top_p <= 1:
             raise ConfigError(f"top_k must be >= 0 and top_p in (0, 1], got {self.top_k}, {self.top_p}")
 
+    @classmethod
+    def describe(cls) -> list[tuple[str, Any, str]]:
+        """(field, default, its one-line comment) for every field, in order (for `omni-fast train --help`)."""
+        import inspect
+        import re
+
+        comments = dict(re.findall(r"^    (\w+): [^=\n]+=.*?#\s*(.*)$", inspect.getsource(cls), re.M))
+        return [(f.name, f.default, comments.get(f.name, "")) for f in fields(cls)]
+
     @property
     def prompts_per_step(self) -> int:
         """Prompts in one optimizer step (per process)."""

@@ -72,6 +72,17 @@ def test_config_errors_name_the_key(raw, needle):
         GRPOConfig.from_dict(raw)
 
 
+def test_every_config_field_is_described_in_train_help(capsys):
+    from omni_fast.cli import main
+
+    described = GRPOConfig.describe()
+    assert [name for name, _, comment in described if not comment] == []
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert all(f"  {name} = " in out for name, _, _ in described)
+
+
 def test_missing_config_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="no such config file"):
         GRPOConfig.from_file(tmp_path / "nope.yaml")
