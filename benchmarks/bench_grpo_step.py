@@ -25,8 +25,9 @@ The towers are omni_fast's SigLIP / Whisper / projector modules in both paths (t
 often they run, not whose implementation). --quick runs the tiny checkpoint (omni_fast.testing) on the CPU:
 it measures the algorithmic savings (towers once vs 17x, prompt once vs 8x), not the kernels. The full mode
 (a GPU) takes --model_path, a HumanOmni / R1-Omni checkpoint directory; without one it builds random weights
-of the real R1-Omni-0.5B shape in memory (omni_fast.testing.random_r1omni) and says so. Projected hours of the recipe = seconds per prompt x 15,306 clips x 2 epochs /
-3600 on one device of this kind (the recipe: 16 prompts per optimizer step, about 1,914 steps).
+of the real R1-Omni-0.5B shape in memory (omni_fast.testing.random_r1omni) and says so. Projected hours of
+the recipe = seconds per prompt x 15,306 clips x 2 epochs / 3600 on one device of this kind (the recipe: 16
+prompts per optimizer step, about 1,914 steps).
 Last stdout line: one JSON object.
 """
 from __future__ import annotations

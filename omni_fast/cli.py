@@ -36,11 +36,19 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on GPU, fp32 on CPU")
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows each option's default, and keeps the train command's list of config fields as written."""
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from omni_fast import __version__
+
     parser = argparse.ArgumentParser(prog="omni-fast", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"omni-fast {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    infer = sub.add_parser("infer", help="recognise the emotion in clips, as R1-Omni's inference.py")
+    infer = sub.add_parser("infer", formatter_class=_Formatter,
+                           help="recognise the emotion in clips, as R1-Omni's inference.py")
     infer.add_argument("--model_path", required=True, help="HumanOmni / R1-Omni checkpoint directory")
     infer.add_argument("--video_path", required=True, nargs="+", help="one or more clips")
     infer.add_argument("--modal", default="video_audio", choices=["video_audio", "video", "audio"])
@@ -50,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--json", action="store_true", help="print one JSON object per clip with timings")
     _add_model_args(infer)
 
-    ev = sub.add_parser("eval", help="WAR / UAR over an annotation file (DFEW, MAFW, RAVDESS formats)")
+    ev = sub.add_parser("eval", formatter_class=_Formatter,
+                        help="WAR / UAR over an annotation file (DFEW, MAFW, RAVDESS formats)")
     ev.add_argument("--model_path", required=True, help="HumanOmni / R1-Omni checkpoint directory")
     ev.add_argument("--annotations", required=True, help="annotation JSON / JSONL (R1-Omni or RAVDESS format)")
     ev.add_argument("--data_root", default=None, help="what relative video paths are resolved against "
@@ -62,15 +71,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default=None, help="write per-clip results and scores to this JSON file")
     _add_model_args(ev)
 
-    train = sub.add_parser("train", help="GRPO (or the cold-start SFT stage) from a YAML / JSON config",
+    train = sub.add_parser("train", formatter_class=_Formatter,
+                           help="GRPO (or the cold-start SFT stage) from a YAML / JSON config",
                            description="Any GRPOConfig field can be given as --key value after the config file "
                                        "(e.g. --max_steps 100 --learning_rate 1e-6); it overrides the file.",
-                           epilog=_config_fields(), formatter_class=argparse.RawDescriptionHelpFormatter)
+                           epilog=_config_fields())
     train.add_argument("--config", default=None, help="YAML or JSON file of GRPOConfig fields")
     train.add_argument("--resume_from_checkpoint", default=None,
                        help="a checkpoint-<step> directory, or 'latest' (the newest one in output_dir)")
 
-    demo = sub.add_parser("demo", help="tiny checkpoint in the real format + a synthetic clip, end to end")
+    demo = sub.add_parser("demo", formatter_class=_Formatter,
+                          help="tiny checkpoint in the real format + a synthetic clip, end to end")
     demo.add_argument("--workdir", default=None, help="where to write the tiny checkpoint and clip (default: temp)")
     demo.add_argument("--max_new_tokens", type=int, default=48)
     demo.add_argument("--grpo_steps", type=int, default=DEMO_GRPO_STEPS, help="GRPO steps of the toy run (0: skip)")

@@ -227,7 +227,8 @@ def test_checkpoint_loads_and_resume_is_exact(task, tiny_ckpt, tmp_path):
     params = dict(loaded.model.named_parameters())
     assert max(float((params[n] - want[n]).abs().max()) for n in want) == 0.0
     assert json.loads((tmp_path / "b" / "checkpoint-4" / "config.json").read_text())["torch_dtype"] == "float32"
-    assert set(read_metrics(tmp_path / "a")[0]) >= {"loss", "reward", "reward_std", "rewards/format_reward", "kl", "completion_length", "grad_norm",
+    assert set(read_metrics(tmp_path / "a")[0]) >= {"loss", "reward", "reward_std", "rewards/format_reward", "kl",
+                                                    "completion_length", "grad_norm",
                                                     "learning_rate", "step", "epoch", "skipped_clips", "tokens_per_s",
                                                     "time/media", "time/towers", "time/rollout", "time/reference",
                                                     "time/policy", "time/optimizer"}

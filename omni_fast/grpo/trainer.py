@@ -141,7 +141,9 @@ class Trainer:
     def _set_trainable(self) -> None:
         """GRPO trains the LLM, projectors, BERT and gate (the reference freezes only the towers); SFT also
         freezes BERT (train_humanomni.py)."""
-        frozen = ["model.vision_tower.", "model.audio_tower."] + (["model.bert_model."] if self.cfg.stage == "sft" else [])
+        frozen = ["model.vision_tower.", "model.audio_tower."]
+        if self.cfg.stage == "sft":
+            frozen.append("model.bert_model.")
         self.trainable = []
         for name, p in self.model.named_parameters():
             p.requires_grad_(not any(name.startswith(f) for f in frozen))
@@ -197,7 +199,8 @@ class Trainer:
         return history
 
     def _epoch_order(self) -> list:
-        order = torch.randperm(len(self.records), generator=torch.Generator().manual_seed(self.cfg.seed + self.pos.epoch))
+        seeded = torch.Generator().manual_seed(self.cfg.seed + self.pos.epoch)
+        order = torch.randperm(len(self.records), generator=seeded)
         excluded = set(self.pos.excluded)
         return [self.records[i] for i in order.tolist() if self.records[i].index not in excluded]
 
