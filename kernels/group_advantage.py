@@ -7,8 +7,8 @@ exactly equal to them and an advantage of exactly 0 whatever G is.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
+
+from ._triton import tl, triton  # a sibling: the kernels import nothing else of omni_fast
 
 SCALES = {"group": 0, "batch": 1, "none": 2}
 

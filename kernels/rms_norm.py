@@ -9,8 +9,8 @@ elementwise kernels the eager expression costs; one program per row.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
+
+from ._triton import tl, triton  # a sibling: the kernels import nothing else of omni_fast
 
 
 @triton.jit

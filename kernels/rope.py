@@ -9,8 +9,8 @@ the sum are rounded to the activation dtype as the eager expression does.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
+
+from ._triton import tl, triton  # a sibling: the kernels import nothing else of omni_fast
 
 
 @triton.jit

@@ -20,8 +20,8 @@ torch.topk(k_max) when a row uses top-k, a sort of the candidates when one uses 
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
+
+from ._triton import tl, triton  # a sibling: the kernels import nothing else of omni_fast
 
 _MASK32 = 0xFFFFFFFF
 

@@ -8,8 +8,8 @@ silu is computed in fp32 and rounded to the activation dtype before the product,
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
+
+from ._triton import tl, triton  # a sibling: the kernels import nothing else of omni_fast
 
 
 @triton.jit

@@ -24,15 +24,14 @@ from omni_fast.engine.engine import Engine
 from omni_fast.engine.sequence import Completion
 from omni_fast.media.loader import MediaLoader
 from omni_fast.model.checkpoint import LoadedCheckpoint, load_checkpoint, save_checkpoint
-from omni_fast.model.prompt import DEFAULT_INSTRUCT, MODALS, inference_prompt, tokenize_multimodal
+from omni_fast.model.prompt import ANSWER, DEFAULT_INSTRUCT, MODALS, inference_prompt, tokenize_multimodal
 
 _THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
-_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 
 def parse_response(text: str) -> tuple[str | None, str | None]:
     """-> (reasoning inside the first <think></think>, emotion inside the first <answer></answer>), None if absent."""
-    think, answer = _THINK.search(text), _ANSWER.search(text)
+    think, answer = _THINK.search(text), ANSWER.search(text)
     return (think.group(1).strip() if think else None), (answer.group(1).strip() if answer else None)
 
 

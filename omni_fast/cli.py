@@ -17,14 +17,15 @@ from pathlib import Path
 
 DEMO_GRPO_STEPS = 30
 DEMO_SFT_STEPS = 40
-DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "float32": "float32",
-          "fp32": "float32"}
+# --dtype's spellings -> omni_fast.model.checkpoint.DTYPES's names (kept torch-free so --help stays fast)
+DTYPE_NAMES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
+               "float32": "float32", "fp32": "float32"}
 
 
 def _dtype(name: str | None):
-    import torch
+    from omni_fast.model.checkpoint import DTYPES
 
-    return None if name is None else getattr(torch, DTYPES[name])
+    return None if name is None else DTYPES[DTYPE_NAMES[name]]
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -33,7 +34,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vision_tower", default=None, help="override config.json's mm_vision_tower directory")
     p.add_argument("--audio_tower", default=None, help="override config.json's mm_audio_tower directory")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
-    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPE_NAMES), help="default: bf16 on GPU, fp32 on CPU")
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

@@ -9,7 +9,9 @@ the backend is picked by `_pick` from the device of the op's first tensor argume
 
 Triton on CPU tensors (TRITON_INTERPRET=1) is only ever chosen through `force_backend`, which is how the
 tests run the kernels without a GPU. Ops whose fast kernels are forward-only fall back to the torch reference
-when autograd needs their gradient. Nothing else in the package picks a backend.
+when autograd needs their gradient. Nothing else in the package picks a backend, and nothing else imports
+omni_fast.kernels: the engine's helpers for kernel arguments (`sample_filters`, `cascade_splits`) are here too.
+Triton is optional: without it the kernel modules still import (kernels/_triton.py) and "triton" is never picked.
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ _FORWARD_ONLY = {"add_rms_norm", "rope", "silu_mul", "cascade_attention"}  # fla
 # ops whose "cuda" implementation is an optional package's kernel rather than omni_fast._C's
 _REQUIRES: dict[str, str] = {"causal_attention": "flash_attn"}
 _FORCED: dict[str, str] = {}
+_PICKED: dict[tuple[str, str, str | None, bool], Callable] = {}  # (op, device type, forced, needs_grad) -> impl
 _ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 
 
@@ -80,7 +83,7 @@ def _available(op: str, backend: str, device: torch.device) -> bool:
             return False
         return _has_module(_REQUIRES[op]) if op in _REQUIRES else _has_native(f"{op}_{backend}")
     if backend == "triton":
-        return device.type == "cuda"
+        return device.type == "cuda" and _has_module("triton")  # triton is an optional dependency
     return True
 
 
@@ -95,13 +98,24 @@ def _needs_grad(tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _pick(op: str, device: torch.device, *tensors: torch.Tensor | None) -> Callable:
-    backend = _FORCED.get(op) or _FORCED.get("*")
-    if backend is None or backend not in _IMPLS[op]:
-        backend = backends(op, device)[0]
-    if op in _FORWARD_ONLY and backend != "torch" and _needs_grad(tensors):
+def _choose(op: str, device: torch.device, forced: str | None, needs_grad: bool) -> Callable:
+    backend = forced if forced in _IMPLS[op] else backends(op, device)[0]
+    if op in _FORWARD_ONLY and needs_grad:
         backend = "torch"
     return _resolve(_IMPLS[op][backend])
+
+
+def _pick(op: str, device: torch.device, *tensors: torch.Tensor | None) -> Callable:
+    """The implementation of `op` for these arguments. An eager decode step makes ~120 calls, so the choice is
+    cached under everything it depends on (availability is fixed per process); keying by the forced backend
+    rather than invalidating lets `force_backend` take effect at once."""
+    forced = _FORCED.get(op) or _FORCED.get("*")
+    needs_grad = op in _FORWARD_ONLY and _needs_grad(tensors)
+    key = (op, device.type, forced, needs_grad)
+    impl = _PICKED.get(key)
+    if impl is None:
+        impl = _PICKED[key] = _choose(op, device, forced, needs_grad)
+    return impl
 
 
 @contextlib.contextmanager
@@ -154,8 +168,19 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
            seeds: torch.Tensor, step: int, filters: tuple[int, bool, bool] | None = None
            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy / temperature / top-k / top-p sampling with per-row seeds -> (tokens, logprobs) (kernels/sampling.py).
-    filters (kernels.sampling.batch_filters) describes the batch so a step needs no host sync."""
+    filters (`sample_filters`) describes the batch so a step needs no host sync."""
     return _pick("sample", logits.device)(logits, temperature, top_k, top_p, seeds, step, filters)
+
+
+def sample_filters(top_k: torch.Tensor, top_p: torch.Tensor) -> tuple[int, bool, bool]:
+    """(largest top_k, any row with top_p < 1, any such row without top_k), the `filters` of `sample`: the
+    engine computes it once per batch (one host sync) and every backend of `sample` takes it."""
+    return _resolve("omni_fast.kernels.sampling:batch_filters")(top_k, top_p)
+
+
+def cascade_splits(prefix_capacity: int) -> int:
+    """The `splits` of `cascade_attention` for a prefix cache of this capacity (programs per group and KV head)."""
+    return _resolve("omni_fast.kernels.cascade_attention:num_splits")(prefix_capacity)
 
 
 def selective_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

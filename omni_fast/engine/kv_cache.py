@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import torch
 
 from omni_fast import ops
-from omni_fast.kernels.cascade_attention import num_splits
 
 
 class KVCache:
@@ -83,7 +82,7 @@ class DecodeContext:
     def build(cls, cache: KVCache, slots: torch.Tensor, groups: torch.Tensor, write_pos: torch.Tensor) -> DecodeContext:
         ids = torch.arange(cache.pad_group + 2, device=groups.device)
         offsets = torch.searchsorted(groups, ids)  # sorted rows: first row of each group, no host sync
-        return cls(cache, slots, groups, write_pos, write_pos + 1, offsets, num_splits(cache.capacity[1]))
+        return cls(cache, slots, groups, write_pos, write_pos + 1, offsets, ops.cascade_splits(cache.capacity[1]))
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         c = self.cache

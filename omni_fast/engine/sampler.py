@@ -6,7 +6,6 @@ import torch
 
 from omni_fast import ops
 from omni_fast.engine.sequence import SampleRows
-from omni_fast.kernels.sampling import batch_filters
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
@@ -20,7 +19,7 @@ class Sampler:
     def __init__(self, rows: SampleRows, vocab: int):
         self.rows = rows
         use_penalty = bool((rows.repetition_penalty != 1.0).any())
-        self.filters = batch_filters(rows.top_k, rows.top_p)  # once per batch: the steps then never sync
+        self.filters = ops.sample_filters(rows.top_k, rows.top_p)  # once per batch: the steps then never sync
         self.seen = torch.zeros(len(rows), vocab, dtype=torch.bool, device=rows.groups.device) if use_penalty else None
 
     def __call__(self, logits: torch.Tensor, active: torch.Tensor, rows: SampleRows,

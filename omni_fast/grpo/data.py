@@ -15,14 +15,14 @@ eval's renames (fearful -> fear, surprised -> surprise) are in RAVDESS_LABELS fo
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from omni_fast.model.prompt import ANSWER as _ANSWER
+
 RAVDESS_LABELS = {"fearful": "fear", "surprised": "surprise"}  # eval_ravedess.py's mapping
 SIDECAR_AUDIO = (".wav", ".flac", ".ogg")  # formats DALI's audio decoder reads
-_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 
 class AnnotationError(ValueError):

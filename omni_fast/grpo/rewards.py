@@ -9,7 +9,8 @@ import inspect
 import re
 from typing import Callable
 
-_ANSWER = re.compile(r"<answer>(.*?)</answer>")                       # no DOTALL, as the reference
+from omni_fast.model.prompt import ANSWER_ONE_LINE as _ANSWER  # no DOTALL, as the reference
+
 _FORMAT = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
 
 

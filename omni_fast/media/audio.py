@@ -6,6 +6,7 @@ A clip whose audio cannot be read gets 10 s of silence (humanomni.mm_utils.proce
 from __future__ import annotations
 
 import functools
+import warnings
 
 import numpy as np
 import torch
@@ -56,6 +57,13 @@ def to_mono(samples: np.ndarray) -> np.ndarray:
 
 def silence(seconds: float = FALLBACK_SECONDS) -> np.ndarray:
     return np.zeros(int(seconds * SAMPLE_RATE), dtype=np.float32)
+
+
+def warn_silence(source, stacklevel: int = 1) -> None:
+    """Warn that `source` gets `silence()` for its audio; the reference falls back without a word, so a wrong
+    path or a broken file would pass unnoticed. stacklevel counts from the caller, as warnings.warn's does."""
+    warnings.warn(f"{source}: no decodable audio stream; using {FALLBACK_SECONDS} s of silence as the reference does",
+                  stacklevel=stacklevel + 1)
 
 
 def log_mel(audio: torch.Tensor | np.ndarray, n_mels: int = 128) -> torch.Tensor:

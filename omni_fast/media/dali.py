@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from omni_fast.media.audio import N_SAMPLES, SAMPLE_RATE, log_mel, silence
+from omni_fast.media.audio import N_SAMPLES, SAMPLE_RATE, log_mel, silence, warn_silence
 from omni_fast.media.frames import ASPECTS, expand_to_square, frame_indices, normalize, preprocess_frames, resize
 from omni_fast.media.pyav import Clip, MediaError, decode_audio, frame_count, sample_video
 
@@ -221,8 +221,7 @@ class DaliMedia:
         out = []
         for source, w in zip(sources, waves):
             if w is None:
-                warnings.warn(f"{source}: no decodable audio stream; using 10 s of silence as the reference does",
-                              stacklevel=3)
+                warn_silence(source, stacklevel=3)
                 out.append((silence(), True))
             else:
                 out.append((w, False))

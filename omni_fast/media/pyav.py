@@ -13,14 +13,13 @@ with a warning that names the file (the reference falls back silently).
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from omni_fast.media.audio import SAMPLE_RATE, log_mel, silence, to_mono
+from omni_fast.media.audio import SAMPLE_RATE, log_mel, silence, to_mono, warn_silence
 from omni_fast.media.frames import frame_indices, pad_missing, preprocess_frames
 
 
@@ -151,8 +150,7 @@ def load_audio(path: str | Path) -> tuple[np.ndarray, bool]:
     """-> (16 kHz mono samples, fallback_used). The fallback is the reference's 10 s of zeros."""
     samples = decode_audio(path)
     if samples is None or samples.size == 0:
-        warnings.warn(f"{path}: no decodable audio stream; using {10} s of silence as the reference does",
-                      stacklevel=2)
+        warn_silence(path, stacklevel=2)
         return silence(), True
     return samples, False
 

@@ -10,7 +10,14 @@ The BERT gate reads the instruct text (inference) or the question+template text 
 """
 from __future__ import annotations
 
+import re
+
 from omni_fast.config import AUDIO_TOKEN_INDEX, VIDEO_TOKEN_INDEX
+
+# The <answer>...</answer> of a completion or an annotation, two ways: ANSWER's may span lines (reading a
+# recognition or a label), ANSWER_ONE_LINE's may not, as R1-Omni's accuracy_reward matches it (no re.DOTALL).
+ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+ANSWER_ONE_LINE = re.compile(r"<answer>(.*?)</answer>")
 
 MODALS = ("video_audio", "video", "audio")
 MODAL_PREFIX = {"video_audio": "<video>\n<audio>", "video": "<video>", "audio": "<audio>"}
