@@ -12,6 +12,7 @@ preprocessed inputs, the entry other implementations are compared through.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 import time
 from dataclasses import dataclass
@@ -63,15 +64,19 @@ class Timings:
         return {"media_s": self.media, "encode_s": self.encode, "generate_s": self.generate}
 
 
-class OmniModel:
-    # Media decoding for recognize/generate (omni_fast.media.loader): "pyav" gives the reference decoder's frames
-    # exactly; "auto" uses DALI on a GPU when installed (faster; its YUV->RGB conversion differs by about one
-    # grey level on average, see omni_fast.media.dali). Batches are decoded ahead while the GPU generates.
-    media_backend: str = "pyav"
-    media_workers: int = 4
+# Media decoding for recognize/generate (omni_fast.media.loader) unless from_pretrained is given a LoaderConfig:
+# "pyav" gives the reference decoder's frames exactly; backend "auto" uses DALI on a GPU when installed
+# (faster; its YUV->RGB conversion differs by about one grey level on average, see omni_fast.media.dali).
+# Batches are decoded ahead while the GPU generates. batch_size, on_error, aspect, the frame and mel counts
+# are set per call.
+DEFAULT_MEDIA = LoaderConfig(backend="pyav", workers=4, prefetch=1)
 
-    def __init__(self, loaded: LoadedCheckpoint, engine_config: EngineConfig | None = None):
+
+class OmniModel:
+    def __init__(self, loaded: LoadedCheckpoint, engine_config: EngineConfig | None = None,
+                 loader_config: LoaderConfig | None = None):
         self.loaded = loaded
+        self.loader_config = loader_config or DEFAULT_MEDIA
         self.model, self.tokenizer, self.bert_tokenizer = loaded.model, loaded.tokenizer, loaded.bert_tokenizer
         self.config = loaded.config
         self.engine = Engine(self.model, engine_config, loaded.generation.eos_token_ids)
@@ -82,12 +87,14 @@ class OmniModel:
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None, *, bert_path: str | Path | None = None,
                         vision_tower: str | Path | None = None, audio_tower: str | Path | None = None,
-                        engine_config: EngineConfig | None = None) -> OmniModel:
+                        engine_config: EngineConfig | None = None,
+                        loader_config: LoaderConfig | None = None) -> OmniModel:
         """Load a HumanOmni / R1-Omni checkpoint directory (see omni_fast.model.checkpoint for where each part
-        is read from). dtype defaults to the checkpoint's (bf16) on a GPU and float32 on the CPU."""
+        is read from). dtype defaults to the checkpoint's (bf16) on a GPU and float32 on the CPU;
+        engine_config tunes the rollout engine, loader_config the media decoding (backend, workers, prefetch)."""
         loaded = load_checkpoint(path, bert_path=bert_path, vision_tower=vision_tower, audio_tower=audio_tower,
                                  device=device, dtype=dtype)
-        return cls(loaded, engine_config)
+        return cls(loaded, engine_config, loader_config)
 
     def save_pretrained(self, directory: str | Path, *, shards: int = 1, overwrite: bool = False) -> Path:
         return save_checkpoint(self.loaded, directory, shards=shards, overwrite=overwrite)
@@ -125,9 +132,9 @@ class OmniModel:
     def _media(self, videos: list, modal: str, aspect: str, batch_size: int, on_error: str) -> MediaLoader:
         """Clips decoded `batch_size` at a time, the next batch while the current one is encoded and generated;
         a bad clip raises its MediaError (on_error="raise") or is skipped and listed in self.failures ("skip")."""
-        config = LoaderConfig(batch_size=max(1, batch_size), backend=self.media_backend, workers=self.media_workers,
-                              prefetch=1, on_error=on_error, aspect=aspect, num_frames=self.config.num_frames,
-                              n_mels=self.model.towers.audio.num_mel_bins, audio=modal != "video")
+        config = dataclasses.replace(self.loader_config, batch_size=max(1, batch_size), on_error=on_error,
+                                     aspect=aspect, num_frames=self.config.num_frames,
+                                     n_mels=self.model.towers.audio.num_mel_bins, audio=modal != "video")
         return MediaLoader(videos, config, device=self.device)
 
     def _prompts(self, batch, instructs: list[str], modal: str) -> list[torch.Tensor]:

@@ -35,6 +35,23 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--audio_tower", default=None, help="override config.json's mm_audio_tower directory")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPE_NAMES), help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--media_backend", default="pyav", choices=["pyav", "dali", "auto"],
+                   help="clip decoding: pyav (the reference's frames exactly), dali (NVDEC on a GPU), auto")
+    p.add_argument("--media_workers", type=int, default=4, help="decode threads")
+    p.add_argument("--max_samples", type=int, default=256, help="decode rows the engine runs at once")
+    p.add_argument("--no_cuda_graphs", action="store_true", help="decode eagerly (no CUDA graph capture)")
+
+
+def _load_model(args: argparse.Namespace, device=None):
+    """OmniModel.from_pretrained with the model, engine and media arguments of infer / eval."""
+    from omni_fast.api import OmniModel
+    from omni_fast.config import EngineConfig, LoaderConfig
+
+    return OmniModel.from_pretrained(
+        args.model_path, device if device is not None else args.device, _dtype(args.dtype), bert_path=args.bert_path,
+        vision_tower=args.vision_tower, audio_tower=args.audio_tower,
+        engine_config=EngineConfig(max_samples=args.max_samples, cuda_graphs=not args.no_cuda_graphs),
+        loader_config=LoaderConfig(backend=args.media_backend, workers=args.media_workers, prefetch=1))
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -138,15 +155,13 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
-    from omni_fast.api import OmniModel
     from omni_fast.model.prompt import DEFAULT_INSTRUCT
 
     for v in args.video_path:
         if not Path(v).is_file():
             raise FileNotFoundError(f"--video_path {v}: no such file")
     t0 = time.perf_counter()
-    model = OmniModel.from_pretrained(args.model_path, args.device, _dtype(args.dtype), bert_path=args.bert_path,
-                                      vision_tower=args.vision_tower, audio_tower=args.audio_tower)
+    model = _load_model(args)
     load_s = time.perf_counter() - t0
     instruct = args.instruct if args.instruct is not None else DEFAULT_INSTRUCT
     results = model.recognize(args.video_path, instruct, args.modal, args.max_new_tokens, args.batch_size)
@@ -163,14 +178,12 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from omni_fast import distributed
-    from omni_fast.api import OmniModel
     from omni_fast.eval import evaluate, write_json
     from omni_fast.grpo.data import load_annotations
 
     records = load_annotations(args.annotations, args.data_root)[: args.limit]
     ctx = distributed.init(args.device)  # under torchrun each rank recognises a shard; rank 0 scores
-    model = OmniModel.from_pretrained(args.model_path, ctx.device, _dtype(args.dtype), bert_path=args.bert_path,
-                                      vision_tower=args.vision_tower, audio_tower=args.audio_tower)
+    model = _load_model(args, ctx.device)
     report = evaluate(model, records, args.instruct, args.max_new_tokens, args.batch_size, ctx)
     distributed.shutdown(ctx)
     if report is None:

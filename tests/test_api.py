@@ -114,3 +114,21 @@ def test_bad_inputs(omni, clips, tmp_path):
 ])
 def test_parse_response(text, expected):
     assert parse_response(text) == expected
+
+
+def test_engine_and_media_settings_reach_the_model(tiny_ckpt, clips, monkeypatch, capsys):
+    from omni_fast.api import OmniModel
+    from omni_fast.config import EngineConfig, LoaderConfig
+
+    seen = []
+    real = OmniModel.from_pretrained.__func__
+    monkeypatch.setattr(OmniModel, "from_pretrained", classmethod(lambda c, *a, **k: seen.append(k) or real(c, *a, **k)))
+    assert cli.main(["infer", "--model_path", str(tiny_ckpt), "--video_path", str(clips["mp4"]), "--device", "cpu",
+                     "--max_new_tokens", "4", "--media_workers", "1", "--max_samples", "8", "--no_cuda_graphs"]) == 0
+    (kw,) = seen
+    assert kw["engine_config"] == EngineConfig(max_samples=8, cuda_graphs=False)
+    assert kw["loader_config"].workers == 1 and kw["loader_config"].backend == "pyav"
+    model = OmniModel.from_pretrained(tiny_ckpt, "cpu", bert_path=tiny_ckpt / "bert-base-uncased",
+                                      loader_config=LoaderConfig(workers=1, prefetch=0))
+    assert model.recognize([clips["mp4"]], max_new_tokens=3)[0].token_ids
+    assert model.loader_config.workers == 1

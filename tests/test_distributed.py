@@ -21,6 +21,8 @@ from safetensors.torch import load_file
 from omni_fast.grpo.metrics import read_metrics
 from omni_fast.toy import make_toy_task, toy_config
 
+pytestmark = pytest.mark.slow  # about 60 s: real torchrun jobs
+
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 240
 

@@ -6,10 +6,13 @@ accuracy at chance (1/3); only GRPO's accuracy reward can teach which colour mea
 in the loss or the advantages, a mask that drops the answer, or rewards paired with the wrong completions keep
 the accuracy at chance, so this is the check that they are right together. About 70 s on 2 cores.
 """
+import pytest
 import torch
 
 from omni_fast.grpo.trainer import Trainer
 from omni_fast.toy import make_toy_task, toy_answers, toy_config
+
+pytestmark = pytest.mark.slow  # about 75 s: SFT + 30 GRPO steps
 
 
 def test_grpo_learns_the_toy_task(tiny_ckpt, tmp_path):
