@@ -181,6 +181,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from omni_fast.eval import evaluate, write_json
     from omni_fast.grpo.data import load_annotations
 
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit {args.limit}: expected a number of clips >= 1")
+    if args.out:
+        _check_writable(Path(args.out), inputs=[Path(args.annotations)])
     records = load_annotations(args.annotations, args.data_root)[: args.limit]
     ctx = distributed.init(args.device)  # under torchrun each rank recognises a shard; rank 0 scores
     model = _load_model(args, ctx.device)
@@ -200,12 +204,31 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_writable(out: Path, inputs: list[Path]) -> None:
+    """Before any work: --out must not be one of the inputs, nor a directory, and its folder must take a file."""
+    if any(out.resolve() == p.resolve() for p in inputs):
+        raise ValueError(f"--out {out} is one of the inputs; it would be replaced by the results")
+    if out.is_dir():
+        raise IsADirectoryError(f"--out {out} is a directory; expected a .json file path")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.probe-"):
+            pass
+    except OSError as e:
+        raise PermissionError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from omni_fast.api import OmniModel
     from omni_fast.testing import make_clip, make_tiny_checkpoint
 
+    if args.workdir and Path(args.workdir).exists() and any(Path(args.workdir).iterdir()):
+        raise FileExistsError(f"--workdir {args.workdir} is not empty; the demo writes tiny-r1-omni/, clip.mp4 and "
+                              "toy-*/ there and never overwrites files: give an empty or new directory")
     with tempfile.TemporaryDirectory(prefix="omni-fast-demo-") as tmp:
         root = Path(args.workdir) if args.workdir else Path(tmp)
+        if not args.workdir:
+            print(f"[demo] working in {root} (temporary: removed at the end; --workdir DIR keeps the files)")
         stages = []
 
         def stage(name, fn):
@@ -269,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             return cmd_train(args, extra)
         return {"infer": cmd_infer, "eval": cmd_eval, "demo": cmd_demo}[args.command](args)
-    except (FileNotFoundError, FileExistsError, ValueError, TrainingError) as e:
+    except (FileNotFoundError, FileExistsError, IsADirectoryError, PermissionError, ValueError, TrainingError) as e:
         print(f"omni-fast {args.command}: error: {e}", file=sys.stderr)
         return 2
 

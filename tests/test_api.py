@@ -58,6 +58,11 @@ def test_cli_demo(capsys, tmp_path):
     assert "SFT: 2 steps" in out and "GRPO step   2" in out and "GRPO step   3" not in out
     assert out.count("after GRPO") == 3  # one clip per toy label
     assert (tmp_path / "toy-grpo" / "checkpoint-2" / "model.safetensors").is_file()
+    # a second run into the same directory would overwrite the first one's files: refused, nothing touched
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert cli.main(["demo", "--workdir", str(tmp_path), "--grpo_steps", "0"]) == 2
+    assert "is not empty" in capsys.readouterr().err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
     assert (tmp_path / "tiny-r1-omni" / "config.json").is_file()
 
 

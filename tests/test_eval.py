@@ -73,3 +73,19 @@ def test_eval_command_scores_and_reports_skipped_clips(tiny_ckpt, clips, tmp_pat
     assert [r["gt"] for r in saved["results"]] == ["sad", "angry"]
     assert saved["scores"]["clips"] == 2 and len(saved["scores"]["skipped"]) == 1
     assert not list(out.parent.glob(".*tmp*"))
+
+
+def test_eval_refuses_bad_out_and_limit_before_loading(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    from omni_fast.api import OmniModel
+
+    monkeypatch.setattr(OmniModel, "from_pretrained", classmethod(lambda *a, **k: pytest.fail("model loaded")))
+    ann = tmp_path / "val.json"
+    ann.write_text("[]")
+    base = ["eval", "--model_path", str(tiny_ckpt), "--annotations", str(ann)]
+    (tmp_path / "adir").mkdir()
+    cases = [(["--out", str(ann)], "is one of the inputs"), (["--out", str(tmp_path / "adir")], "is a directory"),
+             (["--limit", "0"], "--limit 0"), (["--limit", "-1"], "--limit -1")]
+    for extra, message in cases:
+        assert cli.main(base + extra) == 2
+        assert message in capsys.readouterr().err
+    assert ann.read_text() == "[]"  # the annotations were not replaced
