@@ -212,6 +212,7 @@ STAGES = ("sft", "grpo")
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")  # omni_fast.grpo.loss.NORMALIZERS
 SCHEDULERS = ("linear", "cosine", "constant")
 TRAIN_DTYPES = ("auto", "float32", "bfloat16")
+PROMPT_TEMPLATES = ("qwen2vl", "chat_template")  # omni_fast.grpo.inputs.grpo_prompt_ids
 # The DFEW + MAFW label words of the RL data (research/r1omni.md §3.7); a record whose label is not in
 # GRPOConfig.label_set is a bad entry.
 EMOTION_LABELS = ("happy", "sad", "neutral", "angry", "surprise", "disgust", "fear", "contemptuous", "disappointed",
@@ -297,7 +298,7 @@ class GRPOConfig:
     def _check_choices(self) -> None:
         choices = {"on_bad_clip": ON_ERROR, "loss_type": LOSS_TYPES, "lr_scheduler_type": SCHEDULERS,
                    "dtype": TRAIN_DTYPES, "media_backend": LOADER_BACKENDS, "scale_rewards": ("group", "batch", "none"),
-                   "prompt_template": ("qwen2vl", "chat_template")}
+                   "prompt_template": PROMPT_TEMPLATES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} {getattr(self, name)!r}: expected one of {allowed}")

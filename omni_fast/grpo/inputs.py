@@ -62,9 +62,6 @@ def prompt_embeddings(model, prompt_ids: list[torch.Tensor], feats: ClipFeatures
     return [model.splice(ids, video[i], audio[i]) for i, ids in enumerate(prompt_ids)]
 
 
-PROMPT_TEMPLATES = ("qwen2vl", "chat_template")
-
-
 def grpo_prompt_ids(tokenizer, max_prompt_length: int, template: str = "qwen2vl",
                     use_x_start_end: bool = True) -> list[int]:
     """The GRPO prompt's ids, left-truncated to max_prompt_length as the reference truncates them (token ids,
