@@ -88,6 +88,22 @@ def test_missing_config_file_is_named(tmp_path):
         GRPOConfig.from_file(tmp_path / "nope.yaml")
 
 
+def test_rollout_seeds_depend_on_seed_step_and_prompt_only():
+    from omni_fast.grpo.rollout import rollout_seed
+
+    seeds = {rollout_seed(seed, step, index) for seed in (0, 42) for step in (1, 2) for index in (0, 7)}
+    assert len(seeds) == 8 and rollout_seed(42, 2, 7) == rollout_seed(42, 2, 7)
+
+
+def test_grpo_prompt_is_left_truncated_like_the_reference(tiny_ckpt):
+    from omni_fast.grpo.inputs import grpo_prompt_ids
+
+    tok = load_tokenizer(tiny_ckpt)
+    full = grpo_prompt_ids(tok, 10_000)
+    assert full.count(-201) == 1 and full.count(-202) == 1
+    assert grpo_prompt_ids(tok, 12) == full[-12:]  # the end (the assistant header) is kept
+
+
 def test_registered_reward_is_usable_by_name():
     reward_registry.register_reward("length_penalty", lambda completions: [-len(c) / 100 for c in completions])
     try:
@@ -159,6 +175,13 @@ def test_step_loss_and_gradient_equal_the_reference_formula(task, tiny_ckpt, tmp
     total = total / r.numel()
     assert abs(float(total.detach())) > 1e-3  # a loss of 0 would match too many bugs
     assert logged["loss"] == pytest.approx(float(total.detach()), rel=1e-4)
+    kl = 0.0
+    with torch.no_grad():
+        for row in range(r.numel()):
+            n = int(ro.lengths[row])
+            d = ref[row, :n] - logp[row, :n]
+            kl += float((torch.exp(d) - d - 1).sum()) / max(n, 1)
+    assert logged["kl"] == pytest.approx(kl / r.numel(), rel=1e-4) and logged["kl"] > 1e-4
     assert logged["reward"] == pytest.approx(float(r.mean()), abs=1e-6)
     assert logged["reward_std"] == pytest.approx(float(grouped.std(1).mean()), rel=1e-6)  # unbiased, per group
     assert logged["completion_length"] == pytest.approx(float(ro.lengths.float().mean()))
@@ -329,6 +352,33 @@ def test_sft_trains_llm_projectors_and_gate_only(task, tiny_ckpt, tmp_path):
         assert any(n.startswith(part) for n in changed), part
     assert history[-1]["loss"] < history[0]["loss"]
     assert trainer.reference is None
+
+
+def test_sft_loss_is_the_mean_cross_entropy_of_the_assistant_tokens(task, tiny_ckpt, tmp_path, monkeypatch):
+    """Step 1's logged SFT loss recomputed independently: the naive forward over cat(prompt, target) per
+    clip, -log p of every target token, averaged over all target tokens of the step (two micro-batches)."""
+    from omni_fast.grpo import trainer as trainer_module
+    from omni_fast.grpo.inputs import bert_inputs, prompt_embeddings
+
+    captured = []
+    real = trainer_module.sft_batch
+    monkeypatch.setattr(trainer_module, "sft_batch", lambda *a, **k: captured.append(real(*a, **k)) or captured[-1])
+    trainer = Trainer(_config(task, tiny_ckpt, tmp_path / "sft", "sft", max_steps=1, per_device_train_batch_size=2,
+                              gradient_accumulation_steps=2))
+    model0 = __import__("copy").deepcopy(trainer.model)
+    logged = trainer.train()[0]
+    assert len(captured) == 2
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for b in captured:
+            bert = bert_inputs(trainer.bert_tokenizer, [e.bert_text for e in b.examples], trainer.device)
+            ids = [torch.tensor(e.prompt_ids) for e in b.examples]
+            logp = naive_completion_logprobs(model0, prompt_embeddings(model0, ids, b.features, bert), b.targets,
+                                             b.lengths, 1)
+            total -= float(logp.sum())
+            tokens += int(b.lengths.sum())
+    assert logged["num_tokens"] == tokens
+    assert logged["loss"] == pytest.approx(total / tokens, rel=1e-5)
 
 
 def test_cli_train_runs_from_a_config_file(task, tiny_ckpt, tmp_path, capsys):

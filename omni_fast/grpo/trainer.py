@@ -208,6 +208,8 @@ class Trainer:
         """Steps through the rest of the current epoch; False when the data is exhausted for good."""
         cfg = self.cfg
         order = self._epoch_order()
+        if not order:  # every entry has turned out bad: another epoch would loop without a step
+            raise TrainingError(f"{cfg.train_annotations}: no usable entry left ({len(self.skipped)} skipped)")
         if self.pos.consumed >= len(order):
             if cfg.max_steps <= 0 and self.pos.epoch + 1 >= cfg.num_train_epochs:
                 return False
