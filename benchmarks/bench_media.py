@@ -5,11 +5,12 @@
 
 Clips are synthetic and shaped like DFEW/MAFW: 640x360, 2-5 s, 25 or 30 fps (make_clip's smooth colour field
 with a moving square; real footage costs the decoder more). On a GPU they are h264 + AAC mp4 (what the
-datasets hold; DALI decodes the video with NVDEC, PyAV the AAC). Without a GPU DALI can only run CPU-only
-pipelines, which decode VP8/VP9/MJPEG and wav/flac/ogg, so the CPU run uses VP9 webm with a wav beside each
-clip, for every backend alike. Each backend runs the same MediaLoader (batch, prefetch) over the same clips:
-one warm-up pass, then --repeats timed passes, median reported. frames/s counts the clips' source frames N
-(the video a loader gets through), not the 8 sampled per clip. The last stdout line is one JSON object.
+datasets hold; DALI decodes the video with NVDEC, PyAV the AAC). Without a GPU DALI can only run its CPU
+video decoder, which reads VP8/VP9/MJPEG, so the CPU run uses VP9 webm with a wav beside each clip (audio is
+decoded by PyAV on every backend), for every backend alike. Each backend runs the same MediaLoader (batch,
+prefetch) over the same clips: one warm-up pass, then --repeats timed passes, median reported. frames/s counts
+the clips' source frames N (the video a loader gets through), not the 8 sampled per clip. The last stdout line
+is one JSON object.
 """
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ import os
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -59,10 +59,8 @@ def time_loader(records: list[Record], config: LoaderConfig, device: torch.devic
             torch.cuda.synchronize(device)
         return time.perf_counter() - t0
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        one_pass()
-        return statistics.median(one_pass() for _ in range(repeats))
+    one_pass()
+    return statistics.median(one_pass() for _ in range(repeats))
 
 
 def main(argv: list[str] | None = None) -> int:

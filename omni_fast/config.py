@@ -6,6 +6,7 @@ use are kept verbatim in `extra` so a checkpoint saved by omni_fast carries the 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -13,11 +14,20 @@ from typing import Any
 # HumanOmni placeholders spliced with encoder embeddings (humanomni/constants.py).
 VIDEO_TOKEN_INDEX = -201
 AUDIO_TOKEN_INDEX = -202
-IGNORE_INDEX = -100
+# Frames sampled per clip and Whisper mel bins of the 0.5B checkpoints (research/r1omni.md §1.4, §1.6): the one
+# source of ModelConfig's and LoaderConfig's defaults and of omni_fast.media's.
+NUM_FRAMES = 8
+N_MELS = 128
+# Inference dtype on CUDA: the reference's model_init loads everything, towers included, in float16 (training
+# stays bfloat16, GRPOConfig.dtype); on the CPU inference runs in float32.
+INFER_DTYPE = "float16"
 
 MODEL_TYPES = ("HumanOmni_qwen2",)
 PROJECTOR_TYPES = ("all_in_one_small",)
 AUDIO_PROJECTOR_TYPES = ("mlp2x_gelu",)
+
+
+PARALLELISM = ("ddp", "fsdp")  # GRPOConfig.parallelism
 
 
 class ConfigError(ValueError):
@@ -48,7 +58,7 @@ class ModelConfig:
     mm_vision_select_layer: int = -2  # hidden_states index taken from SigLIP
     mm_vision_select_feature: str = "patch"  # keep all patch tokens (SigLIP has no CLS)
     mm_use_x_start_end: bool = True  # wrap <video>/<audio> in <vi_start>..<vi_end> etc.
-    num_frames: int = 8  # frames sampled per clip
+    num_frames: int = NUM_FRAMES  # frames sampled per clip
     image_aspect_ratio: str = "pad"  # training-time aspect handling ("pad" = grey square)
     torch_dtype: str = "bfloat16"  # dtype the weights are stored in
     extra: dict[str, Any] = field(default_factory=dict)  # every other config.json key, kept for saving
@@ -129,6 +139,16 @@ class SamplingParams:
     ignore_eos: bool = False  # keep decoding past EOS (benchmarks force fixed lengths)
 
     def __post_init__(self) -> None:
+        for name in ("n", "top_k", "max_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ConfigError(f"SamplingParams.{name} must be an integer, got {value!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise ConfigError(f"SamplingParams.seed must be an integer or None, got {self.seed!r}")
+        for name in ("temperature", "top_p", "repetition_penalty"):  # NaN fails every comparison below
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"SamplingParams.{name} must be a finite number, got {value!r}")
         if self.n < 1:
             raise ConfigError(f"SamplingParams.n must be >= 1, got {self.n}")
         if self.temperature < 0:
@@ -141,10 +161,10 @@ class SamplingParams:
             raise ConfigError(f"SamplingParams.max_tokens must be >= 1, got {self.max_tokens}")
         if self.repetition_penalty <= 0:
             raise ConfigError(f"SamplingParams.repetition_penalty must be > 0, got {self.repetition_penalty}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
+        if self.stop_token_ids is not None:
+            self.stop_token_ids = tuple(self.stop_token_ids)
+            if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
+                raise ConfigError(f"SamplingParams.stop_token_ids must be token ids >= 0, got {self.stop_token_ids}")
 
     @classmethod
     def greedy_params(cls, max_tokens: int = 2048) -> SamplingParams:
@@ -181,11 +201,11 @@ class LoaderConfig:
     backend: str = "auto"  # "dali", "pyav" (thread pool) or "auto": DALI if it imports and the device is CUDA
     workers: int = 4  # PyAV decode threads (also probe/audio threads for the DALI backend)
     prefetch: int = 2  # batches decoded ahead of the one being consumed
-    on_error: str = "skip"  # bad clip: "skip" (warn, name it, record it in the batch) or "raise" (MediaError)
+    on_error: str = "skip"  # bad clip: "skip" (log it by name, record it in the batch) or "raise" (MediaError)
     aspect: str = "pad"  # "pad" (training: grey square) or "stretch" (reference inference)
-    num_frames: int = 8  # frames sampled per clip
-    n_mels: int = 128  # Whisper mel bins
-    audio: bool = True  # decode audio; False gives the 10 s-silence features without a warning (video-only)
+    num_frames: int = NUM_FRAMES  # frames sampled per clip (the checkpoint's config.num_frames)
+    n_mels: int = N_MELS  # Whisper mel bins (the audio tower's num_mel_bins)
+    audio: bool = True  # decode audio; False gives the 10 s-silence features without a log line (video-only)
     dali_threads: int = 4  # DALI pipeline CPU threads
 
     def __post_init__(self) -> None:
@@ -278,6 +298,8 @@ class GRPOConfig:
     # --- where and how it runs ---
     device: str | None = None  # "cuda" or "cpu" (default: cuda when present)
     dtype: str = "auto"  # parameter dtype: "auto" = bfloat16 on CUDA (fp32 master weights) / float32 on CPU
+    parallelism: str = "ddp"  # over torchrun ranks: "ddp" (whole model on every rank) or "fsdp" (FSDP2: the
+    # trained weights, gradients and optimizer state sharded; a full bf16 copy kept for the rollout engine)
     media_backend: str = "auto"  # clip decoding: "auto" (DALI on a GPU when installed), "dali", "pyav"
     media_workers: int = 4  # decode threads (PyAV)
     progress: bool = True  # a progress bar on stderr (tqdm)
@@ -298,7 +320,8 @@ class GRPOConfig:
     def _check_choices(self) -> None:
         choices = {"on_bad_clip": ON_ERROR, "loss_type": LOSS_TYPES, "lr_scheduler_type": SCHEDULERS,
                    "dtype": TRAIN_DTYPES, "media_backend": LOADER_BACKENDS, "scale_rewards": ("group", "batch", "none"),
-                   "prompt_template": PROMPT_TEMPLATES}
+                   "prompt_template": PROMPT_TEMPLATES,
+                   "parallelism": PARALLELISM}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} {getattr(self, name)!r}: expected one of {allowed}")

@@ -390,10 +390,11 @@ def clip_audio(seconds: float, sample_rate: int, channels: int, seed: int = 0) -
 
 def make_clip(path: str | Path, seconds: float = 2.0, fps: float = 25, size: tuple[int, int] = (160, 120),
               audio: bool = True, codec: str = "h264", sample_rate: int = 44100, channels: int = 2,
-              seed: int = 0, frame_fn=None) -> Path:
+              seed: int = 0, frame_fn=None, muxer_options: dict[str, str] | None = None) -> Path:
     """Encode a synthetic clip with PyAV. The container comes from the suffix (.mp4/.mov: h264|hevc + AAC,
     .webm: vp8|vp9 + Opus, .mkv: any + FLAC, .avi: mjpeg + PCM); size is (width, height). frame_fn(index, size)
-    -> (H, W, 3) uint8 replaces clip_frame's pattern."""
+    -> (H, W, 3) uint8 replaces clip_frame's pattern. muxer_options go to FFmpeg's muxer (e.g.
+    {"movflags": "+faststart"}: the mp4 index before the data, so a file cut short can still be opened)."""
     import av
 
     path = Path(path)
@@ -404,7 +405,7 @@ def make_clip(path: str | Path, seconds: float = 2.0, fps: float = 25, size: tup
     w, h = size
     n_frames = max(1, int(round(seconds * fps)))
     path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), mode="w") as container:
+    with av.open(str(path), mode="w", options=muxer_options or {}) as container:
         video = container.add_stream(_VIDEO_ENCODERS[codec], rate=Fraction(fps).limit_denominator(1001))
         video.width, video.height = w, h
         video.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"

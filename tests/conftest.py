@@ -59,3 +59,33 @@ def reference(tiny_ckpt):
     from reference import ReferenceOmni
 
     return ReferenceOmni(tiny_ckpt, tiny_ckpt / "bert-base-uncased")
+
+
+@pytest.fixture(scope="session")
+def awkward_clips(tmp_path_factory):
+    """Clips for the loader and DALI tests (DALI's CPU decoder reads VP8, VP9 and MJPEG): short (5 frames), odd
+    size, portrait, wide, no audio, an H.264 one, corrupt, missing, audio-only, an mp4 cut in half, and a wav
+    sidecar for "vp9"."""
+    from omni_fast.testing import make_clip, make_wav
+
+    d = tmp_path_factory.mktemp("awkward")
+    corrupt = d / "corrupt.webm"
+    corrupt.write_bytes(b"\x1aE\xdf\xa3" + b"\x42" * 300)
+    whole = make_clip(d / "whole.mp4", seconds=1.0, size=(96, 64), seed=8, muxer_options={"movflags": "+faststart"})
+    truncated = d / "truncated.mp4"
+    truncated.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    return {
+        "vp9": make_clip(d / "vp9.webm", seconds=1.2, fps=25, size=(160, 120), codec="vp9", seed=1),
+        "mjpeg": make_clip(d / "mjpeg.avi", seconds=1.0, fps=20, size=(128, 96), codec="mjpeg", seed=2),
+        "vp8_wide": make_clip(d / "vp8.webm", seconds=0.6, fps=30, size=(320, 180), codec="vp8", seed=3),
+        "odd": make_clip(d / "odd.mkv", seconds=0.5, fps=30, size=(123, 77), codec="vp9", seed=4),
+        "portrait": make_clip(d / "portrait.webm", seconds=0.5, fps=25, size=(72, 128), codec="vp9", seed=5),
+        "short": make_clip(d / "short.webm", seconds=0.2, fps=25, size=(96, 64), codec="vp9", seed=6),
+        "silent": make_clip(d / "silent.webm", seconds=0.4, fps=25, size=(64, 48), codec="vp9", audio=False),
+        "h264": make_clip(d / "h264.mp4", seconds=0.6, fps=25, size=(96, 64), seed=7),
+        "corrupt": corrupt,
+        "missing": d / "missing.webm",
+        "audio_only": make_wav(d / "audio_only.wav", seconds=0.5),
+        "vp9_wav": make_wav(d / "vp9.wav", seconds=1.2, sample_rate=44100, channels=2, seed=1),
+        "truncated": truncated,
+    }

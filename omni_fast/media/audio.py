@@ -1,15 +1,18 @@
-"""Audio preprocessing exactly as the reference: mono by channel mean, 16 kHz, Whisper's 128-bin log-mel over
-30 s (WhisperFeatureExtractor: n_fft 400, hop 160, periodic Hann window, slaney mel filters 0-8 kHz,
-log10 clamped at 1e-10, floor at max - 8, then (x + 4) / 4), computed in torch so it runs on either device.
-A clip whose audio cannot be read gets 10 s of silence (humanomni.mm_utils.process_audio's fallback).
+"""Audio preprocessing as the reference: a 16 kHz mono waveform (omni_fast.media.pyav.decode_audio, decord's
+semantics) -> Whisper's 128-bin log-mel over 30 s (WhisperFeatureExtractor: n_fft 400, hop 160, periodic Hann
+window, slaney mel filters 0-8 kHz from transformers' mel_filter_bank, log10 clamped at 1e-10, floor at max - 8,
+then (x + 4) / 4), computed in torch so it runs on either device. A clip whose audio cannot be read gets 10 s
+of silence (humanomni.mm_utils.process_audio's fallback), with a log line naming it.
 """
 from __future__ import annotations
 
 import functools
-import warnings
+import logging
 
 import numpy as np
 import torch
+
+from omni_fast.config import N_MELS
 
 SAMPLE_RATE = 16000
 N_FFT = 400
@@ -19,54 +22,32 @@ N_SAMPLES = SAMPLE_RATE * CHUNK_SECONDS  # 480000
 N_FRAMES = N_SAMPLES // HOP  # 3000
 FALLBACK_SECONDS = 10
 
-
-def _hz_to_mel(f: np.ndarray) -> np.ndarray:
-    """Slaney mel scale: linear below 1 kHz, logarithmic above."""
-    f = np.asarray(f, dtype=np.float64)
-    mel = 3.0 * f / 200.0
-    log_region = f >= 1000.0
-    return np.where(log_region, 15.0 + np.log(np.maximum(f, 1e-10) / 1000.0) * (27.0 / np.log(6.4)), mel)
-
-
-def _mel_to_hz(m: np.ndarray) -> np.ndarray:
-    m = np.asarray(m, dtype=np.float64)
-    return np.where(m >= 15.0, 1000.0 * np.exp(np.log(6.4) / 27.0 * (m - 15.0)), 200.0 * m / 3.0)
+log = logging.getLogger(__name__)
 
 
 @functools.cache
-def mel_filters(n_mels: int = 128, n_fft: int = N_FFT, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """(1 + n_fft // 2, n_mels) triangular slaney-normalised filters from 0 Hz to sample_rate / 2, float64."""
-    fft_freqs = np.linspace(0, sample_rate // 2, 1 + n_fft // 2)
-    mel_points = np.linspace(_hz_to_mel(0.0), _hz_to_mel(sample_rate / 2), n_mels + 2)
-    hz_points = _mel_to_hz(mel_points)
-    spacing = np.diff(hz_points)
-    slopes = hz_points[None, :] - fft_freqs[:, None]  # (F, n_mels + 2)
-    down = -slopes[:, :-2] / spacing[:-1]
-    up = slopes[:, 2:] / spacing[1:]
-    filters = np.maximum(0.0, np.minimum(down, up))
-    return filters * (2.0 / (hz_points[2:n_mels + 2] - hz_points[:n_mels]))
+def mel_filters(n_mels: int = N_MELS) -> np.ndarray:
+    """(1 + N_FFT // 2, n_mels) float64 slaney filters, 0 Hz to SAMPLE_RATE / 2: the bank
+    WhisperFeatureExtractor builds, from the same transformers function."""
+    from transformers.audio_utils import mel_filter_bank
 
-
-def to_mono(samples: np.ndarray) -> np.ndarray:
-    """(channels, n) or (n,) float -> (n,) float32, the mean of the channels; NaN -> -1.5 as the reference."""
-    samples = np.asarray(samples, dtype=np.float32)
-    if samples.ndim == 2:
-        samples = samples.mean(axis=0)
-    return np.nan_to_num(samples, nan=-1.5)
+    return mel_filter_bank(num_frequency_bins=1 + N_FFT // 2, num_mel_filters=n_mels, min_frequency=0.0,
+                           max_frequency=SAMPLE_RATE / 2, sampling_rate=SAMPLE_RATE, norm="slaney",
+                           mel_scale="slaney")
 
 
 def silence(seconds: float = FALLBACK_SECONDS) -> np.ndarray:
     return np.zeros(int(seconds * SAMPLE_RATE), dtype=np.float32)
 
 
-def warn_silence(source, stacklevel: int = 1) -> None:
-    """Warn that `source` gets `silence()` for its audio; the reference falls back without a word, so a wrong
-    path or a broken file would pass unnoticed. stacklevel counts from the caller, as warnings.warn's does."""
-    warnings.warn(f"{source}: no decodable audio stream; using {FALLBACK_SECONDS} s of silence as the reference does",
-                  stacklevel=stacklevel + 1)
+def log_silence(source) -> None:
+    """Say, in one log line, that `source` gets `silence()` for its audio: the reference falls back without a
+    word, so a wrong path or a broken file would pass unnoticed."""
+    log.warning("%s: no decodable audio stream; using %d s of silence as the reference does", source,
+                FALLBACK_SECONDS)
 
 
-def log_mel(audio: torch.Tensor | np.ndarray, n_mels: int = 128) -> torch.Tensor:
+def log_mel(audio: torch.Tensor | np.ndarray, n_mels: int = N_MELS) -> torch.Tensor:
     """16 kHz mono waveform (n,) or batch (B, n) -> log-mel (n_mels, 3000) or (B, n_mels, 3000), float32.
 
     The waveform is zero-padded or truncated to 30 s first, as WhisperFeatureExtractor does by default."""

@@ -1,10 +1,10 @@
 """Decode batches of clips with NVIDIA DALI and preprocess them on the device, as the PyAV path defines.
 
 Per batch:
-  1. N per clip from omni_fast.media.pyav.frame_count (container header, else a packet count: no frame is
-     decoded). DALI counts the same way internally but does not expose it, so PyAV, a dependency of
-     omni_fast, is needed here too. Missing, unreadable or video-less files fail here, one by one, with a
-     MediaError naming the file, before DALI sees the batch.
+  1. N per clip from omni_fast.media.pyav.frame_count (the video packets, as decord's len(): no frame is
+     decoded). DALI does not expose its own count, so PyAV, a dependency of omni_fast, is needed here too.
+     Missing, unreadable or video-less files fail here, one by one, with a MediaError naming the file, before
+     DALI sees the batch.
   2. fn.decoders.video(encoded bytes, frames=<the 8 reference indices>, pad_mode="none"): "mixed" (NVDEC, any
      codec) on a GPU; "cpu" when the device is the CPU (DALI's CPU backend decodes only VP8, VP9 and MJPEG).
      Repeated indices (clips under 8 frames) are decoded once and copied by DALI.
@@ -13,13 +13,14 @@ Per batch:
      normalises: the same functions the PyAV path runs. DALI's own fn.resize (INTERP_CUBIC, antialias) was
      measured against PIL at 4 grey levels (18% of pixels) from 640x360 and 10 from 128x96, over the 2/255
      (1 level) bound; the torch resize is within 1 level (frames.resize / resize_two_pass).
-  4. Audio: a wav/flac/ogg file (the record's `audio`, e.g. a sidecar with the clip's stem) is decoded by
-     fn.decoders.audio (resampled to 16 kHz, downmixed by the channel mean); anything else, e.g. AAC in mp4,
-     which DALI cannot read, by omni_fast.media.pyav.decode_audio in the caller's thread pool. The Whisper
-     log-mel is computed by omni_fast.media.audio.log_mel on the device for the whole batch.
-A batch DALI fails on (a truncated stream, a frame count the decoder cannot reach) is decoded again with the
-PyAV path, whose result defines the semantics (black frames for frames the decoder never delivers), with a
-warning; an audio batch DALI fails on falls back to PyAV audio the same way.
+  4. Audio: the PyAV path's decode_audio (decord's downmix and resampling, omni_fast.media.swr) in the
+     caller's thread pool, for the clip's own track or the record's `audio` file alike: DALI's
+     fn.decoders.audio mixes channels by their mean and resamples with its own filter, neither of which is
+     the reference's. The Whisper log-mel is computed by omni_fast.media.audio.log_mel on the device for the
+     whole batch.
+A batch DALI fails on (a stream it cannot decode, a frame count the decoder cannot reach) is decoded again
+with the PyAV path, whose result defines the semantics (a clip the PyAV path cannot decode either is that
+clip's MediaError), with a log line naming the clips.
 
 Known difference from the PyAV path: the YUV -> RGB conversion. The reference (decord) and the PyAV path use
 swscale's default call, whose SIMD fast path samples chroma nearest-neighbour and truncates; DALI's CPU decoder
@@ -34,18 +35,19 @@ install the extra.
 from __future__ import annotations
 
 import functools
-import warnings
+import logging
 from concurrent.futures import Executor
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from omni_fast.media.audio import N_SAMPLES, SAMPLE_RATE, log_mel, silence, warn_silence
+from omni_fast.config import N_MELS, NUM_FRAMES
+from omni_fast.media.audio import N_SAMPLES, SAMPLE_RATE, log_mel, log_silence, silence
 from omni_fast.media.frames import ASPECTS, expand_to_square, frame_indices, normalize, preprocess_frames, resize
 from omni_fast.media.pyav import Clip, MediaError, decode_audio, frame_count, sample_video
 
-DALI_AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")  # what fn.decoders.audio reads (libsndfile)
+log = logging.getLogger(__name__)
 INSTALL_HINT = "pip install 'omni-fast[dali]' (nvidia-dali-cuda130)"
 
 
@@ -72,10 +74,10 @@ def _require():
 
 
 class DaliMedia:
-    """DALI video + audio pipelines for batches of up to `batch_size` clips, results on `device`."""
+    """A DALI video pipeline for batches of up to `batch_size` clips, results on `device`."""
 
     def __init__(self, device: torch.device | str = "cuda", batch_size: int = 8, threads: int = 4,
-                 aspect: str = "pad", num_frames: int = 8, n_mels: int = 128):
+                 aspect: str = "pad", num_frames: int = NUM_FRAMES, n_mels: int = N_MELS):
         if aspect not in ASPECTS:
             raise ValueError(f"aspect {aspect!r}: expected one of {ASPECTS}")
         self._dali, self._fn, self._types, self._feed = _require()
@@ -86,7 +88,7 @@ class DaliMedia:
             raise ValueError(f"DALI decodes to a CUDA device or the CPU, not {self.device}")
         self.batch_size, self.threads = batch_size, threads
         self.aspect, self.num_frames, self.n_mels = aspect, num_frames, n_mels
-        self._video = self._audio = None
+        self._video = None
 
     # --- pipelines ----------------------------------------------------------------------------------------------
     def _pipeline(self):
@@ -106,18 +108,6 @@ class DaliMedia:
             pipe.build()
             self._video = pipe
         return self._video
-
-    def _audio_pipeline(self):
-        if self._audio is None:
-            fn, types = self._fn, self._types
-            pipe = self._pipeline()
-            with pipe:
-                encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
-                audio, _rate = fn.decoders.audio(encoded, sample_rate=16000, downmix=True, dtype=types.FLOAT)
-                pipe.set_outputs(audio)
-            pipe.build()
-            self._audio = pipe
-        return self._audio
 
     def _to_torch(self, tensor_list, i: int, dtype: torch.dtype) -> torch.Tensor:
         sample = tensor_list[i]
@@ -141,19 +131,6 @@ class DaliMedia:
             self._video = None
             raise
         return [self._to_torch(frames, i, torch.uint8) for i in range(len(paths))]
-
-    def decode_audio(self, paths: list[Path]) -> list[torch.Tensor]:
-        """wav/flac/ogg files -> 16 kHz mono float32 waveforms (CPU tensors; DALI decodes audio on the CPU)."""
-        if not paths:
-            return []
-        pipe = self._audio_pipeline()
-        try:
-            pipe.feed_input("encoded", [np.fromfile(p, dtype=np.uint8) for p in paths])
-            (audio,) = pipe.run()
-        except RuntimeError:
-            self._audio = None
-            raise
-        return [torch.from_numpy(np.array(audio[i]).reshape(-1)) for i in range(len(paths))]
 
     # --- a batch, end to end ------------------------------------------------------------------------------------
     def load(self, videos: list[str | Path], audios: list[str | Path | None] | None = None,
@@ -183,9 +160,8 @@ class DaliMedia:
         try:
             decoded = self.decode_frames(videos, indices)
         except RuntimeError as e:
-            reason = _dali_reason(e)
-            warnings.warn(f"DALI could not decode a batch of {len(videos)} clips ({reason}); decoding it with "
-                          f"PyAV: {', '.join(map(str, videos))}", stacklevel=3)
+            log.warning("DALI could not decode a batch of %d clips (%s); decoding it with PyAV: %s", len(videos),
+                        _dali_reason(e), ", ".join(map(str, videos)))
             return self._pyav_frames(videos, pool)
         return [(self._preprocess(f), ix) for f, ix in zip(decoded, indices)]
 
@@ -205,26 +181,15 @@ class DaliMedia:
             x = torch.stack([expand_to_square(f) for f in x])
         return normalize(resize(x))
 
-    def _waves(self, sources: list[Path], pool) -> list[tuple[np.ndarray | torch.Tensor, bool]]:
-        by_dali = [i for i, s in enumerate(sources) if s.suffix.lower() in DALI_AUDIO_SUFFIXES and s.is_file()]
-        waves: list = [None] * len(sources)
-        if by_dali:
-            try:
-                for i, w in zip(by_dali, self.decode_audio([sources[i] for i in by_dali])):
-                    waves[i] = w if w.numel() else None
-            except RuntimeError:
-                pass  # decoded by PyAV below, which also names the file when it has no usable audio
-        rest = [i for i in range(len(sources)) if waves[i] is None]
+    def _waves(self, sources: list[Path], pool) -> list[tuple[np.ndarray, bool]]:
         run = pool.map if pool is not None else map
-        for i, w in zip(rest, run(decode_audio, [sources[i] for i in rest])):
-            waves[i] = w if w is not None and w.size else None
         out = []
-        for source, w in zip(sources, waves):
-            if w is None:
-                warn_silence(source, stacklevel=3)
+        for source, wave in zip(sources, run(decode_audio, sources)):
+            if wave is None:
+                log_silence(source)
                 out.append((silence(), True))
             else:
-                out.append((w, False))
+                out.append((wave, False))
         return out
 
     def _mels(self, waves: list) -> list[torch.Tensor]:

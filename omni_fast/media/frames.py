@@ -2,11 +2,17 @@
 
 Pure functions on uint8 frames (T, H, W, 3):
   frame_indices     8 indices round((N-1)/8 * (i + 0.5) + 1e-6) over all N frames (numpy rounding, as there)
-  pad_missing       black frames appended when fewer frames than indices came back - with the reference's
-                    quirk: the black frame is (W, H), i.e. transposed, because it is built from PIL's (w, h) size
   expand_to_square  pad to a centred square with grey (127,127,127) = int(0.5 * 255) (training: aspect "pad")
-  resize            bicubic to 224x224 with antialiasing, as PIL's BICUBIC does (inference: plain stretch)
+  resize            bicubic to 224x224 with antialiasing, as the reference's Pillow does (inference: stretch)
   normalize         x / 255, then (x - 0.5) / 0.5 (SigLIP mean/std)
+
+Which Pillow: the reference ran Pillow 11 (early 2025), whose resize always runs the width pass first, rounds
+to uint8, then the height pass. Pillow 12+ runs the height pass first when that is cheaper (portrait frames
+shrinking more in height: 360x640, 215x301), and differs from Pillow 11 there by up to 8 grey levels on 21%
+of the pixels (noisy 360x640 frames, Pillow 13.0 vs 11.1). resize pins Pillow 11's order on every device
+(width, round, height, round) and stays within 1 grey level of Pillow 11 (2 on 128x96 and 90x160 upscales,
+under 0.6% of pixels); tests compare with Pillow 11's order built from two one-axis Pillow resizes, which
+equals Pillow 11.1's resize bit for bit.
 """
 from __future__ import annotations
 
@@ -14,28 +20,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from omni_fast.config import NUM_FRAMES
+
 SIGLIP_MEAN = 0.5
 SIGLIP_STD = 0.5
 PAD_FILL = int(SIGLIP_MEAN * 255)  # 127
 ASPECTS = ("stretch", "pad")
 
 
-def frame_indices(num_frames_total: int, num_frames: int = 8) -> list[int]:
+def frame_indices(num_frames_total: int, num_frames: int = NUM_FRAMES) -> list[int]:
     """The reference's uniform sampling (frame_sample, mode 'uniform'); indices repeat for short clips."""
     if num_frames_total < 1:
         raise ValueError("a clip needs at least one frame to sample from")
     seg = float(num_frames_total - 1) / num_frames
     mids = np.array([(seg * i + seg * (i + 1)) / 2 for i in range(num_frames)])
     return np.round(mids + 1e-6).astype(int).tolist()
-
-
-def pad_missing(frames: list[np.ndarray], num_frames: int = 8) -> list[np.ndarray]:
-    """Append black frames until there are `num_frames`, shaped as the reference makes them: (W, H, 3)."""
-    frames = list(frames)
-    while frames and len(frames) < num_frames:
-        h, w = frames[-1].shape[:2]
-        frames.append(np.zeros((w, h, 3), dtype=np.uint8))
-    return frames
 
 
 def expand_to_square(frame: torch.Tensor, fill: int = PAD_FILL) -> torch.Tensor:
@@ -51,24 +50,31 @@ def expand_to_square(frame: torch.Tensor, fill: int = PAD_FILL) -> torch.Tensor:
 
 
 def resize(frames: torch.Tensor, size: int = 224) -> torch.Tensor:
-    """(T, 3, H, W) uint8 -> (T, 3, size, size) uint8, antialiased bicubic (PIL BICUBIC's kernel, a = -0.5).
+    """(T, 3, H, W) uint8 -> (T, 3, size, size) uint8, antialiased bicubic (PIL BICUBIC's kernel, a = -0.5), in
+    Pillow 11's order: the width pass, rounded to uint8, then the height pass.
 
-    On the CPU torch's uint8 kernel rounds between the two separable passes as PIL does (within 1 grey level
-    of PIL when downscaling); elsewhere (CUDA has no uint8 kernel) resize_two_pass emulates it in fp32."""
+    On the CPU each pass is torch's uint8 kernel (PIL's fixed-point arithmetic, within 1 grey level of it);
+    elsewhere (CUDA has no uint8 antialiased kernel) resize_two_pass does the same passes in fp32."""
     if frames.shape[-2:] == (size, size):
         return frames
-    if frames.device.type == "cpu":
-        return F.interpolate(frames, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-    return resize_two_pass(frames, size)
+    if frames.device.type != "cpu":
+        return resize_two_pass(frames, size)
+    h, w = frames.shape[-2:]
+    out = frames
+    if w != size:
+        out = F.interpolate(out, size=(h, size), mode="bicubic", antialias=True, align_corners=False)
+    if h != size:
+        out = F.interpolate(out, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    return out
 
 
 def resize_two_pass(frames: torch.Tensor, size: int = 224) -> torch.Tensor:
-    """The CPU uint8 kernel in fp32: width pass, round and clamp to 0..255, height pass, round and clamp.
+    """resize's passes in fp32: width pass, round and clamp to 0..255, height pass, round and clamp.
 
     Rounding once after both passes instead (no clamp in between) differs from the uint8 kernel by up to
     6 grey levels on 640x360 frames and 17 on 128x96 ones (noisy frames, 15-25% of pixels), because the
-    intermediate overshoot of the cubic kernel is not clipped; the two passes stay within 1 level (2 when
-    upscaling, on under 1% of pixels)."""
+    intermediate overshoot of the cubic kernel is not clipped; the two passes stay within 1 level of the CPU
+    path (2 when upscaling, on under 1% of pixels)."""
     out = frames.float()
     h, w = out.shape[-2:]
     if w != size:

@@ -6,12 +6,13 @@
 
 records: anything with a `.video` path (and optionally `.audio`), e.g. omni_fast.grpo.data.Record, or plain
 paths. Batch k holds records [k*B, (k+1)*B) in order, less the clips that failed: with on_error="skip" each
-failure is warned about (naming the file) and listed in batch.failures; with "raise" the first one raises its
-MediaError. `prefetch` batches beyond the one being consumed are decoded in the background.
+failure is logged (one line naming the file, logger omni_fast.media.loader) and listed in batch.failures;
+with "raise" the first one raises its MediaError. `prefetch` batches beyond the one being consumed are decoded
+in the background.
 
 Backends (one is picked per loader):
   dali  omni_fast.media.dali.DaliMedia: NVDEC decode + device-side preprocessing, one batch at a time in a
-        background thread; the loader's thread pool serves its frame-count probes and non-DALI audio.
+        background thread; the loader's thread pool serves its frame-count probes and the (PyAV) audio.
   pyav  the PyAV path (load_clip's semantics) in a pool of `workers` threads, one clip per task. Threads, not
         processes: PyAV decodes and converts with the GIL released, and a 2-core measurement gave the same
         throughput either way (20.8 clips/s threads vs 22.4 processes on 640x360 h264 clips, +-20% noise),
@@ -22,7 +23,7 @@ Backends (one is picked per loader):
 """
 from __future__ import annotations
 
-import warnings
+import logging
 from collections import deque
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ import torch
 from omni_fast.config import LoaderConfig
 from omni_fast.media import dali as mdali
 from omni_fast.media.pyav import Clip, DecodedClip, MediaError, decode_clip, preprocess_clip
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -151,7 +154,7 @@ class MediaLoader:
         path = str(_paths(self.records[i])[0])
         if self.config.on_error == "raise":
             raise error
-        warnings.warn(f"skipping clip {i}: {error}", stacklevel=4)  # a MediaError's message starts with the path
+        log.warning("skipping clip %d: %s", i, error)  # a MediaError's message starts with the path
         failures.append(Failure(index=i, path=path, error=str(error)))
 
     def _stack(self, clips: list[Clip], failures: list[Failure], positions: list[int]) -> Batch:
