@@ -3,30 +3,39 @@
     model = OmniModel.from_pretrained("R1-Omni-0.5B", bert_path="bert-base-uncased")
     for r in model.recognize(["a.mp4", "b.mp4"]):
         print(r.emotion, r.reasoning)
+    for r in model.recognize_iter(many_clips):       # each result as soon as its batch finishes
+        print(r.video, r.emotion, r.timings.total)
 
 recognize() reproduces the reference inference.py (greedy, the checkpoint's chat template, stretched frames,
-generation_config.json's EOS ids and repetition penalty as HF generate applies them) for many clips at once;
-generate() samples n completions per clip with SamplingParams; forward_logits() is the full model on
-preprocessed inputs, the entry other implementations are compared through.
+float16 weights on a GPU, generation_config.json's EOS ids plus the tokenizer's EOS, its repetition penalty as
+HF generate applies it) for many clips at once; generate() samples n completions per clip with SamplingParams;
+forward_logits() is the full model on preprocessed inputs, the entry other implementations are compared through.
+
+Results come back one per input clip, in input order, each with its own timings and, for a clip skipped with
+on_error="skip", the error that stopped it: nothing about a call is kept on the model between calls.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
-from omni_fast.config import AUDIO_TOKEN_INDEX, VIDEO_TOKEN_INDEX, EngineConfig, LoaderConfig, SamplingParams
+from omni_fast.config import (AUDIO_TOKEN_INDEX, INFER_DTYPE, ON_ERROR, VIDEO_TOKEN_INDEX, EngineConfig, LoaderConfig,
+                              SamplingParams)
 from omni_fast.engine.engine import Engine
 from omni_fast.engine.sequence import Completion
 from omni_fast.media.loader import MediaLoader
-from omni_fast.model.checkpoint import LoadedCheckpoint, load_checkpoint, save_checkpoint
+from omni_fast.model.checkpoint import DTYPES, LoadedCheckpoint, load_checkpoint, resolve_device, save_checkpoint
 from omni_fast.model.prompt import ANSWER, DEFAULT_INSTRUCT, MODALS, inference_prompt, tokenize_multimodal
 
+log = logging.getLogger(__name__)
 _THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
 
 
@@ -37,31 +46,42 @@ def parse_response(text: str) -> tuple[str | None, str | None]:
 
 
 @dataclass(slots=True)
+class Timings:
+    """Seconds one clip spent per stage: its share (1/B) of its batch's media wait (decoding not hidden behind
+    the previous batch's generation), encoders + projectors, and generation."""
+    media: float = 0.0
+    encode: float = 0.0
+    generate: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.media + self.encode + self.generate
+
+    def as_dict(self) -> dict[str, float]:
+        return {"media_s": self.media, "encode_s": self.encode, "generate_s": self.generate}
+
+
+@dataclass(slots=True)
 class Recognition:
     video: str  # the clip
-    text: str  # the decoded response, as the reference prints it
+    text: str  # the decoded response, as the reference prints it ("" when the clip failed)
     reasoning: str | None  # inside <think></think>
     emotion: str | None  # inside <answer></answer>
     token_ids: list[int]  # generated ids (stop token included)
-    finish_reason: str  # "stop" or "length"
+    finish_reason: str  # "stop", "length", or "error" (the clip was skipped, see error)
+    index: int = 0  # position of the clip in the call's input list
+    timings: Timings = field(default_factory=Timings)  # this clip's seconds per stage
+    error: str | None = None  # why the clip was skipped (on_error="skip"); None when it was recognised
 
 
 @dataclass(slots=True)
 class Generation:
     video: str  # the clip
-    texts: list[str]  # the n decoded completions
+    texts: list[str]  # the n decoded completions ([] when the clip failed)
     completions: list[Completion]  # ids, log-probs and finish reasons
-
-
-@dataclass(slots=True)
-class Timings:
-    """Seconds spent per stage in the last call (media decode, encoders+projectors, generation)."""
-    media: float = 0.0
-    encode: float = 0.0
-    generate: float = 0.0
-
-    def as_dict(self) -> dict[str, float]:
-        return {"media_s": self.media, "encode_s": self.encode, "generate_s": self.generate}
+    index: int = 0  # position of the clip in the call's input list
+    timings: Timings = field(default_factory=Timings)  # this clip's seconds per stage
+    error: str | None = None  # why the clip was skipped (on_error="skip"); None when it was generated
 
 
 # Media decoding for recognize/generate (omni_fast.media.loader) unless from_pretrained is given a LoaderConfig:
@@ -72,6 +92,16 @@ class Timings:
 DEFAULT_MEDIA = LoaderConfig(backend="pyav", workers=4, prefetch=1)
 
 
+def inference_dtype(device: torch.device) -> torch.dtype:
+    """float16 on a GPU, as the reference's model_init loads the whole model (towers included) for inference;
+    float32 on the CPU, where half precision is slow and inexact."""
+    return DTYPES[INFER_DTYPE] if device.type == "cuda" else torch.float32
+
+
+def _video_name(record) -> str:
+    return str(getattr(record, "video", record))
+
+
 class OmniModel:
     def __init__(self, loaded: LoadedCheckpoint, engine_config: EngineConfig | None = None,
                  loader_config: LoaderConfig | None = None):
@@ -80,8 +110,6 @@ class OmniModel:
         self.model, self.tokenizer, self.bert_tokenizer = loaded.model, loaded.tokenizer, loaded.bert_tokenizer
         self.config = loaded.config
         self.engine = Engine(self.model, engine_config, loaded.generation.eos_token_ids)
-        self.timings = Timings()
-        self.failures: list = []  # clips the last recognize/generate skipped (on_error="skip")
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None,
@@ -90,22 +118,42 @@ class OmniModel:
                         engine_config: EngineConfig | None = None,
                         loader_config: LoaderConfig | None = None) -> OmniModel:
         """Load a HumanOmni / R1-Omni checkpoint directory (see omni_fast.model.checkpoint for where each part
-        is read from). dtype defaults to the checkpoint's (bf16) on a GPU and float32 on the CPU;
-        engine_config tunes the rollout engine, loader_config the media decoding (backend, workers, prefetch)."""
+        is read from). device: "cpu", "cuda" or "cuda:N" (default: CUDA where present). dtype defaults to float16
+        on a GPU, towers included, as the reference's model_init loads it (training uses bfloat16), and float32
+        on the CPU; engine_config tunes the rollout engine, loader_config the media decoding."""
+        device = resolve_device(device)
+        dtype = dtype or inference_dtype(device)
         loaded = load_checkpoint(path, bert_path=bert_path, vision_tower=vision_tower, audio_tower=audio_tower,
                                  device=device, dtype=dtype)
         return cls(loaded, engine_config, loader_config)
 
-    def save_pretrained(self, directory: str | Path, *, shards: int = 1, overwrite: bool = False) -> Path:
-        return save_checkpoint(self.loaded, directory, shards=shards, overwrite=overwrite)
+    def save_pretrained(self, directory: str | Path, *, max_shard_size: int | str = "5GB",
+                        overwrite: bool = False) -> Path:
+        """The checkpoint in HumanOmni's format (sharded by bytes above max_shard_size); overwrite=True replaces
+        an existing checkpoint directory, never another kind of directory."""
+        return save_checkpoint(self.loaded, directory, max_shard_size=max_shard_size, overwrite=overwrite)
 
     @property
     def device(self) -> torch.device:
         return self.model.lm_head_weight.device
 
     # --- inputs ------------------------------------------------------------------------------------------------
+    @property
+    def bert_max_length(self) -> int:
+        """Tokens the BERT gate reads: the tokenizer's model_max_length (the reference's truncation=True), capped
+        at the BERT model's positions."""
+        positions = self.model.towers.bert.max_position_embeddings
+        return min(positions, getattr(self.bert_tokenizer, "model_max_length", positions) or positions)
+
     def _bert_inputs(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        enc = self.bert_tokenizer(texts, return_tensors="pt", padding=True, truncation=True, add_special_tokens=True)
+        limit = self.bert_max_length
+        enc = self.bert_tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=limit,
+                                  add_special_tokens=True)
+        for text in texts:
+            n = len(self.bert_tokenizer(text, add_special_tokens=True).input_ids)
+            if n > limit:
+                log.warning("instruct of %d BERT tokens truncated to %d for the gate (BERT's positions), as the "
+                            "reference's tokenizer call truncates it: %.60r...", n, limit, text)
         return {k: v.to(self.device) for k, v in enc.items()}
 
     @torch.inference_mode()
@@ -131,86 +179,124 @@ class OmniModel:
 
     def _media(self, videos: list, modal: str, aspect: str, batch_size: int, on_error: str) -> MediaLoader:
         """Clips decoded `batch_size` at a time, the next batch while the current one is encoded and generated;
-        a bad clip raises its MediaError (on_error="raise") or is skipped and listed in self.failures ("skip")."""
+        a bad clip raises its MediaError (on_error="raise") or comes back in the batch's failures ("skip")."""
         config = dataclasses.replace(self.loader_config, batch_size=max(1, batch_size), on_error=on_error,
                                      aspect=aspect, num_frames=self.config.num_frames,
                                      n_mels=self.model.towers.audio.num_mel_bins, audio=modal != "video")
         return MediaLoader(videos, config, device=self.device)
 
     def _prompts(self, batch, instructs: list[str], modal: str) -> list[torch.Tensor]:
-        t1 = time.perf_counter()
         frames = batch.frames if modal != "audio" else None
         mel = batch.mel if modal != "video" else None
         video, audio = self.encode(frames, mel, instructs)
-        embeds = []
+        ids_of = {t: torch.tensor(self.prompt_ids(t, modal), device=self.device) for t in set(instructs)}
         with torch.inference_mode():
-            for i, instruct in enumerate(instructs):
-                ids = torch.tensor(self.prompt_ids(instruct, modal), device=self.device)
-                embeds.append(self.model.splice(ids, None if video is None else video[i],
-                                                None if audio is None else audio[i]))
-        self.timings.encode += time.perf_counter() - t1
-        return embeds
+            return [self.model.splice(ids_of[t], None if video is None else video[i],
+                                      None if audio is None else audio[i]) for i, t in enumerate(instructs)]
+
+    def _fit_positions(self, embeds: list[torch.Tensor], sampling: SamplingParams,
+                       videos: list) -> list[SamplingParams]:
+        """Per prompt, the sampling params with max_tokens capped to the positions the model has left (the
+        rotary table ends at max_position_embeddings); a prompt that leaves none is an error with both numbers."""
+        limit = self.config.max_position_embeddings
+        out = []
+        for e, video in zip(embeds, videos):
+            n = int(e.shape[0])
+            if n >= limit:
+                raise ValueError(f"{_video_name(video)}: the prompt is {n} positions long (text + video + audio "
+                                 f"embeddings) but the model has {limit} (max_position_embeddings in config.json); "
+                                 "shorten the instruct")
+            if n + sampling.max_tokens > limit:
+                log.warning("%s: max_tokens %d capped to %d: the prompt takes %d of the model's %d positions",
+                            _video_name(video), sampling.max_tokens, limit - n, n, limit)
+                out.append(dataclasses.replace(sampling, max_tokens=limit - n))
+            else:
+                out.append(sampling)
+        return out
 
     @staticmethod
-    def _check(videos, modal: str) -> list:
+    def _check(videos, modal: str, on_error: str) -> list:
         """Paths, or records with a .video path (and optionally .audio, a separate audio file)."""
         videos = [videos] if isinstance(videos, (str, Path)) else list(videos)
         if not videos:
             raise ValueError("no videos given")
         if modal not in MODALS:
             raise ValueError(f"modal {modal!r}: expected one of {MODALS}")
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error {on_error!r}: expected one of {ON_ERROR}")
         return [v if hasattr(v, "video") else str(v) for v in videos]
 
     # --- entry points ------------------------------------------------------------------------------------------
-    def generate(self, videos, instruct: str | list[str] | None = None, sampling: SamplingParams | None = None,
-                 modal: str = "video_audio", batch_size: int = 8, aspect: str = "stretch",
-                 on_error: str = "raise") -> list[Generation]:
-        """n sampled completions per clip. instruct: one for all clips or one per clip (default: the R1-Omni
-        demo instruct); aspect: "stretch" (reference inference) or "pad" (training); on_error: "raise" on a
-        clip that cannot be decoded, or "skip" it (warned, and listed in self.failures)."""
-        videos = self._check(videos, modal)
+    def generate_iter(self, videos, instruct: str | list[str] | None = None, sampling: SamplingParams | None = None,
+                      modal: str = "video_audio", batch_size: int = 8, aspect: str = "stretch",
+                      on_error: str = "raise") -> Iterator[Generation]:
+        """generate(), one Generation per clip in input order, each yielded as soon as its batch is done."""
+        videos = self._check(videos, modal, on_error)
         sampling = sampling or SamplingParams()
         instructs = [instruct] * len(videos) if instruct is None or isinstance(instruct, str) else list(instruct)
         instructs = [DEFAULT_INSTRUCT if i is None else i for i in instructs]
         if len(instructs) != len(videos):
             raise ValueError(f"{len(videos)} videos but {len(instructs)} instructs")
-        self.timings = Timings()
-        self.failures = []
-        out: list[Generation] = []
         with contextlib.closing(iter(self._media(videos, modal, aspect, batch_size, on_error))) as batches:
             while True:
                 t0 = time.perf_counter()
                 batch = next(batches, None)  # media time: the wait for decoding not hidden behind generation
-                self.timings.media += time.perf_counter() - t0
+                media_s = time.perf_counter() - t0
                 if batch is None:
-                    break
-                self.failures.extend(batch.failures)
-                if not len(batch):
-                    continue
-                embeds = self._prompts(batch, [instructs[i] for i in batch.positions], modal)
-                t0 = time.perf_counter()
-                results = self.engine.generate(embeds, sampling)
-                self.timings.generate += time.perf_counter() - t0
-                for video, completions in zip(batch.records, results):
-                    texts = [self.tokenizer.decode(c.token_ids, skip_special_tokens=True).strip()
-                             for c in completions]
-                    out.append(Generation(video=str(getattr(video, "video", video)), texts=texts,
-                                          completions=completions))
-        return out
+                    return
+                yield from self._generate_batch(batch, instructs, modal, sampling, media_s)
 
-    def recognize(self, videos, instruct: str | list[str] | None = None, modal: str = "video_audio",
-                  max_new_tokens: int = 2048, batch_size: int = 8, on_error: str = "raise") -> list[Recognition]:
-        """Greedy recognition as the reference inference.py, batched over many clips."""
+    def _generate_batch(self, batch, instructs: list[str], modal: str, sampling: SamplingParams,
+                        media_s: float) -> list[Generation]:
+        """One decoded batch -> its Generations and its failures, merged in input order."""
+        out = [Generation(video=f.path, texts=[], completions=[], index=f.index, error=f.error)
+               for f in batch.failures]
+        if len(batch):
+            t0 = time.perf_counter()
+            embeds = self._prompts(batch, [instructs[i] for i in batch.positions], modal)
+            t1 = time.perf_counter()
+            results = self.engine.generate(embeds, self._fit_positions(embeds, sampling, batch.records))
+            t2 = time.perf_counter()
+            n = len(batch)
+            share = Timings(media=media_s / n, encode=(t1 - t0) / n, generate=(t2 - t1) / n)
+            for video, index, completions in zip(batch.records, batch.positions, results):
+                texts = [self.tokenizer.decode(c.token_ids, skip_special_tokens=True).strip() for c in completions]
+                out.append(Generation(video=_video_name(video), texts=texts, completions=completions, index=index,
+                                      timings=dataclasses.replace(share)))
+        return sorted(out, key=lambda g: g.index)
+
+    def generate(self, videos, instruct: str | list[str] | None = None, sampling: SamplingParams | None = None,
+                 modal: str = "video_audio", batch_size: int = 8, aspect: str = "stretch",
+                 on_error: str = "raise") -> list[Generation]:
+        """n sampled completions per clip. instruct: one for all clips or one per clip (default: the R1-Omni
+        demo instruct); aspect: "stretch" (reference inference) or "pad" (training); on_error: "raise" on a
+        clip that cannot be decoded, or "skip" it (logged; its Generation carries the error and no texts)."""
+        return list(self.generate_iter(videos, instruct, sampling, modal, batch_size, aspect, on_error))
+
+    def recognize_iter(self, videos, instruct: str | list[str] | None = None, modal: str = "video_audio",
+                       max_new_tokens: int = 2048, batch_size: int = 8,
+                       on_error: str = "raise") -> Iterator[Recognition]:
+        """recognize(), one Recognition per clip in input order, each yielded as soon as its batch is done (a
+        caller that stops early, or a KeyboardInterrupt, keeps every result already yielded)."""
         gen = self.loaded.generation
         params = SamplingParams(n=1, temperature=0.0, max_tokens=max_new_tokens,
                                 repetition_penalty=gen.repetition_penalty, stop_token_ids=gen.eos_token_ids)
-        results = []
-        for g in self.generate(videos, instruct, params, modal, batch_size, aspect="stretch", on_error=on_error):
+        for g in self.generate_iter(videos, instruct, params, modal, batch_size, aspect="stretch", on_error=on_error):
+            if g.error is not None:
+                yield Recognition(video=g.video, text="", reasoning=None, emotion=None, token_ids=[],
+                                  finish_reason="error", index=g.index, timings=g.timings, error=g.error)
+                continue
             reasoning, emotion = parse_response(g.texts[0])
             c = g.completions[0]
-            results.append(Recognition(video=g.video, text=g.texts[0], reasoning=reasoning, emotion=emotion,
-                                       token_ids=c.token_ids, finish_reason=c.finish_reason))
-        return results
+            yield Recognition(video=g.video, text=g.texts[0], reasoning=reasoning, emotion=emotion,
+                              token_ids=c.token_ids, finish_reason=c.finish_reason, index=g.index,
+                              timings=g.timings)
+
+    def recognize(self, videos, instruct: str | list[str] | None = None, modal: str = "video_audio",
+                  max_new_tokens: int = 2048, batch_size: int = 8, on_error: str = "raise") -> list[Recognition]:
+        """Greedy recognition as the reference inference.py, batched over many clips: one Recognition per clip,
+        in input order (with on_error="skip", a clip that cannot be decoded has finish_reason "error")."""
+        return list(self.recognize_iter(videos, instruct, modal, max_new_tokens, batch_size, on_error))
 
     @torch.inference_mode()
     def forward_logits(self, input_ids: torch.Tensor, frames: torch.Tensor | None = None,

@@ -4,11 +4,15 @@
     omni-fast eval --model_path R1-Omni-0.5B --annotations DFEW_val.json --data_root /data --out results.json
     omni-fast train --config grpo.yaml [--key value ...] [--resume_from_checkpoint PATH|latest]
     omni-fast demo
+
+Every --snake_case flag is also accepted as --kebab-case (--model-path). Errors are one line on stderr with
+exit status 2; Ctrl-C exits with status 130, keeping every result already written.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import tempfile
 import time
@@ -28,18 +32,25 @@ def _dtype(name: str | None):
     return None if name is None else DTYPES[DTYPE_NAMES[name]]
 
 
+def _flag(p: argparse.ArgumentParser, name: str, **kw) -> None:
+    """An option under its snake_case name (the reference's spelling) and its kebab-case twin."""
+    names = [name] + ([name.replace("_", "-")] if "_" in name else [])
+    p.add_argument(*names, **kw)
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bert_path", default=None, help="local bert-base-uncased directory (config.json, vocab.txt); "
-                   "default: <model_path>/bert-base-uncased or ./bert-base-uncased")
-    p.add_argument("--vision_tower", default=None, help="override config.json's mm_vision_tower directory")
-    p.add_argument("--audio_tower", default=None, help="override config.json's mm_audio_tower directory")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
-    p.add_argument("--dtype", default=None, choices=sorted(DTYPE_NAMES), help="default: bf16 on GPU, fp32 on CPU")
-    p.add_argument("--media_backend", default="pyav", choices=["pyav", "dali", "auto"],
-                   help="clip decoding: pyav (the reference's frames exactly), dali (NVDEC on a GPU), auto")
-    p.add_argument("--media_workers", type=int, default=4, help="decode threads")
-    p.add_argument("--max_samples", type=int, default=256, help="decode rows the engine runs at once")
-    p.add_argument("--no_cuda_graphs", action="store_true", help="decode eagerly (no CUDA graph capture)")
+    _flag(p, "--bert_path", default=None, help="local bert-base-uncased directory (config.json, vocab.txt); "
+          "default: <model_path>/bert-base-uncased or ./bert-base-uncased")
+    _flag(p, "--vision_tower", default=None, help="override config.json's mm_vision_tower directory")
+    _flag(p, "--audio_tower", default=None, help="override config.json's mm_audio_tower directory")
+    _flag(p, "--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
+    _flag(p, "--dtype", default=None, choices=sorted(DTYPE_NAMES),
+          help="default: fp16 on a GPU (the reference's inference dtype, towers included), fp32 on the CPU")
+    _flag(p, "--media_backend", default="pyav", choices=["pyav", "dali", "auto"],
+          help="clip decoding: pyav (the reference's frames exactly), dali (NVDEC on a GPU), auto")
+    _flag(p, "--media_workers", type=int, default=4, help="decode threads")
+    _flag(p, "--max_samples", type=int, default=256, help="decode rows the engine runs at once")
+    _flag(p, "--no_cuda_graphs", action="store_true", help="decode eagerly (no CUDA graph capture)")
 
 
 def _load_model(args: argparse.Namespace, device=None):
@@ -67,26 +78,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     infer = sub.add_parser("infer", formatter_class=_Formatter,
                            help="recognise the emotion in clips, as R1-Omni's inference.py")
-    infer.add_argument("--model_path", required=True, help="HumanOmni / R1-Omni checkpoint directory")
-    infer.add_argument("--video_path", required=True, nargs="+", help="one or more clips")
-    infer.add_argument("--modal", default="video_audio", choices=["video_audio", "video", "audio"])
-    infer.add_argument("--instruct", default=None, help="the question (default: R1-Omni's demo instruct)")
-    infer.add_argument("--max_new_tokens", type=int, default=2048)
-    infer.add_argument("--batch_size", type=int, default=8)
-    infer.add_argument("--json", action="store_true", help="print one JSON object per clip with timings")
+    _flag(infer, "--model_path", required=True, help="HumanOmni / R1-Omni checkpoint directory")
+    _flag(infer, "--video_path", required=True, nargs="+", help="one or more clips")
+    _flag(infer, "--modal", default="video_audio", choices=["video_audio", "video", "audio"])
+    _flag(infer, "--instruct", default=None, help="the question (default: R1-Omni's demo instruct)")
+    _flag(infer, "--max_new_tokens", type=int, default=2048, help="the reference's mm_infer value")
+    _flag(infer, "--batch_size", type=int, default=8)
+    _flag(infer, "--on_error", default="raise", choices=["raise", "skip"],
+          help="a clip that cannot be decoded: stop with its error, or skip it (named on stderr)")
+    _flag(infer, "--json", action="store_true",
+          help="print one JSON object per clip, with that clip's timings (its share of its batch)")
     _add_model_args(infer)
 
     ev = sub.add_parser("eval", formatter_class=_Formatter,
-                        help="WAR / UAR over an annotation file (DFEW, MAFW, RAVDESS formats)")
-    ev.add_argument("--model_path", required=True, help="HumanOmni / R1-Omni checkpoint directory")
-    ev.add_argument("--annotations", required=True, help="annotation JSON / JSONL (R1-Omni or RAVDESS format)")
-    ev.add_argument("--data_root", default=None, help="what relative video paths are resolved against "
-                    "(default: the annotation file's folder)")
-    ev.add_argument("--instruct", default=None, help="the question (default: R1-Omni's demo instruct)")
-    ev.add_argument("--max_new_tokens", type=int, default=1024)
-    ev.add_argument("--batch_size", type=int, default=8)
-    ev.add_argument("--limit", type=int, default=None, help="score only the first N clips")
-    ev.add_argument("--out", default=None, help="write per-clip results and scores to this JSON file")
+                        help="WAR / UAR over an annotation file (DFEW, MAFW, RAVDESS formats)",
+                        description="Each clip's result is appended to OUT's .jsonl twin as soon as it is done; "
+                                    "the same command run again resumes from it (--overwrite starts over). "
+                                    "The scores go to OUT, the confusion matrix to OUT's .confusion.png.")
+    _flag(ev, "--model_path", required=True, help="HumanOmni / R1-Omni checkpoint directory")
+    _flag(ev, "--annotations", required=True, help="annotation JSON / JSONL (R1-Omni or RAVDESS format)")
+    _flag(ev, "--data_root", default=None, help="what relative video paths are resolved against "
+          "(default: the annotation file's folder)")
+    _flag(ev, "--instruct", default=None, help="the question (default: the reference eval script's prompt)")
+    _flag(ev, "--modal", default="video_audio", choices=["video_audio", "video", "audio"])
+    _flag(ev, "--max_new_tokens", type=int, default=2048, help="the reference eval's (mm_infer's) value")
+    _flag(ev, "--batch_size", type=int, default=8)
+    _flag(ev, "--limit", type=int, default=None, help="score only the first N clips")
+    _flag(ev, "--out", default=None, help="the scores as JSON; per-clip results stream to its .jsonl twin "
+          "(without --out nothing is saved and nothing can be resumed)")
+    _flag(ev, "--overwrite", action="store_true", help="start over instead of resuming from --out's results")
+    _flag(ev, "--label_set", default="auto",
+          help="labels scored per dataset: auto (DFEW's 7 / MAFW's 11 / RAVDESS's 8; a file with none of them "
+               "is scored over its own labels), none (every label is a class), or a comma-separated list")
+    _flag(ev, "--no_progress", action="store_true", help="no progress bar on stderr")
     _add_model_args(ev)
 
     train = sub.add_parser("train", formatter_class=_Formatter,
@@ -94,16 +118,16 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Any GRPOConfig field can be given as --key value after the config file "
                                        "(e.g. --max_steps 100 --learning_rate 1e-6); it overrides the file.",
                            epilog=_config_fields())
-    train.add_argument("--config", default=None, help="YAML or JSON file of GRPOConfig fields")
-    train.add_argument("--resume_from_checkpoint", default=None,
-                       help="a checkpoint-<step> directory, or 'latest' (the newest one in output_dir)")
+    _flag(train, "--config", default=None, help="YAML or JSON file of GRPOConfig fields")
+    _flag(train, "--resume_from_checkpoint", default=None,
+          help="a checkpoint-<step> directory, or 'latest' (the newest one in output_dir)")
 
     demo = sub.add_parser("demo", formatter_class=_Formatter,
                           help="tiny checkpoint in the real format + a synthetic clip, end to end")
-    demo.add_argument("--workdir", default=None, help="where to write the tiny checkpoint and clip (default: temp)")
-    demo.add_argument("--max_new_tokens", type=int, default=48)
-    demo.add_argument("--grpo_steps", type=int, default=DEMO_GRPO_STEPS, help="GRPO steps of the toy run (0: skip)")
-    demo.add_argument("--sft_steps", type=int, default=DEMO_SFT_STEPS, help="SFT steps before the GRPO run")
+    _flag(demo, "--workdir", default=None, help="where to write the tiny checkpoint and clip (default: temp)")
+    _flag(demo, "--max_new_tokens", type=int, default=48)
+    _flag(demo, "--grpo_steps", type=int, default=DEMO_GRPO_STEPS, help="GRPO steps of the toy run (0: skip)")
+    _flag(demo, "--sft_steps", type=int, default=DEMO_SFT_STEPS, help="SFT steps before the GRPO run")
     return parser
 
 
@@ -125,6 +149,7 @@ def parse_overrides(extra: list[str]) -> dict[str, str]:
         if not arg.startswith("--") or len(arg) == 2:
             raise ValueError(f"unexpected argument {arg!r}: expected --key value pairs of GRPOConfig fields")
         key, eq, value = arg[2:].partition("=")
+        key = key.replace("-", "_")  # --max-steps is --max_steps
         if not eq:
             if i + 1 < len(extra) and not extra[i + 1].startswith("--"):
                 value, i = extra[i + 1], i + 1
@@ -154,54 +179,113 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def _infer_line(r, as_json: bool) -> str:
+    """What infer prints for one clip: the text, as the reference does, or one JSON object with its timings."""
+    if not as_json:
+        return r.text
+    return json.dumps({"video": r.video, "text": r.text, "reasoning": r.reasoning, "emotion": r.emotion,
+                       "num_tokens": len(r.token_ids), "finish_reason": r.finish_reason, "error": r.error,
+                       "timings": {k: round(v, 4) for k, v in r.timings.as_dict().items()}}, ensure_ascii=False)
+
+
 def cmd_infer(args: argparse.Namespace) -> int:
+    from omni_fast.model.checkpoint import resolve_device
     from omni_fast.model.prompt import DEFAULT_INSTRUCT
 
-    for v in args.video_path:
-        if not Path(v).is_file():
-            raise FileNotFoundError(f"--video_path {v}: no such file")
+    resolve_device(args.device)
+    if args.on_error == "raise":
+        for v in args.video_path:
+            if not Path(v).is_file():
+                raise FileNotFoundError(f"--video_path {v}: no such file")
     t0 = time.perf_counter()
     model = _load_model(args)
-    load_s = time.perf_counter() - t0
+    print(f"omni-fast infer: model loaded in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
     instruct = args.instruct if args.instruct is not None else DEFAULT_INSTRUCT
-    results = model.recognize(args.video_path, instruct, args.modal, args.max_new_tokens, args.batch_size)
-    for r in results:
-        if args.json:
-            print(json.dumps({"video": r.video, "text": r.text, "reasoning": r.reasoning, "emotion": r.emotion,
-                              "num_tokens": len(r.token_ids), "finish_reason": r.finish_reason,
-                              "timings": {"load_s": round(load_s, 4),
-                                          **{k: round(v, 4) for k, v in model.timings.as_dict().items()}}}))
-        else:
-            print(r.text)
+    for r in model.recognize_iter(args.video_path, instruct, args.modal, args.max_new_tokens, args.batch_size,
+                                  on_error=args.on_error):
+        if r.error is not None and not args.json:
+            continue  # the media loader has logged the skipped clip (one line naming it)
+        print(_infer_line(r, args.json), flush=True)
     return 0
+
+
+def eval_paths(out: Path) -> tuple[Path, Path, Path]:
+    """--out -> (scores JSON, per-clip results JSONL, confusion-matrix PNG)."""
+    summary = out.with_suffix(".json") if out.suffix == ".jsonl" else out
+    return summary, summary.with_suffix(".jsonl"), summary.with_suffix(".confusion.png")
+
+
+def _label_sets(spec: str):
+    if spec == "auto":
+        return "auto"
+    if spec == "none":
+        return None
+    labels = tuple(x.strip() for x in spec.split(",") if x.strip())
+    if not labels:
+        raise ValueError(f"--label_set {spec!r}: expected auto, none or a comma-separated list of labels")
+    return {source: labels for source in ("dfew", "mafw", "ravdess")}
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from omni_fast import distributed
-    from omni_fast.eval import evaluate, write_json
+    from omni_fast.eval import evaluate, load_done, run_header, write_confusion_png, write_json
     from omni_fast.grpo.data import load_annotations
+    from omni_fast.model.checkpoint import resolve_device
+    from omni_fast.model.prompt import EVAL_QUESTION
 
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit {args.limit}: expected a number of clips >= 1")
-    if args.out:
-        _check_writable(Path(args.out), inputs=[Path(args.annotations)])
+    resolve_device(args.device)
+    label_sets = _label_sets(args.label_set)
+    paths = eval_paths(Path(args.out)) if args.out else None
+    if paths:
+        for path in paths:
+            _check_writable(path, inputs=[Path(args.annotations)])
     records = load_annotations(args.annotations, args.data_root)[: args.limit]
+    instruct = args.instruct if args.instruct is not None else EVAL_QUESTION
+    header = run_header(args.model_path, args.annotations, instruct, args.max_new_tokens, args.modal)
+    if paths and not args.overwrite:
+        load_done(paths[1], header, records)  # a file from another run is refused before the model loads
+    if not paths:
+        print("omni-fast eval: no --out, so results are not saved and an interrupted run cannot resume",
+              file=sys.stderr)
     ctx = distributed.init(args.device)  # under torchrun each rank recognises a shard; rank 0 scores
     model = _load_model(args, ctx.device)
-    report = evaluate(model, records, args.instruct, args.max_new_tokens, args.batch_size, ctx)
+    try:
+        report = evaluate(model, records, instruct, args.max_new_tokens, args.batch_size, ctx,
+                          results=paths[1] if paths else None, header=header, overwrite=args.overwrite,
+                          modal=args.modal, progress=not args.no_progress, label_sets=label_sets)
+    except KeyboardInterrupt:
+        kept = f"; the finished results are in {paths[1]}: run the same command again to resume" if paths else ""
+        print(f"omni-fast eval: interrupted{kept}", file=sys.stderr)
+        return 130
     distributed.shutdown(ctx)
     if report is None:
         return 0
+    _print_report(report)
+    if paths:
+        summary, results, png = paths
+        rows = [{k: v for k, v in row.items() if k != "seconds"} for row in report.rows if "error" not in row]
+        write_json(summary, {"scores": report.as_dict(), "results": rows,
+                             "seconds": round(sum(row.get("seconds", 0.0) for row in report.rows), 3)})
+        shown = write_confusion_png(report.confusion, png)
+        print(f"scores: {summary}; per-clip results: {results}" + (f"; confusion matrix: {shown}" if shown else ""))
+    return 0
+
+
+def _print_report(report) -> None:
     print(f"{'source':>10} {'clips':>6} {'WAR':>7} {'UAR':>7}")
     for source, s in report.by_source.items():
         print(f"{source:>10} {s['clips']:>6} {s['war']:>7.2f} {s['uar']:>7.2f}")
-    print(f"{'all':>10} {len(report.rows):>6} {report.war:>7.2f} {report.uar:>7.2f}")
-    for skip in report.skipped:
-        print(f"skipped {skip['path']}: {skip['error']}", file=sys.stderr)
-    if args.out:
-        write_json(args.out, {"scores": report.as_dict(), "results": report.rows})
-        print(f"results: {args.out}")
-    return 0
+    print(f"{'all':>10} {report.clips:>6} {report.war:>7.2f} {report.uar:>7.2f}")
+    print("recall: " + ", ".join(f"{c} {100 * r:.1f}" for c, r in report.recall.items()))
+    print(f"unparsable answers (no <answer></answer>): {report.unparsable}")
+    if report.outside_label_set:
+        print("left out, labels outside the label set: " +
+              ", ".join(f"{label!r} x{n}" for label, n in report.outside_label_set.items()))
+    for skip in report.skipped:  # a media error's message usually starts with the clip's path already
+        said = skip["error"] if skip["error"].startswith(skip["path"]) else f"{skip['path']}: {skip['error']}"
+        print(f"skipped {said}", file=sys.stderr)
 
 
 def _check_writable(out: Path, inputs: list[Path]) -> None:
@@ -244,8 +328,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         result = stage("recognize (decode, encoders, greedy generation)",
                        lambda: model.recognize([clip], max_new_tokens=args.max_new_tokens)[0])
         print(f"[demo] checkpoint: {ckpt}")
-        print(f"[demo] media {model.timings.media:.3f} s, encode {model.timings.encode:.3f} s, "
-              f"generate {model.timings.generate:.3f} s for {len(result.token_ids)} tokens")
+        print(f"[demo] media {result.timings.media:.3f} s, encode {result.timings.encode:.3f} s, "
+              f"generate {result.timings.generate:.3f} s for {len(result.token_ids)} tokens")
         print(f"[demo] response (random tiny weights, so not meaningful): {result.text!r}")
         if args.grpo_steps > 0:
             stage("train on a toy task: cold-start SFT, then GRPO",
@@ -286,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra and args.command != "train":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     warnings.filterwarnings("ignore", category=FutureWarning)
+    _log_to_stderr()
     from omni_fast.grpo.trainer import TrainingError
 
     try:
@@ -295,6 +380,38 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError, IsADirectoryError, PermissionError, ValueError, TrainingError) as e:
         print(f"omni-fast {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"omni-fast {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+class _StderrLog(logging.Handler):
+    """One line per record on whatever sys.stderr is at the time (a handler bound to the stream at startup
+    would keep writing to a replaced one)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            print(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging's own contract: a failing handler never raises
+            self.handleError(record)
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """Python warnings (a skipped clip, a silent audio track) as one logged line, without the source line."""
+    logging.getLogger("omni_fast").warning("%s", message)
+
+
+def _log_to_stderr() -> None:
+    """omni_fast's log lines and Python warnings (a skipped clip, a truncated instruct) as one line each on
+    stderr: "omni-fast: WARNING: <message naming the clip>"."""
+    logger = logging.getLogger("omni_fast")
+    if not any(isinstance(h, _StderrLog) for h in logger.handlers):
+        handler = _StderrLog()
+        handler.setFormatter(logging.Formatter("omni-fast: %(levelname)s: %(message)s"))
+        logger.addHandler(handler)
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.INFO)
+    warnings.showwarning = _warning_line
 
 
 if __name__ == "__main__":

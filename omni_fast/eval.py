@@ -6,20 +6,53 @@
 
 The reference scripts compare the whole response with the label; R1-Omni answers "<think>...</think>
 <answer>label</answer>", so the prediction here is the text inside the first <answer></answer> (the whole
-stripped response when there is none), compared exactly, case-sensitively, as the accuracy reward does.
-RAVDESS labels are renamed as eval_ravedess.py does (fearful -> fear, surprised -> surprise).
+stripped response when there is none, counted as unparsable), compared exactly, case-sensitively, as the
+accuracy reward does. RAVDESS labels are renamed as eval_ravedess.py does (fearful -> fear, surprised -> surprise).
+
+Ground-truth labels outside their dataset's label set (LABEL_SETS: DFEW's 7, MAFW's 11, RAVDESS's 8) are logged,
+counted and left out of WAR / UAR rather than scored as classes of their own; an annotation file none of whose
+labels is in its dataset's set is a dataset of its own, scored over the labels it has.
+
+Results are never lost: each clip's row is appended to a JSONL file as soon as it is recognised (flushed and
+fsynced), after a first header line naming the run (model, instruct, max_new_tokens, modal). Running the same
+evaluation again reads the file, checks it belongs to this run and these annotation entries, and recognises only
+the clips not in it yet (a half-written last line, from a crash, is dropped); clips that failed to decode are
+tried again. Under torchrun each rank appends to its own part file, `<results>.rank<R>.part`, and rank 0 merges
+the parts into the results file, in record order, once every rank is done.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
+from omni_fast.config import EMOTION_LABELS
 from omni_fast.grpo.data import RAVDESS_LABELS, Record
+from omni_fast.model.prompt import ANSWER
+
+log = logging.getLogger(__name__)
+
+RESULTS_FORMAT = 1  # the header's "omni_fast_eval" value
+# The settings that change a clip's result: a results file written with others cannot be resumed.
+RUN_KEYS = ("model_path", "instruct", "max_new_tokens", "modal")
+OTHER = "other"  # the confusion matrix's column for predictions outside the classes
+LABEL_SETS: dict[str, tuple[str, ...]] = {
+    "dfew": EMOTION_LABELS[:7],  # happy, sad, neutral, angry, surprise, disgust, fear
+    "mafw": EMOTION_LABELS,  # DFEW's 7 + contemptuous, disappointed, helpless, anxious
+    "ravdess": ("neutral", "calm", "happy", "sad", "angry", "fear", "disgust", "surprise"),  # after the renames
+}
 
 
+class ResultsFileError(ValueError):
+    """A results file that cannot be resumed: written by another run, for other annotations, or corrupt."""
+
+
+# --- metrics -----------------------------------------------------------------------------------------------------
 def war_uar(y_true: list[str], y_pred: list[str]) -> tuple[float, float]:
     """(WAR, UAR) in percent; classes are those present in y_true."""
     if len(y_true) != len(y_pred):
@@ -39,12 +72,20 @@ def per_class_recall(y_true: list[str], y_pred: list[str]) -> dict[str, float]:
     return {c: hits[c] / counts[c] for c in sorted(counts)}
 
 
+def confusion_matrix(y_true: list[str], y_pred: list[str]) -> dict:
+    """Rows: the ground-truth classes (sorted); columns: the same classes then OTHER (any other prediction)."""
+    labels = sorted(set(y_true))
+    column = {c: i for i, c in enumerate(labels)}
+    matrix = [[0] * (len(labels) + 1) for _ in labels]
+    for t, p in zip(y_true, y_pred):
+        matrix[column[t]][column.get(p, len(labels))] += 1
+    return {"labels": labels, "columns": [*labels, OTHER], "matrix": matrix}
+
+
 def prediction(response: str) -> str:
     """The label a response gives: inside its first <answer></answer>, else the whole stripped response."""
-    from omni_fast.api import parse_response
-
-    answer = parse_response(response)[1]
-    return answer if answer is not None else response.strip()
+    answer = ANSWER.search(response)
+    return answer.group(1).strip() if answer else response.strip()
 
 
 def ground_truth(record: Record) -> str:
@@ -52,74 +93,353 @@ def ground_truth(record: Record) -> str:
     return RAVDESS_LABELS.get(label, label) if record.source == "ravdess" else label
 
 
+def label_sets_for(records: Iterable[Record]) -> dict[str, tuple[str, ...]] | None:
+    """Each source's dataset label set, or None (every label is a class) when no record's label is in its
+    source's set: then the file is another dataset, such as a custom one, and has its own labels."""
+    records = list(records)
+    if any(ground_truth(r) in LABEL_SETS.get(r.source, ()) for r in records):
+        return LABEL_SETS
+    return None
+
+
+# --- the report --------------------------------------------------------------------------------------------------
 @dataclass(slots=True)
 class EvalReport:
     war: float  # percent, over every scored clip
     uar: float  # percent
     by_source: dict[str, dict[str, float]]  # source -> {"war", "uar", "clips"}
     recall: dict[str, float]  # per ground-truth class, over every scored clip
-    rows: list[dict] = field(default_factory=list)  # per clip: gt, prediction, response, source, video_path
+    clips: int = 0  # clips scored (recognised, with a label in the label set)
+    confusion: dict = field(default_factory=dict)  # confusion_matrix() over every scored clip
+    unparsable: int = 0  # scored responses without an <answer></answer> (the whole text was compared)
+    outside_label_set: dict[str, int] = field(default_factory=dict)  # label -> clips left out of the scores
+    rows: list[dict] = field(default_factory=list)  # per clip, see result_row()
     skipped: list[dict] = field(default_factory=list)  # clips that could not be decoded: path, error
 
     def as_dict(self) -> dict:
-        return {"war": self.war, "uar": self.uar, "by_source": self.by_source, "recall": self.recall,
-                "clips": len(self.rows), "skipped": self.skipped}
+        return {"war": self.war, "uar": self.uar, "clips": self.clips, "by_source": self.by_source,
+                "recall": self.recall, "confusion": self.confusion, "unparsable": self.unparsable,
+                "outside_label_set": self.outside_label_set, "skipped": self.skipped}
 
 
-def score(rows: list[dict], skipped: list[dict] | None = None) -> EvalReport:
-    """rows with 'gt', 'prediction' and 'source' -> the report (overall and per source)."""
-    y_true, y_pred = [r["gt"] for r in rows], [r["prediction"] for r in rows]
+def _outside(rows: list[dict], label_sets: dict[str, tuple[str, ...]] | None) -> list[dict]:
+    if label_sets is None:
+        return []
+    return [r for r in rows if r["source"] in label_sets and r["label"] not in label_sets[r["source"]]]
+
+
+def score(rows: list[dict], skipped: list[dict] | None = None,
+          label_sets: dict[str, tuple[str, ...]] | None = None) -> EvalReport:
+    """rows with 'label', 'prediction', 'source' (and 'text') -> the report, overall and per source. Rows with
+    an 'error' are skipped clips; rows whose label is outside their source's label set are counted, logged and
+    left out of the scores."""
+    done = [r for r in rows if r.get("error") is None]
+    outside = _outside(done, label_sets)
+    counts = Counter(r["label"] for r in outside)
+    for label, n in sorted(counts.items()):
+        sources = sorted({r["source"] for r in outside if r["label"] == label})
+        log.warning("%d clip(s) labelled %r, not a label of %s: left out of WAR / UAR", n, label, "/".join(sources))
+    ids = {id(r) for r in outside}
+    scored = [r for r in done if id(r) not in ids]
+    if not scored:
+        raise ValueError(f"no clip to score: {len(rows)} results, {len(rows) - len(done)} skipped, "
+                         f"{len(outside)} with labels outside the label set")
+    y_true, y_pred = [r["label"] for r in scored], [r["prediction"] for r in scored]
     war, uar = war_uar(y_true, y_pred)
     by_source = {}
-    for source in sorted({r["source"] for r in rows}):
-        part = [r for r in rows if r["source"] == source]
-        w, u = war_uar([r["gt"] for r in part], [r["prediction"] for r in part])
+    for source in sorted({r["source"] for r in scored}):
+        part = [r for r in scored if r["source"] == source]
+        w, u = war_uar([r["label"] for r in part], [r["prediction"] for r in part])
         by_source[source] = {"war": w, "uar": u, "clips": len(part)}
-    return EvalReport(war=war, uar=uar, by_source=by_source, recall=per_class_recall(y_true, y_pred), rows=rows,
-                      skipped=skipped or [])
+    unparsable = sum(ANSWER.search(r.get("text", "")) is None for r in scored)
+    return EvalReport(war=war, uar=uar, by_source=by_source, recall=per_class_recall(y_true, y_pred),
+                      clips=len(scored), confusion=confusion_matrix(y_true, y_pred), unparsable=unparsable,
+                      outside_label_set=dict(sorted(counts.items())), rows=rows,
+                      skipped=[{"path": r["video"], "error": r["error"]} for r in rows if r.get("error") is not None]
+                      if skipped is None else skipped)
 
 
-def recognize_rows(model, records: list[Record], instruct: str | None = None, max_new_tokens: int = 1024,
-                   batch_size: int = 8) -> tuple[list[dict], list[dict]]:
-    """Greedy recognition of every record's clip -> (per-clip rows in record order, skipped clips)."""
-    results = model.recognize(records, instruct, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                              on_error="skip")
-    failed = {f.index for f in model.failures}
-    kept = [r for i, r in enumerate(records) if i not in failed]  # results come in record order, skips removed
-    assert len(kept) == len(results), (len(kept), len(results))
-    rows = [{"index": record.index, "gt": ground_truth(record), "prediction": prediction(res.text),
-             "response": res.text, "source": record.source, "video_path": res.video}
-            for record, res in zip(kept, results)]
-    return rows, [{"path": f.path, "error": f.error} for f in model.failures]
+# --- the results file --------------------------------------------------------------------------------------------
+def run_header(model_path: str | Path, annotations: str | Path, instruct: str, max_new_tokens: int,
+               modal: str = "video_audio") -> dict:
+    """The results file's first line: what produced it (RUN_KEYS must match for a resume)."""
+    return {"omni_fast_eval": RESULTS_FORMAT, "model_path": str(Path(model_path).expanduser().resolve()),
+            "annotations": str(Path(annotations).expanduser().resolve()), "instruct": instruct,
+            "max_new_tokens": max_new_tokens, "modal": modal}
 
 
-def evaluate(model, records: list[Record], instruct: str | None = None, max_new_tokens: int = 1024,
-             batch_size: int = 8, dist_ctx=None) -> EvalReport | None:
-    """Greedy recognition of every record's clip (clips that cannot be decoded are skipped and reported).
+def _clip_path(record: Record) -> str:
+    """The clip as an absolute path: a results file stays checkable from another working directory."""
+    return os.path.abspath(record.video)
 
-    Under torchrun (dist_ctx from omni_fast.distributed.init), rank r recognises records r, r + W, r + 2W, ...;
-    rank 0 merges the rows in record order and scores them once (the other ranks get None)."""
+
+def result_row(record: Record, res) -> dict:
+    """One clip's line: index, video, label, prediction, reasoning, text, finish_reason, seconds, source (and
+    error, for a clip that could not be decoded)."""
+    row = {"index": record.index, "video": _clip_path(record), "label": ground_truth(record),
+           "prediction": prediction(res.text) if res.error is None else None, "reasoning": res.reasoning,
+           "text": res.text, "finish_reason": res.finish_reason, "seconds": round(res.timings.total, 4),
+           "source": record.source}
+    if res.error is not None:
+        row["error"] = res.error
+    return row
+
+
+def part_paths(results: Path) -> list[Path]:
+    """The per-rank part files of a results file (from this run or an interrupted one under torchrun)."""
+    return sorted(results.parent.glob(f"{results.name}.rank*.part"))
+
+
+def read_results(path: Path) -> tuple[dict | None, list[dict], int]:
+    """-> (header, rows, byte length of the complete lines). A last line without its newline (a write cut by a
+    crash) is dropped; any other line that is not JSON is a ResultsFileError naming it."""
+    if not path.is_file():
+        return None, [], 0
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1  # the complete lines; a torn tail after them is ignored
+    lines = data[:end].decode("utf-8").splitlines()
+    if end < len(data):
+        log.warning("%s: dropping a half-written last line (%d bytes) left by an interrupted run", path,
+                    len(data) - end)
+    parsed = []
+    for number, line in enumerate(lines, 1):
+        try:
+            parsed.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ResultsFileError(f"{path} line {number}: not a JSON object ({e}); pass --overwrite to start "
+                                   "over, or another --out") from None
+    if not parsed:
+        return None, [], end
+    header = parsed[0]
+    if not isinstance(header, dict) or header.get("omni_fast_eval") != RESULTS_FORMAT:
+        raise ResultsFileError(f"{path}: not an omni-fast eval results file (no header line); pass --overwrite "
+                               "to replace it, or another --out")
+    return header, parsed[1:], end
+
+
+def check_run(path: Path, found: dict, expected: dict) -> None:
+    """The file's header against this run's: the settings that change results must be the same."""
+    diff = [f"{k} {found.get(k)!r} there, {expected[k]!r} now" for k in RUN_KEYS if found.get(k) != expected[k]]
+    if diff:
+        raise ResultsFileError(f"{path} was written by a different run ({'; '.join(diff)}): pass --overwrite to "
+                               "start over, or another --out")
+
+
+def check_entries(path: Path, rows: list[dict], records: list[Record]) -> None:
+    """Every row of the file must be the annotation entry of the same index (same clip, same label)."""
+    by_index = {r.index: r for r in records}
+    for row in rows:
+        record = by_index.get(row.get("index"))
+        if record is None:
+            continue  # beyond this run's --limit: kept, not scored
+        if row.get("video") != _clip_path(record) or row.get("label") != ground_truth(record):
+            raise ResultsFileError(
+                f"{path}: entry {row.get('index')} is {row.get('video')!r} labelled {row.get('label')!r} there but "
+                f"{_clip_path(record)!r} labelled {ground_truth(record)!r} in the annotations: the file belongs to "
+                "other annotations; pass --overwrite to start over, or another --out")
+
+
+def load_done(results: Path, header: dict, records: list[Record]) -> dict[int, dict]:
+    """The rows already in the results file and its part files, checked against this run (index -> row; the
+    last row of an index wins, so a clip that failed before and succeeded later counts once)."""
+    done: dict[int, dict] = {}
+    for path in [results, *part_paths(results)]:
+        found, rows, _ = read_results(path)
+        if found is None:
+            continue
+        check_run(path, found, header)
+        check_entries(path, rows, records)
+        done.update({row["index"]: row for row in rows})
+    return done
+
+
+class ResultsWriter:
+    """Appends one JSON line per clip, flushed and fsynced, so a crash or Ctrl-C loses no finished result; a
+    half-written last line left by an earlier crash is cut off before the first append."""
+
+    def __init__(self, path: Path, header: dict):
+        self.path = path
+        found, _, end = read_results(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(path, "r+b" if path.exists() else "wb")
+        self.file.truncate(end)
+        self.file.seek(end)
+        if found is None:
+            self.write(header)
+
+    def write(self, row: dict) -> None:
+        self.file.write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self) -> ResultsWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def merge_results(results: Path, header: dict) -> list[dict]:
+    """The results file and its part files -> one results file in record order (written through a temporary
+    file and a rename), the parts removed; returns its rows."""
+    rows: dict[int, dict] = {}
+    for path in [results, *part_paths(results)]:
+        rows.update({row["index"]: row for row in read_results(path)[1]})
+    merged = [rows[i] for i in sorted(rows)]
+    tmp = results.with_name(f".{results.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        for row in [header, *merged]:
+            f.write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, results)
+    for part in part_paths(results):
+        part.unlink()
+    return merged
+
+
+def remove_results(results: Path) -> None:
+    """--overwrite: the results file and its part files go before anything is recognised."""
+    for path in [results, *part_paths(results)]:
+        path.unlink(missing_ok=True)
+
+
+# --- running -----------------------------------------------------------------------------------------------------
+def _progress(total: int, enabled: bool):
+    """A tqdm bar on stderr (clips/s and ETA are tqdm's; running WAR is set as its postfix), or None."""
+    if not enabled or total == 0:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="clip", file=sys.stderr, dynamic_ncols=True, disable=None)
+
+
+def recognize_into(model, records: list[Record], writer: ResultsWriter | None, instruct: str,
+                   max_new_tokens: int, batch_size: int, modal: str = "video_audio",
+                   progress: bool = False, label_sets=None) -> list[dict]:
+    """Recognise `records`, writing each clip's row as soon as it is done -> the rows, in record order."""
+    rows, hits, scored = [], 0, 0
+    bar = _progress(len(records), progress)
+    try:
+        for res in model.recognize_iter(records, instruct, modal, max_new_tokens, batch_size, on_error="skip"):
+            row = result_row(records[res.index], res)
+            if writer is not None:
+                writer.write(row)
+            rows.append(row)
+            if row.get("error") is None and not _outside([row], label_sets):
+                scored += 1
+                hits += row["prediction"] == row["label"]
+            if bar is not None:
+                bar.set_postfix_str(f"WAR {100.0 * hits / max(1, scored):.1f}", refresh=False)
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return rows
+
+
+def evaluate(model, records: list[Record], instruct: str | None = None, max_new_tokens: int = 2048,
+             batch_size: int = 8, dist_ctx=None, *, results: str | Path | None = None, header: dict | None = None,
+             overwrite: bool = False, modal: str = "video_audio", progress: bool = False,
+             label_sets: dict | str | None = "auto") -> EvalReport | None:
+    """Greedy recognition of every record's clip (default prompt: the reference eval's EVAL_QUESTION), scored.
+
+    results: the JSONL file each clip's row is appended to as it finishes (see the module docstring); a rerun
+    with the same file recognises only what is missing, overwrite=True starts over. header: run_header() of this
+    run (required with results). label_sets: "auto" (label_sets_for the records), None (every label is a
+    class) or a dict source -> labels. Under torchrun (dist_ctx from omni_fast.distributed.init), rank r
+    recognises every W-th clip still to do; rank 0 merges and scores (the other ranks get None)."""
+    from omni_fast import distributed
+    from omni_fast.model.prompt import EVAL_QUESTION
+
+    instruct = EVAL_QUESTION if instruct is None else instruct
     world, rank = (dist_ctx.world_size, dist_ctx.rank) if dist_ctx is not None else (1, 0)
-    rows, skipped = recognize_rows(model, records[rank::world], instruct, max_new_tokens, batch_size)
+    label_sets = label_sets_for(records) if label_sets == "auto" else label_sets
+    path = Path(results) if results is not None else None
+    done: dict[int, dict] = {}
+    if path is not None:
+        if header is None:
+            raise ValueError("evaluate(results=...) needs the run's header (omni_fast.eval.run_header)")
+        if overwrite and rank == 0:
+            remove_results(path)
+        if world > 1:
+            distributed.barrier(dist_ctx)  # no rank reads what rank 0 is removing
+        if not overwrite:
+            done = load_done(path, header, records)
+        if world > 1:
+            distributed.barrier(dist_ctx)  # every rank has read the same files before any rank appends to them
+    todo = [r for r in records if r.index not in done or done[r.index].get("error") is not None]
+    if done and rank == 0:
+        log.info("%s: %d of %d clips already done, recognising the other %d", path, len(records) - len(todo),
+                 len(records), len(todo))
+    mine = todo[rank::world]
+    writer = None
+    if path is not None:
+        writer = ResultsWriter(path if world == 1 else path.with_name(f"{path.name}.rank{rank}.part"), header)
+    try:
+        new = recognize_into(model, mine, writer, instruct, max_new_tokens, batch_size, modal,
+                             progress and rank == 0, label_sets) if mine else []
+    finally:
+        if writer is not None:
+            writer.close()
     if world > 1:
-        from omni_fast import distributed
-
-        shards = distributed.all_gather_objects(dist_ctx, (rows, skipped))
+        shards = distributed.all_gather_objects(dist_ctx, new)  # also: every rank has finished writing
         if rank != 0:
             return None
-        rows = sorted((row for s in shards for row in s[0]), key=lambda row: row["index"])  # record order
-        skipped = [x for s in shards for x in s[1]]
-    if not rows:
+        new = [row for shard in shards for row in shard]
+    if path is not None:
+        rows = merge_results(path, header)
+    else:
+        rows = sorted({**done, **{row["index"]: row for row in new}}.values(), key=lambda row: row["index"])
+    wanted = {r.index for r in records}
+    rows = [row for row in rows if row["index"] in wanted]
+    if not any(row.get("error") is None for row in rows):
+        errors = [row["error"] for row in rows if row.get("error")]
         raise ValueError(f"none of the {len(records)} clips could be decoded (first error: "
-                         f"{skipped[0]['error'] if skipped else 'none'})")
-    return score(rows, skipped)
+                         f"{errors[0] if errors else 'none'})")
+    return score(rows, label_sets=label_sets)
 
 
+# --- writing the summary -----------------------------------------------------------------------------------------
 def write_json(path: str | Path, payload) -> Path:
     """Write JSON through a temporary file and a rename: a results file is never left half-written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False))
+    os.replace(tmp, path)
+    return path
+
+
+def write_confusion_png(confusion: dict, path: str | Path) -> Path | None:
+    """The confusion matrix as a PNG (counts, rows normalised to recall for the colour) where matplotlib is
+    installed; otherwise one logged line and None."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: no confusion-matrix PNG (pip install matplotlib)")
+        return None
+    labels, columns, matrix = confusion["labels"], confusion["columns"], confusion["matrix"]
+    rates = [[v / max(1, sum(row)) for v in row] for row in matrix]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * len(columns), 1.0 + 0.6 * len(labels)))
+    ax.imshow(rates, cmap="Blues", vmin=0.0, vmax=1.0)
+    ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("prediction")
+    ax.set_ylabel("ground truth")
+    for i, row in enumerate(matrix):
+        for j, v in enumerate(row):
+            ax.text(j, i, str(v), ha="center", va="center", color="white" if rates[i][j] > 0.5 else "black")
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
     os.replace(tmp, path)
     return path

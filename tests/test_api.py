@@ -29,14 +29,72 @@ def test_cli_infer_prints_what_the_transformers_composition_generates(tiny_ckpt,
     assert printed == _reference_text(omni, reference, clips["mp4"], 24)
 
 
-def test_cli_json_and_several_clips(tiny_ckpt, clips, capsys):
-    rc = cli.main(["infer", "--model_path", str(tiny_ckpt), "--video_path", str(clips["mp4"]), str(clips["webm"]),
-                   "--max_new_tokens", "8", "--json", "--device", "cpu"])
+def test_cli_json_gives_each_clip_its_own_timings(tiny_ckpt, clips, capsys):
+    rc = cli.main(["infer", "--model-path", str(tiny_ckpt), "--video-path", str(clips["mp4"]), str(clips["webm"]),
+                   "--max-new-tokens", "8", "--json", "--device", "cpu", "--batch-size", "1"])
     assert rc == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["video"] for r in rows] == [str(clips["mp4"]), str(clips["webm"])]
-    assert all(r["num_tokens"] <= 8 and set(r["timings"]) == {"load_s", "media_s", "encode_s", "generate_s"}
-               for r in rows)
+    assert all(r["num_tokens"] <= 8 and set(r["timings"]) == {"media_s", "encode_s", "generate_s"} for r in rows)
+    assert all(r["timings"]["generate_s"] > 0 and r["error"] is None for r in rows)
+    assert rows[0]["timings"] != rows[1]["timings"]  # one batch each: not the call's totals repeated
+
+
+def test_cli_infer_prints_each_clip_as_it_finishes(tiny_ckpt, clips, capsys, monkeypatch):
+    from omni_fast.api import OmniModel
+
+    printed_before = []
+    real = OmniModel.recognize_iter
+
+    def watching(self, *a, **k):
+        for r in real(self, *a, **k):
+            printed_before.append(capsys.readouterr().out.count("\n"))
+            yield r
+    monkeypatch.setattr(OmniModel, "recognize_iter", watching)
+    assert cli.main(["infer", "--model_path", str(tiny_ckpt), "--video_path", str(clips["mp4"]), str(clips["mp4_wide"]),
+                     str(clips["webm"]), "--max_new_tokens", "3", "--device", "cpu", "--batch_size", "1"]) == 0
+    assert printed_before == [0, 1, 1]  # the clip before each result was already printed
+
+
+def test_cli_on_error_skip_names_the_clip_and_goes_on(tiny_ckpt, clips, tmp_path, capsys):
+    missing = tmp_path / "missing.mp4"
+    argv = ["infer", "--model_path", str(tiny_ckpt), "--video_path", str(missing), str(clips["mp4"]),
+            "--max_new_tokens", "3", "--device", "cpu"]
+    assert cli.main(argv) == 2
+    assert "missing.mp4" in capsys.readouterr().err
+    assert cli.main(argv + ["--on_error", "skip"]) == 0
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) == 1 and "Traceback" not in err
+    assert len([line for line in err.splitlines() if str(missing) in line]) == 1  # named once, on one line
+    assert cli.main(argv + ["--on-error", "skip", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["video"] for r in rows] == [str(missing), str(clips["mp4"])]
+    assert "no such file" in rows[0]["error"] and rows[1]["error"] is None
+
+
+def test_cli_device_errors_are_one_line(tiny_ckpt, clips, capsys, monkeypatch):
+    base = ["infer", "--model_path", str(tiny_ckpt), "--video_path", str(clips["mp4"])]
+    assert cli.main(base + ["--device", "quantum"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown device 'quantum'" in err and err.count("\n") == 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for command in (base, ["eval", "--model_path", str(tiny_ckpt), "--annotations", str(clips["mp4"])]):
+        assert cli.main(command + ["--device", "cuda"]) == 2
+        err = capsys.readouterr().err
+        assert "torch sees no CUDA GPU" in err and err.count("\n") == 1
+
+
+def test_cli_ctrl_c_exits_130_without_a_traceback(tiny_ckpt, clips, capsys, monkeypatch):
+    from omni_fast.api import OmniModel
+
+    def interrupted(self, *a, **k):
+        raise KeyboardInterrupt
+        yield
+    monkeypatch.setattr(OmniModel, "recognize_iter", interrupted)
+    assert cli.main(["infer", "--model_path", str(tiny_ckpt), "--video_path", str(clips["mp4"]), "--device",
+                     "cpu"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("argv,match", [
@@ -78,7 +136,6 @@ def test_batched_recognize_equals_one_by_one(omni, clips):
 @pytest.mark.parametrize("modal", ["video", "audio"])
 def test_single_modality(omni, reference, clips, modal):
     r = omni.recognize(clips["mp4"], modal=modal, max_new_tokens=6)[0]
-    assert 1 <= len(r.token_ids) <= 6 and isinstance(r.text, str)
     # exactly what the transformers composition generates greedily for the one modality: 6 tokens unless it
     # stopped at an EOS (then "stop" and the EOS last)
     clip = load_clip(clips["mp4"], aspect="stretch")
@@ -137,3 +194,121 @@ def test_engine_and_media_settings_reach_the_model(tiny_ckpt, clips, monkeypatch
                                       loader_config=LoaderConfig(workers=1, prefetch=0))
     assert model.recognize([clips["mp4"]], max_new_tokens=3)[0].token_ids
     assert model.loader_config.workers == 1
+
+
+def test_results_align_with_inputs_and_carry_their_errors(omni, clips, tmp_path):
+    paths = [clips["mp4"], tmp_path / "missing.mp4", clips["webm"]]
+    results = omni.recognize(paths, max_new_tokens=4, batch_size=2, on_error="skip")
+    assert [r.video for r in results] == [str(p) for p in paths] and [r.index for r in results] == [0, 1, 2]
+    assert [r.error is None for r in results] == [True, False, True] and "missing.mp4" in results[1].error
+    assert results[1].finish_reason == "error" and results[1].token_ids == [] and results[1].text == ""
+    alone = omni.recognize([clips["webm"]], max_new_tokens=4)[0]
+    assert results[2].token_ids == alone.token_ids
+    assert all(r.timings.generate > 0 for r in results if r.error is None)
+    assert not hasattr(omni, "failures") and not hasattr(omni, "timings")  # no side channels between calls
+    gens = omni.generate(paths, sampling=SamplingParams(max_tokens=3, seed=1), on_error="skip")
+    assert [g.error is None for g in gens] == [True, False, True] and gens[1].texts == []
+    with pytest.raises(ValueError, match="on_error 'ignore'"):
+        omni.recognize(paths, on_error="ignore")
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(temperature=float("nan")), "temperature must be a finite number, got nan"),
+    (dict(top_p=float("inf")), "top_p must be a finite number"),
+    (dict(repetition_penalty=float("nan")), "repetition_penalty must be a finite number"),
+    (dict(max_tokens=8.5), "max_tokens must be an integer, got 8.5"),
+    (dict(n=2.0), "n must be an integer, got 2.0"),
+    (dict(top_k=True), "top_k must be an integer, got True"),
+    (dict(seed="3"), "seed must be an integer or None"),
+    (dict(stop_token_ids=(1, -3)), "stop_token_ids must be token ids"),
+])
+def test_sampling_params_refuse_nan_and_non_integers(kwargs, message):
+    from omni_fast.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        SamplingParams(**kwargs)
+
+
+def test_inference_dtype_is_the_references_fp16_on_a_gpu():
+    from omni_fast.api import inference_dtype
+
+    assert inference_dtype(torch.device("cuda")) == torch.float16
+    assert inference_dtype(torch.device("cpu")) == torch.float32
+
+
+def _copy_with(tiny_ckpt, tmp_path, **config):
+    import shutil
+
+    dst = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg.update(config)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_prompt_longer_than_the_positions_says_both_numbers(omni, tiny_ckpt, clips, tmp_path, caplog):
+    from omni_fast.api import OmniModel
+
+    prompt = len(omni.prompt_ids(DEFAULT_INSTRUCT)) - 2 + 392 + 500
+    short = OmniModel.from_pretrained(_copy_with(tiny_ckpt, tmp_path, max_position_embeddings=prompt + 3), "cpu")
+    with caplog.at_level("WARNING", logger="omni_fast.api"):
+        r = short.recognize(clips["mp4"], max_new_tokens=10)[0]
+    assert len(r.token_ids) <= 3 and f"max_tokens 10 capped to 3: the prompt takes {prompt}" in caplog.text
+    with pytest.raises(ValueError, match=f"the prompt is {prompt + 5} positions long .* the model has {prompt + 3} "):
+        short.recognize(clips["mp4"], instruct=DEFAULT_INSTRUCT + " a a a a a", max_new_tokens=4)
+
+
+def test_instruct_longer_than_berts_positions_is_truncated_as_the_reference(omni, clips, caplog):
+    long = DEFAULT_INSTRUCT + " really" * 200
+    limit = omni.model.towers.bert.max_position_embeddings
+    assert omni.bert_max_length == limit == 128  # the tiny BERT's (bert-base-uncased: 512, its model_max_length)
+    with caplog.at_level("WARNING", logger="omni_fast.api"):
+        enc = omni._bert_inputs([long, "short"])
+    assert enc["input_ids"].shape == (2, limit) and f"truncated to {limit}" in caplog.text
+    full = omni.bert_tokenizer([long], return_tensors="pt", truncation=True, max_length=limit)
+    assert torch.equal(enc["input_ids"][0], full["input_ids"][0])  # the first 127 tokens and [SEP], as HF truncates
+    assert omni.recognize(clips["mp4"], instruct=long, max_new_tokens=2)[0].token_ids
+
+
+def test_generation_stops_at_the_tokenizers_eos_too(tiny_ckpt, clips, monkeypatch):
+    """The reference stops on its tokenizer's EOS (KeywordsStoppingCriteria) as well as on HF generate's
+    generation_config EOS ids: a tokenizer EOS missing from generation_config.json still stops generation."""
+    from omni_fast.api import OmniModel
+    from omni_fast.model import checkpoint
+
+    free = OmniModel.from_pretrained(tiny_ckpt, "cpu")
+    gen = free.loaded.generation
+    ids = free.generate(clips["mp4"], sampling=SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True,
+                        repetition_penalty=gen.repetition_penalty))[0].completions[0].token_ids
+    j = next(i for i in range(2, len(ids)) if ids[i] not in ids[:i] and ids[i] not in gen.eos_token_ids)
+    real = checkpoint.load_tokenizer
+
+    class EosAt:
+        """The checkpoint's tokenizer with another EOS id (as a tokenizer_config.json naming another eos_token)."""
+        def __init__(self, tok):
+            self._tok = tok
+
+        def __getattr__(self, name):
+            return getattr(self._tok, name)
+
+        def __call__(self, *a, **k):
+            return self._tok(*a, **k)
+
+        eos_token_id = ids[j]
+    monkeypatch.setattr(checkpoint, "load_tokenizer", lambda d: EosAt(real(d)) if d == tiny_ckpt else real(d))
+    model = OmniModel.from_pretrained(tiny_ckpt, "cpu")
+    assert model.loaded.generation.eos_token_ids == (*gen.eos_token_ids, ids[j])
+    r = model.recognize(clips["mp4"], max_new_tokens=12)[0]
+    assert r.token_ids == ids[:j + 1] and r.finish_reason == "stop"
+
+
+def test_kebab_case_flags_everywhere():
+    parser = cli.build_parser()
+    a = parser.parse_args(["infer", "--model-path", "m", "--video-path", "v.mp4", "--max-new-tokens", "3",
+                           "--bert-path", "b", "--on-error", "skip", "--no-cuda-graphs"])
+    b = parser.parse_args(["infer", "--model_path", "m", "--video_path", "v.mp4", "--max_new_tokens", "3",
+                           "--bert_path", "b", "--on_error", "skip", "--no_cuda_graphs"])
+    assert vars(a) == vars(b) and a.max_new_tokens == 3 and a.on_error == "skip"
+    assert cli.parse_overrides(["--max-steps", "3", "--learning_rate=1e-6"]) == {"max_steps": "3",
+                                                                                  "learning_rate": "1e-6"}

@@ -68,9 +68,10 @@ def test_sharded_checkpoint_loads_the_same_tensors(tmp_path, tiny_ckpt):
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_tower_weights_from_the_tower_directories_when_the_checkpoint_has_none(ckpt, tiny_ckpt):
+def test_tower_weights_from_the_tower_directories_when_the_checkpoint_has_none(ckpt, tiny_ckpt, caplog):
     _rewrite(ckpt, lambda s: {k: v for k, v in s.items() if not k.startswith(("model.vision_tower.", "model.audio_tower."))})
-    loaded = _load(ckpt)
+    with caplog.at_level("DEBUG", logger="omni_fast.model.checkpoint"):
+        loaded = _load(ckpt)
     ours = loaded.model.state_dict()
     siglip = load_file(str(tiny_ckpt / "siglip-base-patch16-224" / "model.safetensors"))
     whisper = load_file(str(tiny_ckpt / "whisper-large-v3" / "model.safetensors"))
@@ -80,19 +81,21 @@ def test_tower_weights_from_the_tower_directories_when_the_checkpoint_has_none(c
     for k, v in whisper.items():
         if k.startswith("model.encoder."):
             assert torch.equal(ours["model.audio_tower.audio_tower." + k[len("model."):]], v), k
-    assert any("vision tower weights: " + str(tiny_ckpt / "siglip") in n for n in loaded.notes)
+    assert "vision tower weights: " + str(tiny_ckpt / "siglip") in caplog.text
 
 
 def test_tower_directory_absent_with_weights_in_checkpoint_uses_the_known_config(ckpt, monkeypatch):
     """R1-Omni checkpoints carry the tower weights: a missing mm_vision_tower directory is then not fatal."""
     vision = json.loads((ckpt / "siglip-base-patch16-224" / "config.json").read_text())["vision_config"]
     monkeypatch.setattr(checkpoint, "SIGLIP_BASE_PATCH16_224", {k: v for k, v in vision.items() if k != "model_type"})
+    shutil.rmtree(ckpt / "siglip-base-patch16-224")  # else found by its name inside the checkpoint
     _edit_config(ckpt, mm_vision_tower="/nonexistent/siglip-base-patch16-224")
     loaded = _load(ckpt)
     assert loaded.model.towers.vision.hidden_size == vision["hidden_size"]
 
 
 def test_tower_directory_absent_and_no_weights_is_a_clear_error(ckpt):
+    shutil.rmtree(ckpt / "whisper-large-v3")
     _edit_config(ckpt, mm_audio_tower="/nonexistent/whisper-large-v3")
     _rewrite(ckpt, lambda s: {k: v for k, v in s.items() if not k.startswith("model.audio_tower.")})
     with pytest.raises(CheckpointError, match=r"/nonexistent/whisper-large-v3.*--audio_tower"):
@@ -104,21 +107,31 @@ def test_tower_override_must_exist(ckpt, tmp_path):
         _load(ckpt, vision_tower=tmp_path / "no_such_dir")
 
 
-def test_relative_tower_path_resolves_against_the_checkpoint(ckpt):
+def test_tower_directory_absent_whose_stock_config_does_not_fit_is_named(ckpt):
+    """The stock siglip-base config stands in for a missing tower directory; when it does not fit the tower
+    weights the checkpoint holds, the error names the directory config.json gave and the way out."""
+    shutil.rmtree(ckpt / "siglip-base-patch16-224")
+    _edit_config(ckpt, mm_vision_tower="/gone/siglip-base-patch16-224")
+    with pytest.raises(CheckpointError, match=r"mm_vision_tower directory '/gone/siglip-base-patch16-224' does not "
+                                              r"exist.*--vision_tower"):
+        _load(ckpt)
+
+
+def test_relative_tower_path_resolves_against_the_checkpoint(ckpt, caplog):
     _edit_config(ckpt, mm_vision_tower="siglip-base-patch16-224", mm_audio_tower="whisper-large-v3")
     _rewrite(ckpt, lambda s: {k: v for k, v in s.items() if not k.startswith("model.vision_tower.")})
     # this copy's SigLIP weights differ from the shared tiny checkpoint's: they can only come from ckpt/siglip...
     siglip_file = ckpt / "siglip-base-patch16-224" / "model.safetensors"
     siglip = {k: v + 0.5 if v.is_floating_point() else v for k, v in load_file(str(siglip_file)).items()}
     save_file(siglip, str(siglip_file))
-    loaded = _load(ckpt)
-    assert loaded.model is not None
+    with caplog.at_level("DEBUG", logger="omni_fast.model.checkpoint"):
+        loaded = _load(ckpt)
     ours = loaded.model.state_dict()
     vision = {k: v for k, v in siglip.items() if k.startswith("vision_model.")}
     assert vision
     for k, v in vision.items():
         assert torch.equal(ours["model.vision_tower.vision_tower." + k], v.float()), k
-    assert f"vision tower weights: {ckpt / 'siglip-base-patch16-224'}" in loaded.notes
+    assert f"vision tower weights: {ckpt / 'siglip-base-patch16-224'}" in caplog.text
     stored = load_file(str(ckpt / "model.safetensors"))                  # the rest still from the checkpoint
     for k in ("model.embed_tokens.weight", "model.audio_tower.audio_tower.encoder.conv1.weight"):
         assert torch.equal(ours[k], stored[k].float()), k
@@ -213,3 +226,115 @@ def test_save_never_clobbers_or_half_writes(tiny_ckpt, tmp_path, monkeypatch):
         save_checkpoint(loaded, out, overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == snapshot
     assert sorted(p.name for p in tmp_path.iterdir()) == ["saved"]
+
+
+def test_permission_denied_is_said(ckpt, monkeypatch):
+    """A weight or config file that exists but cannot be read (root ignores file modes, so the OS error is
+    simulated where the file is opened)."""
+    def denied(path, *a, **k):
+        raise PermissionError(13, "Permission denied", str(path))
+    monkeypatch.setattr(checkpoint, "safe_open", denied)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: permission denied"):
+        _load(ckpt)
+    monkeypatch.undo()
+    real = type(ckpt).read_text
+    monkeypatch.setattr(type(ckpt), "read_text", lambda self, *a, **k: denied(self) if self.name == "config.json"
+                        else real(self, *a, **k))
+    with pytest.raises(CheckpointError, match=r"config\.json: permission denied"):
+        _load(ckpt)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "geteuid") or __import__("os").geteuid() == 0,
+                    reason="root reads files whatever their mode")
+def test_permission_denied_on_a_real_file(ckpt):
+    (ckpt / "model.safetensors").chmod(0)
+    try:
+        with pytest.raises(CheckpointError, match="permission denied"):
+            _load(ckpt)
+    finally:
+        (ckpt / "model.safetensors").chmod(0o644)
+
+
+def test_devices_are_checked(monkeypatch):
+    with pytest.raises(ValueError, match="unknown device 'gpu0'"):
+        checkpoint.resolve_device("gpu0")
+    with pytest.raises(ValueError, match="'mps' is not supported"):
+        checkpoint.resolve_device("mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="torch sees no CUDA GPU"):
+        checkpoint.resolve_device("cuda")
+    assert checkpoint.resolve_device(None) == torch.device("cpu")
+
+
+def test_stop_ids_are_the_generation_config_eos_plus_the_tokenizer_eos(ckpt, tiny_ckpt):
+    tok_eos = _load(tiny_ckpt).tokenizer.eos_token_id
+    gen = json.loads((ckpt / "generation_config.json").read_text())
+    other = [t for t in gen["eos_token_id"] if t != tok_eos]
+    gen["eos_token_id"] = other  # the tokenizer's EOS (<|im_end|>) no longer in the generation config
+    (ckpt / "generation_config.json").write_text(json.dumps(gen))
+    loaded = _load(ckpt)
+    assert loaded.generation.eos_token_ids == (*other, tok_eos)
+    assert loaded.generation.repetition_penalty == gen["repetition_penalty"]
+    assert loaded.generation.config.eos_token_id == other  # read through transformers' GenerationConfig
+    (ckpt / "generation_config.json").unlink()
+    assert _load(ckpt).generation.eos_token_ids == (json.loads((ckpt / "config.json").read_text())["eos_token_id"],)
+
+
+def test_saved_checkpoint_does_not_need_the_source_tower_directories(tiny_ckpt, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(tiny_ckpt, src)
+    _edit_config(src, mm_vision_tower=str(src / "siglip-base-patch16-224"),
+                 mm_audio_tower=str(src / "whisper-large-v3"))
+    loaded = _load(src)
+    out = save_checkpoint(loaded, tmp_path / "saved")
+    shutil.rmtree(src)
+    again = _load(out)
+    before = loaded.model.state_dict()
+    assert all(torch.equal(again.model.state_dict()[k], before[k].bfloat16().float()) for k in before)
+    assert again.model.towers.vision.hidden_size == loaded.model.towers.vision.hidden_size
+    assert json.loads((out / "config.json").read_text())["mm_vision_tower"] == str(src / "siglip-base-patch16-224")
+
+
+def test_overwrite_replaces_only_a_checkpoint_and_cleans_leftovers(tiny_ckpt, tmp_path):
+    loaded = _load(tiny_ckpt)
+    mine = tmp_path / "my-files"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a checkpoint"):
+        save_checkpoint(loaded, mine, overwrite=True)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep me"
+    out = save_checkpoint(loaded, tmp_path / "saved")
+    (tmp_path / ".saved.tmp-99999").mkdir()  # what a killed save leaves
+    (tmp_path / ".saved.old-99999").mkdir()
+    (out / "stale.txt").write_text("from the old copy")
+    save_checkpoint(loaded, out, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["my-files", "saved"]
+    assert not (out / "stale.txt").exists() and checkpoint.is_checkpoint(out)
+
+
+def test_sharded_by_bytes(tiny_ckpt, tmp_path):
+    loaded = _load(tiny_ckpt)
+    limit = 400_000
+    out = save_checkpoint(loaded, tmp_path / "saved", max_shard_size=limit)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(out.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 2 and sorted(set(index["weight_map"].values())) == [p.name for p in shards]
+    sizes = {}
+    for name, fname in index["weight_map"].items():
+        with safe_open(str(out / fname), framework="pt") as f:
+            t = f.get_tensor(name)
+        sizes.setdefault(fname, []).append(t.numel() * t.element_size())
+    assert index["metadata"]["total_size"] == sum(map(sum, sizes.values()))
+    assert all(sum(s) <= limit or len(s) == 1 for s in sizes.values())  # a larger tensor has a shard of its own
+    again, before = _load(out).model.state_dict(), loaded.model.state_dict()
+    assert all(torch.equal(again[k], before[k].bfloat16().float()) for k in before)
+    single = save_checkpoint(loaded, tmp_path / "single")  # 5GB default: one file, no index
+    assert (single / "model.safetensors").is_file() and not (single / "model.safetensors.index.json").exists()
+
+
+def test_shard_count_split_balances_bytes():
+    state = {f"t{i}": torch.zeros(n) for i, n in enumerate([10, 10, 10, 10, 40, 10, 10])}
+    plan = checkpoint.shard_plan(state, shards=3)
+    assert len(plan) == 3 and sorted(sum(plan, [])) == sorted(state)
+    assert [sum(state[k].numel() for k in part) for part in plan] == [30, 50, 20]  # by bytes, not 3-3-1 tensors
+    assert [len(part) for part in checkpoint.shard_plan(state, shards=2)] == [4, 3]

@@ -15,20 +15,23 @@ generation_config.json. Where each part comes from:
                               where a directory is absent but the checkpoint holds the tower weights, the
                               configs of siglip-base-patch16-224 / whisper-large-v3 (checked against the shapes)
 
-Every missing path, missing or unexpected tensor name and shape mismatch is a CheckpointError that names it.
+Every missing path, unreadable file, missing or unexpected tensor name and shape mismatch is a CheckpointError
+that names it. Where each part was read from is logged (logger "omni_fast.model.checkpoint", level DEBUG; a stock tower
+config standing in for a missing tower directory, INFO).
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import BertConfig, SiglipVisionConfig, WhisperConfig
+from transformers import BertConfig, GenerationConfig, SiglipVisionConfig, WhisperConfig
 
 from omni_fast.config import ConfigError, ModelConfig
 from omni_fast.model.omni import HumanOmniForCausalLM, TowerConfigs
@@ -40,6 +43,12 @@ BERT_FILES = ("config.json", "vocab.txt", "tokenizer_config.json", "tokenizer.js
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "added_tokens.json",
                    "special_tokens_map.json", "chat_template.jinja")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# Files that make a directory a checkpoint save_checkpoint(overwrite=True) may replace.
+CHECKPOINT_MARKERS = ("config.json",)
+WEIGHT_MARKERS = ("model.safetensors", "model.safetensors.index.json")
+DEFAULT_MAX_SHARD_SIZE = "5GB"  # transformers' save_pretrained default
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -52,6 +61,7 @@ class GenerationDefaults:
     eos_token_ids: tuple[int, ...]  # generation stops at any of these
     repetition_penalty: float = 1.0  # HF applies it even when greedy
     pad_token_id: int | None = None  # filler id of finished rows
+    config: GenerationConfig | None = None  # generation_config.json as transformers reads it (None: absent)
 
 
 @dataclass(slots=True)
@@ -63,16 +73,34 @@ class LoadedCheckpoint:
     generation: GenerationDefaults  # from generation_config.json (or config.json's eos)
     source: Path  # the checkpoint directory
     bert_dir: Path  # where the BERT config and tokenizer came from
-    notes: list[str] = field(default_factory=list)  # where each part was taken from, for logs
+    towers: TowerConfigs | None = None  # the tower and BERT configs the model was built with
 
 
 # --- reading -----------------------------------------------------------------------------------------------------
+def _unreadable(path: Path, e: BaseException) -> CheckpointError:
+    """The one-line error for a file that exists but cannot be read."""
+    denied = isinstance(e, PermissionError) or "permission denied" in str(e).lower() or "os error 13" in str(e)
+    return CheckpointError(f"{path}: permission denied (the file exists but cannot be read)" if denied
+                           else f"{path}: cannot be read ({e})")
+
+
+def _open_safetensors(path: Path):
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as e:  # safetensors raises its own error types for unreadable or corrupt files
+        if isinstance(e, PermissionError) or "permission denied" in str(e).lower() or "os error 13" in str(e):
+            raise _unreadable(path, e) from None
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+
+
 def weight_files(root: Path) -> dict[str, Path]:
     """Tensor name -> safetensors file holding it, for a single-file or sharded checkpoint."""
     index = root / "model.safetensors.index.json"
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
+        except OSError as e:
+            raise _unreadable(index, e) from None
         except (json.JSONDecodeError, KeyError) as e:
             raise CheckpointError(f"{index}: not a safetensors index (expected a 'weight_map' object): {e}") from None
         files = {name: root / fname for name, fname in weight_map.items()}
@@ -82,11 +110,8 @@ def weight_files(root: Path) -> dict[str, Path]:
         return files
     single = root / "model.safetensors"
     if single.is_file():
-        try:
-            with safe_open(str(single), framework="pt") as f:
-                return {name: single for name in f.keys()}
-        except Exception as e:  # safetensors raises its own error types for corrupt headers
-            raise CheckpointError(f"{single}: not a readable safetensors file ({e})") from None
+        with _open_safetensors(single) as f:
+            return {name: single for name in f.keys()}
     found = sorted(p.name for p in root.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".safetensors"))
     raise CheckpointError(f"{root}: no model.safetensors or model.safetensors.index.json (found: {found or 'none'}); "
                           "omni_fast reads safetensors checkpoints only")
@@ -98,11 +123,11 @@ def read_tensors(files: dict[str, Path], names: list[str] | None = None) -> dict
         by_file.setdefault(files[name], []).append(name)
     out = {}
     for path, keys in by_file.items():
-        try:
-            with safe_open(str(path), framework="pt") as f:
+        with _open_safetensors(path) as f:
+            try:
                 out.update({k: f.get_tensor(k) for k in keys})
-        except Exception as e:  # safetensors raises its own error types for corrupt headers
-            raise CheckpointError(f"{path}: cannot read tensors ({e})") from None
+            except Exception as e:  # safetensors raises its own error types for corrupt data
+                raise CheckpointError(f"{path}: cannot read tensors ({e})") from None
     return out
 
 
@@ -111,13 +136,17 @@ def _read_json(path: Path, what: str) -> dict:
         raise CheckpointError(f"{path}: missing ({what})")
     try:
         return json.loads(path.read_text())
+    except OSError as e:
+        raise _unreadable(path, e) from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
 def resolve_dir(override: str | Path | None, configured: str | None, root: Path) -> Path | None:
     """A tower/BERT directory: the explicit argument (must exist), else the configured path (absolute, or
-    relative to the working directory, then to the checkpoint). None when nothing exists."""
+    relative to the working directory, then to the checkpoint; an absolute path that no longer exists is also
+    looked for by its name inside the checkpoint, where save_checkpoint puts the tower configs). None when
+    nothing exists."""
     if override is not None:
         path = Path(override).expanduser()
         if not path.is_dir():
@@ -126,7 +155,7 @@ def resolve_dir(override: str | Path | None, configured: str | None, root: Path)
     if not configured:
         return None
     path = Path(configured).expanduser()
-    for candidate in ([path] if path.is_absolute() else [Path.cwd() / path, root / path]):
+    for candidate in ([path, root / path.name] if path.is_absolute() else [Path.cwd() / path, root / path]):
         if candidate.is_dir():
             return candidate
     return None
@@ -142,6 +171,8 @@ def _vision_config(tower_dir: Path | None, files: dict[str, Path], cfg: ModelCon
             f"vision tower directory {cfg.mm_vision_tower!r} (config.json mm_vision_tower of {root}) does not exist "
             "and the checkpoint holds no vision tower weights; pass vision_tower= (CLI: --vision_tower) pointing "
             "at a local siglip-base-patch16-224 directory")
+    log.info("vision tower directory %r (mm_vision_tower of %s) does not exist: siglip-base-patch16-224's config "
+             "is used with the checkpoint's tower weights", cfg.mm_vision_tower, root)
     return SiglipVisionConfig(**SIGLIP_BASE_PATCH16_224)
 
 
@@ -154,6 +185,8 @@ def _audio_config(tower_dir: Path | None, files: dict[str, Path], cfg: ModelConf
             f"audio tower directory {cfg.mm_audio_tower!r} (config.json mm_audio_tower of {root}) does not exist "
             "and the checkpoint holds no audio tower weights; pass audio_tower= (CLI: --audio_tower) pointing "
             "at a local whisper-large-v3 directory")
+    log.info("audio tower directory %r (mm_audio_tower of %s) does not exist: whisper-large-v3's config is used "
+             "with the checkpoint's tower weights", cfg.mm_audio_tower, root)
     return WhisperConfig(**WHISPER_LARGE_V3)
 
 
@@ -187,18 +220,30 @@ def _tower_tensors_from_dir(tower_dir: Path | None, prefix: str, kind: str) -> d
     return out
 
 
-def _generation_defaults(root: Path, cfg: ModelConfig) -> GenerationDefaults:
+def _generation_defaults(root: Path, cfg: ModelConfig, tokenizer_eos: int | None) -> GenerationDefaults:
+    """generation_config.json through transformers' GenerationConfig (config.json's eos when there is none).
+    The stop ids are its EOS ids plus the tokenizer's EOS: HF generate stops on the first, the reference's
+    KeywordsStoppingCriteria on the second."""
     path = root / "generation_config.json"
-    raw = _read_json(path, "generation config") if path.is_file() else {}
-    eos = raw.get("eos_token_id", cfg.eos_token_id)
-    eos = tuple(eos) if isinstance(eos, list) else (eos,)
-    if cfg.eos_token_id not in eos:
-        eos = (cfg.eos_token_id, *eos)
-    return GenerationDefaults(eos_token_ids=eos, repetition_penalty=float(raw.get("repetition_penalty", 1.0)),
-                              pad_token_id=raw.get("pad_token_id"))
+    gen = None
+    if path.is_file():
+        try:
+            gen = GenerationConfig.from_pretrained(str(root), local_files_only=True)
+        except PermissionError as e:
+            raise _unreadable(path, e) from None
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: not a readable generation config ({e})") from None
+    eos = gen.eos_token_id if gen is not None and gen.eos_token_id is not None else cfg.eos_token_id
+    eos = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    if tokenizer_eos is not None:
+        eos.append(tokenizer_eos)
+    return GenerationDefaults(eos_token_ids=tuple(dict.fromkeys(int(t) for t in eos)),
+                              repetition_penalty=float(getattr(gen, "repetition_penalty", None) or 1.0),
+                              pad_token_id=getattr(gen, "pad_token_id", None), config=gen)
 
 
-def _check_names(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], root: Path) -> None:
+def _check_names(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], root: Path,
+                 hint: str = "") -> None:
     def listing(names: list[str]) -> str:
         return ", ".join(names[:12]) + (f" ... ({len(names)} in all)" if len(names) > 12 else "")
 
@@ -211,7 +256,7 @@ def _check_names(expected: dict[str, torch.Tensor], state: dict[str, torch.Tenso
     bad = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})" for k, v in expected.items()
            if tuple(state[k].shape) != tuple(v.shape)]
     if bad:
-        raise CheckpointError(f"{root}: tensor shapes do not match config.json: {listing(bad)}")
+        raise CheckpointError(f"{root}: tensor shapes do not match config.json: {listing(bad)}{hint}")
 
 
 def _materialize_buffers(model: torch.nn.Module, device: torch.device) -> None:
@@ -244,46 +289,83 @@ def load_tokenizer(directory: Path):
         raise CheckpointError(f"{directory}: cannot load the tokenizer ({e})") from None
 
 
+def resolve_device(spec: str | torch.device | None) -> torch.device:
+    """"cpu", "cuda" or "cuda:N" (None: CUDA where present) -> the device, or a ValueError saying what is wrong
+    (an unknown name, or CUDA asked for where torch sees no GPU)."""
+    if spec is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {str(spec)!r}: expected cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {str(spec)!r} is not supported: expected cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {str(spec)!r}: torch sees no CUDA GPU here (torch.cuda.is_available() is "
+                             "False); use --device cpu, or a CUDA build of torch on a machine with a GPU")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device {str(spec)!r}: only {count} CUDA GPU(s) are visible")
+    return device
+
+
+def _tower_hint(fallbacks: list[str]) -> str:
+    if not fallbacks:
+        return ""
+    return ("; " + " and ".join(fallbacks) + " does not exist, so the stock config was assumed, which does not fit "
+            "this checkpoint's tower weights: pass vision_tower= / audio_tower= (CLI: --vision_tower / "
+            "--audio_tower) pointing at the tower directories")
+
+
 def load_checkpoint(path: str | Path, *, bert_path: str | Path | None = None,
                     vision_tower: str | Path | None = None, audio_tower: str | Path | None = None,
                     device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> LoadedCheckpoint:
     """Load a HumanOmni / R1-Omni checkpoint directory. dtype defaults to the checkpoint's torch_dtype on a GPU
-    and float32 on the CPU; device defaults to CUDA where present."""
+    and float32 on the CPU (OmniModel.from_pretrained picks the reference's float16 for inference); device
+    defaults to CUDA where present."""
     root = Path(path).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such checkpoint directory")
     try:
         cfg = ModelConfig.from_json(root / "config.json")
+    except PermissionError as e:
+        raise _unreadable(root / "config.json", e) from None
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     dtype = dtype or (DTYPES[cfg.torch_dtype] if device.type == "cuda" else torch.float32)
     files = weight_files(root)
-    notes = []
 
     vision_dir = resolve_dir(vision_tower, cfg.mm_vision_tower, root)
     audio_dir = resolve_dir(audio_tower, cfg.mm_audio_tower, root)
+    fallbacks = [f"{key} directory {value!r}" for key, value, d in (
+        ("mm_vision_tower", cfg.mm_vision_tower, vision_dir), ("mm_audio_tower", cfg.mm_audio_tower, audio_dir))
+        if d is None]
     bert_dir = _bert_dir(bert_path, root)
     towers = TowerConfigs(vision=_vision_config(vision_dir, files, cfg, root),
                           audio=_audio_config(audio_dir, files, cfg, root),
                           bert=BertConfig(**_read_json(bert_dir / "config.json", "BERT config")))
-    with torch.device("meta"):
-        model = HumanOmniForCausalLM(cfg, towers)
+    try:
+        with torch.device("meta"):
+            model = HumanOmniForCausalLM(cfg, towers)
+    except ValueError as e:  # a tower config that does not fit config.json's widths
+        raise CheckpointError(f"{root}: {e}{_tower_hint(fallbacks)}") from None
     expected = model.state_dict()
 
     names = [n for n in files if not (n == "lm_head.weight" and cfg.tie_word_embeddings)]
     state = read_tensors(files, names)
     for prefix, tower_dir, kind in ((VISION_PREFIX, vision_dir, "vision"), (AUDIO_PREFIX, audio_dir, "audio")):
         if any(k.startswith(prefix) for k in state):
-            notes.append(f"{kind} tower weights: {root}")
+            log.debug("%s tower weights: %s", kind, root)
             continue
         state.update(_tower_tensors_from_dir(tower_dir, prefix, kind))
-        notes.append(f"{kind} tower weights: {tower_dir}")
+        log.debug("%s tower weights: %s", kind, tower_dir)
         if kind == "audio":  # WhisperForAudioClassification's head is never run; its weights are not in Whisper dirs
             for k in (f"{prefix}projector.weight", f"{prefix}projector.bias", f"{prefix}classifier.weight",
                       f"{prefix}classifier.bias"):
                 state.setdefault(k, torch.zeros(expected[k].shape))
-    _check_names(expected, state, root)
+    _check_names(expected, state, root, _tower_hint(fallbacks))
     state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     _materialize_buffers(model, device)
@@ -293,23 +375,47 @@ def load_checkpoint(path: str | Path, *, bert_path: str | Path | None = None,
 
     tokenizer = load_tokenizer(root)
     bert_tokenizer = load_tokenizer(bert_dir)
-    notes.append(f"BERT config and tokenizer: {bert_dir}")
+    log.debug("BERT config and tokenizer: %s", bert_dir)
     return LoadedCheckpoint(model=model, tokenizer=tokenizer, bert_tokenizer=bert_tokenizer, config=cfg,
-                            generation=_generation_defaults(root, cfg), source=root, bert_dir=bert_dir, notes=notes)
+                            generation=_generation_defaults(root, cfg, tokenizer.eos_token_id), source=root,
+                            bert_dir=bert_dir, towers=towers)
 
 
 # --- writing -----------------------------------------------------------------------------------------------------
-def write_safetensors(state: dict[str, torch.Tensor], directory: Path, shards: int = 1) -> None:
-    """model.safetensors, or `shards` files model-0000i-of-0000n.safetensors + model.safetensors.index.json."""
+def shard_plan(state: dict[str, torch.Tensor], shards: int = 1, max_shard_size: int | str | None = None
+               ) -> list[list[str]]:
+    """Tensor names per shard file, split by bytes: huggingface_hub's split (shards of at most max_shard_size,
+    "5GB" or bytes; a larger tensor gets a shard of its own), or, with `shards` and no max_shard_size, that many
+    shards of about equal bytes in sorted name order."""
+    if max_shard_size is not None:
+        from huggingface_hub import split_torch_state_dict_into_shards
+
+        split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
+        return [list(split.filename_to_tensors[f]) for f in sorted(split.filename_to_tensors)]
+    names = sorted(state)
     if shards <= 1:
+        return [names]
+    sizes = [state[k].numel() * state[k].element_size() for k in names]
+    total, start = max(1, sum(sizes)), 0
+    plan: list[list[str]] = [[] for _ in range(shards)]
+    for name, size in zip(names, sizes):  # each tensor goes to the shard its byte midpoint falls in
+        plan[min(shards - 1, (2 * start + size) * shards // (2 * total))].append(name)
+        start += size
+    return [part for part in plan if part]
+
+
+def write_safetensors(state: dict[str, torch.Tensor], directory: Path, shards: int = 1, *,
+                      max_shard_size: int | str | None = None) -> None:
+    """model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json (HumanOmni's and
+    transformers' sharded layout), split by bytes: shards of at most max_shard_size, or `shards` shards of about
+    equal size (tests build small sharded checkpoints that way)."""
+    plan = shard_plan(state, shards, max_shard_size)
+    if len(plan) == 1:
         save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
         return
-    names = sorted(state)
-    per = -(-len(names) // shards)
     weight_map, total = {}, 0
-    for i in range(shards):
-        part = names[i * per:(i + 1) * per]
-        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+    for i, part in enumerate(plan):
+        fname = f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors"
         save_file({k: state[k] for k in part}, str(directory / fname), metadata={"format": "pt"})
         weight_map.update({k: fname for k in part})
         total += sum(state[k].numel() * state[k].element_size() for k in part)
@@ -317,31 +423,70 @@ def write_safetensors(state: dict[str, torch.Tensor], directory: Path, shards: i
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
 
-def save_checkpoint(loaded: LoadedCheckpoint, directory: str | Path, *, shards: int = 1,
-                    overwrite: bool = False) -> Path:
+def is_checkpoint(directory: Path) -> bool:
+    """A directory save_checkpoint may replace: one holding a config.json and the model weights."""
+    return (directory.is_dir() and all((directory / m).is_file() for m in CHECKPOINT_MARKERS)
+            and any((directory / m).is_file() for m in WEIGHT_MARKERS))
+
+
+def _check_target(target: Path, overwrite: bool) -> None:
+    if not target.exists():
+        return
+    if not overwrite:
+        raise FileExistsError(f"{target}: already exists (pass overwrite=True to replace it)")
+    if not is_checkpoint(target):
+        raise FileExistsError(f"{target}: exists and is not a checkpoint directory (no config.json and "
+                              "model.safetensors); overwrite=True only replaces a checkpoint, so nothing was touched")
+
+
+def clean_leftovers(target: Path) -> None:
+    """Remove the hidden .<name>.tmp-* / .<name>.old-* copies an interrupted save of `target` left beside it."""
+    for pattern in (f".{target.name}.tmp-*", f".{target.name}.old-*"):
+        for leftover in target.parent.glob(pattern):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _write_tower_configs(loaded: LoadedCheckpoint, tmp: Path) -> None:
+    """The tower configs inside the checkpoint (under the names config.json gives the tower directories), so the
+    saved checkpoint, which holds the tower weights, loads after the source's tower directories are gone."""
+    towers = loaded.towers or loaded.model.towers
+    for key, tower_cfg in (("mm_vision_tower", towers.vision), ("mm_audio_tower", towers.audio)):
+        configured = getattr(loaded.config, key)
+        name = Path(configured).name if configured else key.removeprefix("mm_")
+        (tmp / name).mkdir(exist_ok=True)
+        tower_cfg.to_json_file(str(tmp / name / "config.json"))
+
+
+def save_checkpoint(loaded: LoadedCheckpoint, directory: str | Path, *,
+                    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False,
+                    shards: int = 1) -> Path:
     """Write `loaded.model` as a checkpoint directory in the format it was read from: config.json, safetensors in
-    the config's torch_dtype (lm_head omitted when tied), and the source's tokenizer and generation files; plus
-    bert-base-uncased/ with the BERT config and tokenizer (not its weights: those are in the checkpoint), so the
-    result loads without a bert_path.
+    the config's torch_dtype (lm_head omitted when tied; sharded by bytes above max_shard_size, or into `shards`
+    files), the source's tokenizer files, generation_config.json (through transformers' GenerationConfig), the
+    tower configs, and bert-base-uncased/ with the BERT config and tokenizer (its weights are in the checkpoint),
+    so the result loads without a bert_path and without the source's tower directories.
 
     The directory is assembled beside the target and moved into place at the end, so an interrupted save never
-    leaves a half-written checkpoint, and an existing one is only replaced when overwrite=True."""
+    leaves a half-written checkpoint; an existing target is only replaced with overwrite=True, and only when it is
+    a checkpoint directory."""
     target = Path(directory).expanduser()
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target}: already exists (pass overwrite=True to replace it)")
+    _check_target(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
+    clean_leftovers(target)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         dtype = DTYPES[loaded.config.torch_dtype]
         # clone: packed projections come out of state_dict() as views of one tensor, which safetensors refuses
         state = {k: v.detach().to("cpu", dtype).clone() for k, v in loaded.model.state_dict().items()}
-        write_safetensors(state, tmp, shards)
+        write_safetensors(state, tmp, shards, max_shard_size=None if shards > 1 else max_shard_size)
         (tmp / "config.json").write_text(json.dumps(loaded.config.to_dict(), indent=2, sort_keys=True))
-        for name in (*TOKENIZER_FILES, "generation_config.json"):
+        for name in TOKENIZER_FILES:
             if (loaded.source / name).is_file():
                 shutil.copy2(loaded.source / name, tmp / name)
+        if loaded.generation.config is not None:
+            loaded.generation.config.save_pretrained(str(tmp))
+        _write_tower_configs(loaded, tmp)
         (tmp / "bert-base-uncased").mkdir()  # the gate's tokenizer and config travel with the checkpoint
         for name in BERT_FILES:
             if (loaded.bert_dir / name).is_file():
@@ -357,6 +502,7 @@ def move_into_place(tmp: Path, target: Path) -> None:
     """Rename a fully written directory onto `target`; an existing target is moved aside first and removed
     only once the new one is in place."""
     old = target.parent / f".{target.name}.old-{os.getpid()}"
+    shutil.rmtree(old, ignore_errors=True)
     if target.exists():
         target.rename(old)
     tmp.rename(target)
