@@ -63,6 +63,15 @@ def all_reduce_sum(ctx: DistContext, values: torch.Tensor) -> torch.Tensor:
     return out.to(values.device)
 
 
+def all_reduce_max(ctx: DistContext, value: int) -> int:
+    """The largest `value` over all ranks."""
+    if not ctx.enabled:
+        return value
+    out = torch.tensor([value], dtype=torch.int64, device=ctx.device)
+    dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return int(out)
+
+
 def all_reduce_grads(ctx: DistContext, params: list[torch.nn.Parameter], bucket_bytes: int = 64 << 20) -> None:
     """Sum the gradients over ranks in place, in flat buckets (what DDP's reducer does after backward; the
     loss is already scaled by the global batch, so the sum is the big-batch gradient). A parameter with a

@@ -4,6 +4,11 @@ The rollout engine decodes with the policy's own parameters, so an optimizer ste
 with float32 parameters AdamW steps them directly; with bfloat16 parameters (the GPU default) it steps an
 fp32 master copy and writes the result back into the bf16 storage (DeepSpeed's bf16 mode, which the
 reference trained with). Either way no tensor the engine or a captured CUDA graph holds changes address.
+
+Under FSDP2 (grpo/fsdp.py) the parameters, their gradients, the masters and AdamW's moments are Shard(0)
+DTensors: AdamW steps each rank's shard, the gradient norm sums the shards' squares over the ranks, and
+`state_dict` / `master_state` gather full tensors (collectives: every rank calls them), so that a checkpoint
+does not depend on the world size.
 """
 from __future__ import annotations
 
@@ -11,6 +16,9 @@ import math
 from typing import Iterable
 
 import torch
+from torch.distributed.tensor import DTensor
+
+from omni_fast.grpo.fsdp import full, like, sum_of_squares
 
 
 def lr_lambda(kind: str, total_steps: int, warmup_steps: int):
@@ -38,6 +46,7 @@ class MasterAdamW:
         self.masters = [p if p.dtype == torch.float32 else p.detach().float().clone().requires_grad_(True)
                         for p in self.params]
         self.has_copies = any(m is not p for m, p in zip(self.masters, self.params))
+        self.sharded = any(isinstance(p, DTensor) for p in self.params)  # FSDP2
         self.optimizer = torch.optim.AdamW(self.masters, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                            foreach=False)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
@@ -54,10 +63,12 @@ class MasterAdamW:
 
     def grad_norm(self) -> torch.Tensor:
         """The global L2 norm of the gradients (fp32), before clipping."""
-        grads = [p.grad.float() for p in self.params if p.grad is not None]
+        grads = [p.grad for p in self.params if p.grad is not None]
         if not grads:
             return torch.zeros(())
-        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        if self.sharded:
+            return sum_of_squares(grads).sqrt()
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
 
     def clip(self, max_grad_norm: float) -> torch.Tensor:
         """Move the gradients to the masters and clip their global norm to max_grad_norm (0: no clipping).
@@ -66,9 +77,15 @@ class MasterAdamW:
         for p, m in zip(self.params, self.masters):
             if m is not p:
                 m.grad = None if p.grad is None else p.grad.float()
-        if max_grad_norm > 0:
+        if max_grad_norm > 0 and not self.sharded:
             return torch.nn.utils.clip_grad_norm_(self.masters, max_grad_norm, foreach=False).detach().float()
-        return self.grad_norm()
+        norm = self.grad_norm()
+        if max_grad_norm > 0:  # clip_grad_norm_'s rule, on the shards
+            scale = torch.clamp(max_grad_norm / (norm + 1e-6), max=1.0)
+            for m in self.masters:
+                if m.grad is not None:
+                    m.grad.mul_(scale.to(m.grad.dtype))
+        return norm
 
     def apply(self) -> None:
         """Step AdamW and the schedule, write the masters back into the parameters (in place)."""
@@ -81,15 +98,24 @@ class MasterAdamW:
         self.zero_grad()
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        """AdamW's and the schedule's state with full tensors (sharded moments are gathered)."""
+        optimizer = self.optimizer.state_dict()
+        optimizer["state"] = {i: {k: full(v) if torch.is_tensor(v) else v for k, v in s.items()}
+                              for i, s in optimizer["state"].items()}
+        return {"optimizer": optimizer, "scheduler": self.scheduler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        """The inverse of `state_dict`; full moments are cut to this rank's shards."""
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        for m in self.masters:
+            for k, v in self.optimizer.state.get(m, {}).items():
+                if torch.is_tensor(v):
+                    self.optimizer.state[m][k] = like(v, m)
 
     def master_state(self, names: list[str]) -> dict[str, torch.Tensor]:
         """The fp32 masters by parameter name, when they are copies (what a bf16 run must save to resume)."""
-        return {n: m.detach().cpu() for n, m, p in zip(names, self.masters, self.params) if m is not p}
+        return {n: full(m.detach()).cpu() for n, m, p in zip(names, self.masters, self.params) if m is not p}
 
     def load_master_state(self, names: list[str], state: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
@@ -97,5 +123,5 @@ class MasterAdamW:
                 if m is not p:
                     if n not in state:
                         raise KeyError(f"master weight {n!r} missing from the checkpoint's trainer state")
-                    m.copy_(state[n])
+                    m.copy_(like(state[n].to(torch.float32), m))
                     p.copy_(m)

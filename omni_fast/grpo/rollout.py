@@ -81,12 +81,12 @@ def rollout(policy, engine, tokenizer, features: ClipFeatures, prompt_ids: list[
                    ref_logp=None)
 
 
-@torch.no_grad()
-def reference_logprobs(reference, ro: Rollout, bert: dict, group_size: int, temperature: float) -> torch.Tensor:
-    """The frozen reference model's log-probs of the rollouts, through its own projectors and gate on the same
-    tower features, with the same shared-prefix forward as the policy."""
-    prefixes = prompt_embeddings(reference, ro.prompt_ids, ro.features, bert)
-    return completion_logprobs(reference, prefixes, ro.completions, ro.lengths, group_size, temperature)
+def rollout_logprobs(model, ro: Rollout, bert: dict, group_size: int, temperature: float) -> torch.Tensor:
+    """A model's log-probs (B*G, C) of the rollouts' completions, through its own projectors and gate on the
+    rollouts' tower features, with the shared-prefix forward: the frozen reference model's pass (the caller
+    disables grad) and the policy's."""
+    prefixes = prompt_embeddings(model, ro.prompt_ids, ro.features, bert)
+    return completion_logprobs(model, prefixes, ro.completions, ro.lengths, group_size, temperature)
 
 
 def rollout_sums(rollouts: list[Rollout], reward_keys: list[str], g: int) -> dict[str, float]:

@@ -75,9 +75,11 @@ def clean_partial(output_dir: Path) -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def save(output_dir: Path, step: int, loaded, optimizer, trainer_state: dict, param_names: list[str],
-         rng_states: list[dict], total_limit: int | None = None) -> Path:
-    """Write checkpoint-<step> atomically, point `latest` at it, and drop the oldest beyond total_limit."""
+def save(output_dir: Path, step: int, loaded, optimizer_state: dict, masters: dict[str, torch.Tensor],
+         trainer_state: dict, rng_states: list[dict], total_limit: int | None = None) -> Path:
+    """Write checkpoint-<step> atomically, point `latest` at it, and drop the oldest beyond total_limit.
+    optimizer_state and masters are MasterAdamW.state_dict() / master_state() (full tensors, whatever the
+    sharding)."""
     final = output_dir / f"checkpoint-{step}"
     partial = output_dir / f".checkpoint-{step}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
@@ -85,9 +87,8 @@ def save(output_dir: Path, step: int, loaded, optimizer, trainer_state: dict, pa
     config = dataclasses.replace(loaded.config, torch_dtype=str(dtype).removeprefix("torch."))
     save_checkpoint(dataclasses.replace(loaded, config=config), partial)
     try:
-        torch.save(optimizer.state_dict(), partial / "optimizer.pt")
+        torch.save(optimizer_state, partial / "optimizer.pt")
         torch.save({"world_size": len(rng_states), "ranks": rng_states}, partial / "rng_state.pt")
-        masters = optimizer.master_state(param_names)
         if masters:
             save_file({k: v.contiguous() for k, v in masters.items()}, str(partial / "master_weights.safetensors"))
         (partial / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))

@@ -1,5 +1,6 @@
 """The R1-Omni trainer: GRPO with verifiable rewards, and the cold-start SFT stage, on one process or on every
-rank of a torchrun job (omni_fast/distributed.py: data parallel, each rank with its own rollout engine).
+rank of a torchrun job (omni_fast/distributed.py: data parallel, each rank with its own rollout engine; with
+`parallelism: fsdp` the trained and reference models are sharded by FSDP2, grpo/fsdp.py).
 
     trainer = Trainer(GRPOConfig(model_path=..., train_annotations=..., output_dir=...))
     trainer.train()                        # or: omni-fast train --config run.yaml
@@ -53,15 +54,15 @@ import torch
 from omni_fast import distributed
 from omni_fast.config import EngineConfig, GRPOConfig, LoaderConfig
 from omni_fast.engine.engine import Engine
+from omni_fast.grpo import fsdp
 from omni_fast.grpo import state as ckpt
 from omni_fast.grpo.data import BadEntry, check_records, load_annotations
-from omni_fast.grpo.inputs import grpo_bert_inputs, grpo_prompt_ids, prompt_embeddings, tower_features
-from omni_fast.grpo.logprobs import completion_logprobs
+from omni_fast.grpo.inputs import ClipFeatures, grpo_bert_inputs, grpo_prompt_ids, tower_features
 from omni_fast.grpo.loss import accumulation_scale, grpo_loss
 from omni_fast.grpo.metrics import MetricsLog, Phases, make_logger
 from omni_fast.grpo.optim import MasterAdamW, lr_lambda
 from omni_fast.grpo.rewards import metric_name
-from omni_fast.grpo.rollout import Rollout, reference_logprobs, rollout, rollout_sums
+from omni_fast.grpo.rollout import Rollout, rollout, rollout_logprobs, rollout_sums
 from omni_fast.grpo.sft import sft_batch, sft_loss
 from omni_fast.media.loader import MediaLoader
 from omni_fast.media.pyav import MediaError
@@ -113,7 +114,9 @@ class Trainer:
         self.model.eval()  # no dropout anywhere (see the module docstring)
         self._set_trainable()
         self.reference = self._reference(resume) if cfg.stage == "grpo" and cfg.beta > 0 else None
-        self.engine = Engine(self.model, EngineConfig(), self.loaded.generation.eos_token_ids)
+        self.plain = self.model  # full weights on this rank: towers, rollouts (the engine), checkpoints
+        self.policy, self.ref_call = self._parallelize()
+        self.engine = Engine(self.plain, EngineConfig(), self.loaded.generation.eos_token_ids)
         self.records, self.skipped = self._records(state)
         self.step_prompts = cfg.prompts_per_step * self.dist.world_size  # the global batch of one step
         rollouts_per_epoch = math.ceil(len(self.records) / self.step_prompts)
@@ -160,6 +163,20 @@ class Trainer:
                                   dtype=next(self.model.parameters()).dtype).model
             ref.model.vision_tower, ref.model.audio_tower = towers
         return ref.requires_grad_(False).eval()
+
+    def _parallelize(self) -> tuple[fsdp.ModelCall, fsdp.ModelCall | None]:
+        """The callables the policy and reference passes run through: the models themselves (DDP: gradients
+        all-reduced after backward), or FSDP2 roots over sharded copies (grpo/fsdp.py; self.plain then stays a
+        full replica for the engine, refreshed after each optimizer step)."""
+        if self.cfg.parallelism == "fsdp" and not self.dist.enabled:
+            self.log.info("parallelism fsdp in one process: nothing to shard, the model stays whole")
+        if self.cfg.parallelism == "ddp" or not self.dist.enabled:
+            return fsdp.ModelCall(self.model), None if self.reference is None else fsdp.ModelCall(self.reference)
+        towers = [self.model.model.vision_tower, self.model.model.audio_tower]
+        self.model = copy.deepcopy(self.plain, memo={id(t): t for t in towers})
+        policy = fsdp.shard(self.model, self.dist)
+        self.trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        return policy, None if self.reference is None else fsdp.shard(self.reference, self.dist)
 
     def _records(self, state: dict):
         bad: list[BadEntry] = []
@@ -222,7 +239,7 @@ class Trainer:
         loader_cfg = LoaderConfig(batch_size=cfg.per_device_train_batch_size, backend=cfg.media_backend,
                                   workers=cfg.media_workers, prefetch=2, on_error=cfg.on_bad_clip, aspect="pad",
                                   num_frames=self.loaded.config.num_frames,
-                                  n_mels=self.model.towers.audio.num_mel_bins)
+                                  n_mels=self.plain.towers.audio.num_mel_bins)
         with contextlib.closing(iter(MediaLoader(mine, loader_cfg, device=self.device))) as batches:
             while self.pos.step < self.total_steps and self.pos.consumed < len(order):
                 phases, t0 = Phases(), time.perf_counter()
@@ -296,16 +313,18 @@ class Trainer:
         rollouts: list[Rollout] = []
         for batch in micro:
             with phases("towers"):
-                feats = tower_features(self.model, batch.frames, batch.mel)
+                feats = tower_features(self.plain, batch.frames, batch.mel)
             with phases("rollout"):
-                ro = rollout(self.model, self.engine, self.tokenizer, feats, [ids] * len(batch), bert,
+                ro = rollout(self.plain, self.engine, self.tokenizer, feats, [ids] * len(batch), bert,
                              [r.label for r in batch.records], [r.index for r in batch.records],
                              self.pos.step + 1, cfg)
-            if self.reference is not None:
-                with phases("reference"):
-                    ro.ref_logp = reference_logprobs(self.reference, ro, bert, g, cfg.temperature)
             self._check_finite(ro.total_rewards, "reward")
             rollouts.append(ro)
+        pads = self._pad_rollouts(rollouts, ids)  # FSDP: as many sharded passes as the busiest rank
+        if self.reference is not None:
+            with phases("reference"), torch.no_grad():
+                for ro in rollouts + pads:
+                    ro.ref_logp = self.ref_call(rollout_logprobs, ro, bert, g, cfg.temperature)
         counts = torch.tensor([sum(r.mask.shape[0] for r in rollouts), sum(float(r.mask.sum()) for r in rollouts)],
                               dtype=torch.float64)
         sequences, tokens = distributed.all_reduce_sum(self.dist, counts).tolist()  # the global batch's
@@ -313,8 +332,7 @@ class Trainer:
             loss = kl = 0.0
             for ro in rollouts:
                 with phases("policy"):
-                    prefixes = prompt_embeddings(self.model, ro.prompt_ids, ro.features, bert)
-                    logp = completion_logprobs(self.model, prefixes, ro.completions, ro.lengths, g, cfg.temperature)
+                    logp = self.policy(rollout_logprobs, ro, bert, g, cfg.temperature)
                     out = grpo_loss(logp, ro.advantages, ro.mask, ref_logp=ro.ref_logp, old_logp=ro.old_logp,
                                     beta=cfg.beta, eps_low=cfg.epsilon, eps_high=cfg.epsilon_high or cfg.epsilon,
                                     loss_type=cfg.loss_type, max_completion_length=cfg.max_completion_length,
@@ -326,9 +344,37 @@ class Trainer:
                         ro.old_logp = logp.detach()
                 loss += float(scaled.detach())
                 kl += float(out.kl) * ro.mask.shape[0]
+            for pad in pads:
+                with phases("policy"):
+                    (self.policy(rollout_logprobs, pad, bert, g, cfg.temperature).sum() * 0.0).backward()
             with phases("optimizer"):
                 grad_norm = self._optimizer_step()
             yield self._grpo_metrics(rollouts, loss, kl, grad_norm)
+
+    def _pad_rollouts(self, rollouts: list[Rollout], ids: torch.Tensor) -> list[Rollout]:
+        """Under FSDP2 every forward and backward of the sharded models is a collective, so a rank with fewer
+        micro-batches than the busiest one (the end of an epoch, bad clips) makes up the difference with passes
+        whose loss is 0 x log-probs: one completion token per row, on its last micro-batch's features (zero
+        features when it has none). Under DDP there are none."""
+        if self.cfg.parallelism != "fsdp" or not self.dist.enabled:
+            return []
+        missing = distributed.all_reduce_max(self.dist, len(rollouts)) - len(rollouts)
+        if not missing:
+            return []
+        g = self.cfg.num_generations
+        feats = ClipFeatures(rollouts[-1].features.vision[:1], rollouts[-1].features.audio[:1]) if rollouts \
+            else self._zero_features()
+        zeros = torch.zeros(g, 1, dtype=torch.long, device=self.device)
+        pad = Rollout(features=feats, prompt_ids=[ids], completions=zeros, lengths=torch.ones(g, dtype=torch.long,
+                      device=self.device), mask=zeros.float(), advantages=zeros[:, 0].float(), rewards={},
+                      total_rewards=zeros[:, 0].float(), texts=[""] * g, ref_logp=None)
+        return [pad] * missing
+
+    def _zero_features(self) -> ClipFeatures:
+        cfg = self.loaded.config
+        frames = torch.zeros(1, cfg.num_frames, 3, 224, 224, device=self.device)
+        mel = torch.zeros(1, self.plain.towers.audio.num_mel_bins, 3000, device=self.device)
+        return tower_features(self.plain, frames, mel)
 
     def _grpo_metrics(self, rollouts: list[Rollout], loss: float, kl: float, grad_norm: float) -> dict:
         """The step's metrics over every rank's rollouts."""
@@ -351,30 +397,49 @@ class Trainer:
         batches = []
         for batch in micro:
             with phases("towers"):
-                feats = tower_features(self.model, batch.frames, batch.mel)
+                feats = tower_features(self.plain, batch.frames, batch.mel)
             batches.append(sft_batch(self.tokenizer, feats, batch.records, cfg.max_length,
                                      self.loaded.config.mm_use_x_start_end, pad))
         tokens = int(distributed.all_reduce_sum(self.dist, torch.tensor([sum(b.num_tokens for b in batches)])))
+        pads = self._pad_sft(batches, pad)  # FSDP: as many sharded passes as the busiest rank (_pad_rollouts)
         loss = 0.0
         for b in batches:
             with phases("policy"):
-                scaled = sft_loss(self.model, self.bert_tokenizer, b, tokens)
+                scaled = self.policy(sft_loss, self.bert_tokenizer, b, tokens)
                 self._check_finite(scaled, "loss")
                 scaled.backward()
             loss += float(scaled.detach())
+        for b in pads:
+            with phases("policy"):
+                (self.policy(sft_loss, self.bert_tokenizer, b, tokens) * 0.0).backward()
         with phases("optimizer"):
             grad_norm = self._optimizer_step()
         loss = float(distributed.all_reduce_sum(self.dist, torch.tensor([loss], dtype=torch.float64)))
         yield {"loss": loss, "num_tokens": tokens, "grad_norm": grad_norm, "learning_rate": self._lr_used,
                "_tokens": float(tokens)}
 
+    def _pad_sft(self, batches: list, pad_id: int) -> list:
+        if self.cfg.parallelism != "fsdp" or not self.dist.enabled:
+            return []
+        missing = distributed.all_reduce_max(self.dist, len(batches)) - len(batches)
+        if not missing:
+            return []
+        b = batches[-1] if batches else None
+        feats = ClipFeatures(b.features.vision[:1], b.features.audio[:1]) if b else self._zero_features()
+        one = sft_batch(self.tokenizer, feats, [self.records[0]], self.cfg.max_length,
+                        self.loaded.config.mm_use_x_start_end, pad_id)
+        return [one] * missing
+
     # --- shared ----------------------------------------------------------------------------------------------
     def _optimizer_step(self) -> float:
         self._lr_used = self.optimizer.lr
-        distributed.all_reduce_grads(self.dist, self.optimizer.params)
+        if self.cfg.parallelism == "ddp":  # FSDP2 has reduce-scattered them during backward
+            distributed.all_reduce_grads(self.dist, self.optimizer.params)
         norm = self.optimizer.clip(self.cfg.max_grad_norm)
         self._check_finite(norm, "gradient norm")
         self.optimizer.apply()
+        if self.model is not self.plain:
+            fsdp.gather_into(self.model, self.plain)  # the engine decodes the next step with the new weights
         return float(norm)
 
     def _check_finite(self, value: torch.Tensor, what: str) -> None:
@@ -393,9 +458,12 @@ class Trainer:
                  "config": self.cfg.to_dict()}
         rng = distributed.all_gather_objects(self.dist, ckpt.rng_state())
         path = self.out / f"checkpoint-{self.pos.step}"
+        names = [n for n, _ in self.trainable]
+        gather = self.dist.is_main or self.optimizer.sharded  # sharded states are gathered by every rank
+        optimizer = self.optimizer.state_dict() if gather else None
+        masters = self.optimizer.master_state(names) if gather else None
         if self.dist.is_main:
-            ckpt.save(self.out, self.pos.step, self.loaded, self.optimizer, state, [n for n, _ in self.trainable],
-                      rng, self.cfg.save_total_limit)
+            ckpt.save(self.out, self.pos.step, self.loaded, optimizer, masters, state, rng, self.cfg.save_total_limit)
             self.log.info(f"saved {path}")
         distributed.barrier(self.dist)  # no rank goes on (or stops) before the checkpoint is whole
         self.last_checkpoint = path
