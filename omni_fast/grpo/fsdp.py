@@ -53,9 +53,11 @@ def shard(model: nn.Module, ctx: DistContext) -> ModelCall:
         from torch.distributed.fsdp import FSDPModule, fully_shard
     except ImportError:
         fully_shard = None
-    if fully_shard is None or "ignored_params" not in inspect.signature(fully_shard).parameters:
-        raise RuntimeError(f"parallelism: fsdp needs torch.distributed.fsdp.fully_shard with ignored_params "
-                           f"(torch >= 2.7); this is torch {torch.__version__}. Use parallelism: ddp")
+    if (fully_shard is None or "ignored_params" not in inspect.signature(fully_shard).parameters
+            or not hasattr(FSDPModule, "set_force_sum_reduction_for_comms")):
+        raise RuntimeError(f"parallelism: fsdp needs FSDP2's fully_shard(ignored_params=...) and "
+                           f"set_force_sum_reduction_for_comms (torch >= 2.8); this is torch {torch.__version__}. "
+                           "Use parallelism: ddp, or a newer torch")
 
     mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
     towers = {p for name, p in model.named_parameters() if "_tower." in name}

@@ -97,11 +97,15 @@ class MasterAdamW:
                     p.copy_(m)
         self.zero_grad()
 
-    def state_dict(self) -> dict:
-        """AdamW's and the schedule's state with full tensors (sharded moments are gathered)."""
+    def state_dict(self, keep: bool = True) -> dict | None:
+        """AdamW's and the schedule's state with full tensors on the CPU (sharded moments are gathered one at a
+        time, so the device holds one whole tensor at most). Under FSDP every rank must call it; those that
+        do not write the checkpoint pass keep=False and get None (they only serve the gathers)."""
         optimizer = self.optimizer.state_dict()
-        optimizer["state"] = {i: {k: full(v) if torch.is_tensor(v) else v for k, v in s.items()}
-                              for i, s in optimizer["state"].items()}
+        state = {i: {k: _on_cpu(v, keep) for k, v in s.items()} for i, s in optimizer["state"].items()}
+        if not keep:
+            return None
+        optimizer["state"] = state
         return {"optimizer": optimizer, "scheduler": self.scheduler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
@@ -113,9 +117,11 @@ class MasterAdamW:
                 if torch.is_tensor(v):
                     self.optimizer.state[m][k] = like(v, m)
 
-    def master_state(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """The fp32 masters by parameter name, when they are copies (what a bf16 run must save to resume)."""
-        return {n: full(m.detach()).cpu() for n, m, p in zip(names, self.masters, self.params) if m is not p}
+    def master_state(self, names: list[str], keep: bool = True) -> dict[str, torch.Tensor] | None:
+        """The fp32 masters by parameter name on the CPU, when they are copies (what a bf16 run must save to
+        resume); gathered like `state_dict`, with the same keep."""
+        masters = {n: _on_cpu(m.detach(), keep) for n, m, p in zip(names, self.masters, self.params) if m is not p}
+        return masters if keep else None
 
     def load_master_state(self, names: list[str], state: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
@@ -125,3 +131,12 @@ class MasterAdamW:
                         raise KeyError(f"master weight {n!r} missing from the checkpoint's trainer state")
                     m.copy_(like(state[n].to(torch.float32), m))
                     p.copy_(m)
+
+
+def _on_cpu(value, keep: bool):
+    """A state entry as saved: a tensor gathered whole (a collective for shards) and moved to the CPU, or
+    dropped (None) on a rank that does not keep it; anything else as it is."""
+    if not torch.is_tensor(value):
+        return value
+    whole = full(value)
+    return whole.detach().cpu() if keep else None

@@ -137,13 +137,15 @@ def restore(path: Path, optimizer, param_names: list[str], rank: int = 0, world_
     for name in ("optimizer.pt", "rng_state.pt"):
         if not (path / name).is_file():
             raise ResumeError(f"{path}: {name} is missing; the checkpoint cannot be resumed exactly")
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    # on the CPU first: the file holds full tensors saved from rank 0's device, and AdamW's load moves each
+    # entry to its parameter's device (and cuts it to this rank's shard under FSDP)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
     if optimizer.has_copies:
         masters = path / "master_weights.safetensors"
         if not masters.is_file():
             raise ResumeError(f"{path}: master_weights.safetensors is missing (the run had bf16 parameters)")
         optimizer.load_master_state(param_names, load_file(str(masters)))
-    rng = torch.load(path / "rng_state.pt", weights_only=False)
+    rng = torch.load(path / "rng_state.pt", map_location="cpu", weights_only=False)
     saved_world = rng["world_size"]
     set_rng_state(rng["ranks"][rank if saved_world == world_size else 0])
     return saved_world

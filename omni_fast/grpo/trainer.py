@@ -459,9 +459,10 @@ class Trainer:
         rng = distributed.all_gather_objects(self.dist, ckpt.rng_state())
         path = self.out / f"checkpoint-{self.pos.step}"
         names = [n for n, _ in self.trainable]
-        gather = self.dist.is_main or self.optimizer.sharded  # sharded states are gathered by every rank
-        optimizer = self.optimizer.state_dict() if gather else None
-        masters = self.optimizer.master_state(names) if gather else None
+        optimizer = masters = None
+        if self.dist.is_main or self.optimizer.sharded:  # shards are gathered by every rank, kept by rank 0
+            optimizer = self.optimizer.state_dict(keep=self.dist.is_main)
+            masters = self.optimizer.master_state(names, keep=self.dist.is_main)
         if self.dist.is_main:
             ckpt.save(self.out, self.pos.step, self.loaded, optimizer, masters, state, rng, self.cfg.save_total_limit)
             self.log.info(f"saved {path}")
