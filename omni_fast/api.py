@@ -98,6 +98,13 @@ def inference_dtype(device: torch.device) -> torch.dtype:
     return DTYPES[INFER_DTYPE] if device.type == "cuda" else torch.float32
 
 
+def load_settings(device: str | torch.device | None, dtype: torch.dtype | None) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype from_pretrained loads with: the given ones, else CUDA where present and
+    inference_dtype there. Separate so an eval run can name them in its results header before loading."""
+    device = resolve_device(device)
+    return device, dtype or inference_dtype(device)
+
+
 def _video_name(record) -> str:
     return str(getattr(record, "video", record))
 
@@ -121,16 +128,17 @@ class OmniModel:
         is read from). device: "cpu", "cuda" or "cuda:N" (default: CUDA where present). dtype defaults to float16
         on a GPU, towers included, as the reference's model_init loads it (training uses bfloat16), and float32
         on the CPU; engine_config tunes the rollout engine, loader_config the media decoding."""
-        device = resolve_device(device)
-        dtype = dtype or inference_dtype(device)
+        device, dtype = load_settings(device, dtype)
         loaded = load_checkpoint(path, bert_path=bert_path, vision_tower=vision_tower, audio_tower=audio_tower,
                                  device=device, dtype=dtype)
         return cls(loaded, engine_config, loader_config)
 
     def save_pretrained(self, directory: str | Path, *, max_shard_size: int | str = "5GB",
                         overwrite: bool = False) -> Path:
-        """The checkpoint in HumanOmni's format (sharded by bytes above max_shard_size); overwrite=True replaces
-        an existing checkpoint directory, never another kind of directory."""
+        """The checkpoint in HumanOmni's format (sharded by bytes above max_shard_size), in config.json's
+        torch_dtype; overwrite=True replaces an existing checkpoint directory, never another kind of directory.
+        Weights loaded in float16 (the GPU default) have lost bfloat16's range: load with dtype=torch.bfloat16 to
+        re-save a checkpoint (a warning says so; a tensor that overflowed to inf is refused)."""
         return save_checkpoint(self.loaded, directory, max_shard_size=max_shard_size, overwrite=overwrite)
 
     @property

@@ -235,7 +235,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit {args.limit}: expected a number of clips >= 1")
-    resolve_device(args.device)
+    from omni_fast.api import load_settings
+
+    device, dtype = load_settings(args.device, _dtype(args.dtype))
     label_sets = _label_sets(args.label_set)
     paths = eval_paths(Path(args.out)) if args.out else None
     if paths:
@@ -243,7 +245,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             _check_writable(path, inputs=[Path(args.annotations)])
     records = load_annotations(args.annotations, args.data_root)[: args.limit]
     instruct = args.instruct if args.instruct is not None else EVAL_QUESTION
-    header = run_header(args.model_path, args.annotations, instruct, args.max_new_tokens, args.modal)
+    header = run_header(args.model_path, args.annotations, instruct, args.max_new_tokens, args.modal, dtype=dtype,
+                        device=device, media_backend=args.media_backend, bert_path=args.bert_path,
+                        vision_tower=args.vision_tower, audio_tower=args.audio_tower)
     if paths and not args.overwrite:
         load_done(paths[1], header, records)  # a file from another run is refused before the model loads
     if not paths:

@@ -14,11 +14,13 @@ counted and left out of WAR / UAR rather than scored as classes of their own; an
 labels is in its dataset's set is a dataset of its own, scored over the labels it has.
 
 Results are never lost: each clip's row is appended to a JSONL file as soon as it is recognised (flushed and
-fsynced), after a first header line naming the run (model, instruct, max_new_tokens, modal). Running the same
-evaluation again reads the file, checks it belongs to this run and these annotation entries, and recognises only
-the clips not in it yet (a half-written last line, from a crash, is dropped); clips that failed to decode are
-tried again. Under torchrun each rank appends to its own part file, `<results>.rank<R>.part`, and rank 0 merges
-the parts into the results file, in record order, once every rank is done.
+fsynced), after a first header line naming the run (model, instruct, max_new_tokens, modal, dtype, device type,
+media backend, BERT / tower overrides). Running the same evaluation again reads the file, checks it belongs to
+this run and these annotation entries, and recognises only the clips not in it yet (a half-written last line,
+from a crash, is dropped); clips that failed to decode are tried again. Under torchrun each rank appends to its
+own part file, `<results>.rank<R>.part`, and rank 0 merges the parts into the results file, in record order,
+once every rank is done. Where files hold several rows of a clip, one without an error beats one with, whatever
+the order; otherwise the later one counts (the results file, then the parts by rank).
 """
 from __future__ import annotations
 
@@ -39,7 +41,8 @@ log = logging.getLogger(__name__)
 
 RESULTS_FORMAT = 1  # the header's "omni_fast_eval" value
 # The settings that change a clip's result: a results file written with others cannot be resumed.
-RUN_KEYS = ("model_path", "instruct", "max_new_tokens", "modal")
+RUN_KEYS = ("model_path", "instruct", "max_new_tokens", "modal", "dtype", "device", "media_backend", "bert_path",
+            "vision_tower", "audio_tower")
 OTHER = "other"  # the confusion matrix's column for predictions outside the classes
 LABEL_SETS: dict[str, tuple[str, ...]] = {
     "dfew": EMOTION_LABELS[:7],  # happy, sad, neutral, angry, surprise, disgust, fear
@@ -160,12 +163,24 @@ def score(rows: list[dict], skipped: list[dict] | None = None,
 
 
 # --- the results file --------------------------------------------------------------------------------------------
+def _absolute(path: str | Path | None) -> str | None:
+    return None if path is None else str(Path(path).expanduser().resolve())
+
+
 def run_header(model_path: str | Path, annotations: str | Path, instruct: str, max_new_tokens: int,
-               modal: str = "video_audio") -> dict:
-    """The results file's first line: what produced it (RUN_KEYS must match for a resume)."""
-    return {"omni_fast_eval": RESULTS_FORMAT, "model_path": str(Path(model_path).expanduser().resolve()),
-            "annotations": str(Path(annotations).expanduser().resolve()), "instruct": instruct,
-            "max_new_tokens": max_new_tokens, "modal": modal}
+               modal: str = "video_audio", *, dtype=None, device=None, media_backend: str | None = None,
+               bert_path: str | Path | None = None, vision_tower: str | Path | None = None,
+               audio_tower: str | Path | None = None) -> dict:
+    """The results file's first line: what produced it (RUN_KEYS must match for a resume). dtype and device are
+    the ones the model loads with once resolved (omni_fast.api.load_settings), kept as the dtype's name and the
+    device type, so "cuda:1" and "cuda" or torch.float16 and "float16" are one run; the BERT / tower overrides
+    as absolute paths (None: the checkpoint's own). None where a caller does not say."""
+    return {"omni_fast_eval": RESULTS_FORMAT, "model_path": _absolute(model_path),
+            "annotations": _absolute(annotations), "instruct": instruct, "max_new_tokens": max_new_tokens,
+            "modal": modal, "dtype": None if dtype is None else str(dtype).removeprefix("torch."),
+            "device": None if device is None else str(device).partition(":")[0], "media_backend": media_backend,
+            "bert_path": _absolute(bert_path), "vision_tower": _absolute(vision_tower),
+            "audio_tower": _absolute(audio_tower)}
 
 
 def _clip_path(record: Record) -> str:
@@ -185,9 +200,28 @@ def result_row(record: Record, res) -> dict:
     return row
 
 
+def _rank(part: Path, results: Path) -> tuple[int, str]:
+    rank = part.name.removeprefix(f"{results.name}.rank").removesuffix(".part")
+    return (int(rank), "") if rank.isdigit() else (sys.maxsize, rank)
+
+
 def part_paths(results: Path) -> list[Path]:
-    """The per-rank part files of a results file (from this run or an interrupted one under torchrun)."""
-    return sorted(results.parent.glob(f"{results.name}.rank*.part"))
+    """The per-rank part files of a results file (from this run or an interrupted one under torchrun), by rank
+    (rank10 after rank2)."""
+    return sorted(results.parent.glob(f"{results.name}.rank*.part"), key=lambda p: _rank(p, results))
+
+
+def merge_rows(files: Iterable[list[dict]]) -> dict[int, dict]:
+    """Rows of several files, in reading order -> index -> the row that counts: a later row replaces an earlier
+    one unless it has an error and the earlier one has not (an error row a stopped torchrun job left in a part
+    file never hides the success a resumed run wrote)."""
+    kept: dict[int, dict] = {}
+    for rows in files:
+        for row in rows:
+            earlier = kept.get(row["index"])
+            if earlier is None or row.get("error") is None or earlier.get("error") is not None:
+                kept[row["index"]] = row
+    return kept
 
 
 def read_results(path: Path) -> tuple[dict | None, list[dict], int]:
@@ -240,17 +274,17 @@ def check_entries(path: Path, rows: list[dict], records: list[Record]) -> None:
 
 
 def load_done(results: Path, header: dict, records: list[Record]) -> dict[int, dict]:
-    """The rows already in the results file and its part files, checked against this run (index -> row; the
-    last row of an index wins, so a clip that failed before and succeeded later counts once)."""
-    done: dict[int, dict] = {}
+    """The rows already in the results file and its part files, checked against this run (index -> row, as
+    merge_rows picks them, so a clip that failed before and succeeded later counts once, as a success)."""
+    files = []
     for path in [results, *part_paths(results)]:
         found, rows, _ = read_results(path)
         if found is None:
             continue
         check_run(path, found, header)
         check_entries(path, rows, records)
-        done.update({row["index"]: row for row in rows})
-    return done
+        files.append(rows)
+    return merge_rows(files)
 
 
 class ResultsWriter:
@@ -284,10 +318,8 @@ class ResultsWriter:
 
 def merge_results(results: Path, header: dict) -> list[dict]:
     """The results file and its part files -> one results file in record order (written through a temporary
-    file and a rename), the parts removed; returns its rows."""
-    rows: dict[int, dict] = {}
-    for path in [results, *part_paths(results)]:
-        rows.update({row["index"]: row for row in read_results(path)[1]})
+    file and a rename), the parts removed; returns its rows (one per clip, as merge_rows picks them)."""
+    rows = merge_rows(read_results(path)[1] for path in [results, *part_paths(results)])
     merged = [rows[i] for i in sorted(rows)]
     tmp = results.with_name(f".{results.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:

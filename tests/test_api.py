@@ -312,3 +312,26 @@ def test_kebab_case_flags_everywhere():
     assert vars(a) == vars(b) and a.max_new_tokens == 3 and a.on_error == "skip"
     assert cli.parse_overrides(["--max-steps", "3", "--learning_rate=1e-6"]) == {"max_steps": "3",
                                                                                   "learning_rate": "1e-6"}
+
+
+def test_load_settings_are_what_from_pretrained_loads_with(tiny_ckpt, monkeypatch):
+    """The device and dtype a results header names before loading are the ones the model gets."""
+    from omni_fast.api import OmniModel, load_settings
+
+    assert load_settings("cpu", None) == (torch.device("cpu"), torch.float32)
+    assert load_settings("cpu", torch.bfloat16) == (torch.device("cpu"), torch.bfloat16)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert load_settings(None, None) == (torch.device("cpu"), torch.float32)
+    model = OmniModel.from_pretrained(tiny_ckpt, "cpu", torch.bfloat16)
+    assert (model.device, model.model.lm_head_weight.dtype) == load_settings("cpu", torch.bfloat16)
+
+
+def test_save_pretrained_of_float16_weights_says_they_went_through_float16(tiny_ckpt, tmp_path, caplog):
+    from omni_fast.api import OmniModel
+
+    model = OmniModel.from_pretrained(tiny_ckpt, "cpu", torch.float16)
+    with caplog.at_level("WARNING", logger="omni_fast.model.checkpoint"):
+        out = model.save_pretrained(tmp_path / "saved")
+    (line,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "went through float16" in line and "dtype=torch.bfloat16" in line and "--dtype bfloat16" in line
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"

@@ -1,6 +1,7 @@
 """Checkpoint directories: where each part is read from, every bad input, and save -> load round trips."""
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -338,3 +339,143 @@ def test_shard_count_split_balances_bytes():
     assert len(plan) == 3 and sorted(sum(plan, [])) == sorted(state)
     assert [sum(state[k].numel() for k in part) for part in plan] == [30, 50, 20]  # by bytes, not 3-3-1 tensors
     assert [len(part) for part in checkpoint.shard_plan(state, shards=2)] == [4, 3]
+
+
+# --- an interrupted replace keeps a copy -------------------------------------------------------------------------
+def _fail_renames(monkeypatch, calls, error):
+    """Path.rename raises `error` on the given calls (1-based); the others rename."""
+    real, seen = Path.rename, []
+
+    def rename(self, target):
+        seen.append((self, target))
+        if len(seen) in calls:
+            raise error
+        return real(self, target)
+    monkeypatch.setattr(Path, "rename", rename)
+    return seen
+
+
+def _snapshot(directory):
+    return {p.name: p.read_bytes() for p in directory.iterdir() if p.is_file()}
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt(), OSError("disk gone")])
+def test_move_into_place_puts_the_old_copy_back_when_the_second_rename_fails(tmp_path, monkeypatch, error):
+    target, tmp = tmp_path / "ckpt", tmp_path / ".ckpt.tmp-1"
+    for d, text in ((target, "old"), (tmp, "new")):
+        d.mkdir()
+        (d / "f").write_text(text)
+    _fail_renames(monkeypatch, {2}, error)
+    with pytest.raises(type(error)):
+        checkpoint.move_into_place(tmp, target)
+    assert (target / "f").read_text() == "old" and (tmp / "f").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".ckpt.tmp-1", "ckpt"]
+
+
+def test_interrupted_overwrite_keeps_the_old_checkpoint(tiny_ckpt, tmp_path, monkeypatch):
+    """Ctrl-C between moving the old copy aside and renaming the new one in: the old copy is put back."""
+    loaded = _load(tiny_ckpt)
+    out = save_checkpoint(loaded, tmp_path / "saved")
+    before = _snapshot(out)
+    _fail_renames(monkeypatch, {2}, KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(loaded, out, overwrite=True)
+    assert _snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["saved"]
+
+
+def test_a_copy_moved_aside_and_stranded_is_restored_by_the_next_save(tiny_ckpt, tmp_path, monkeypatch):
+    """Neither the new copy's rename nor the old copy's return goes through (as after a kill between them):
+    the new copy is kept too, and the next save puts the old one back instead of deleting it."""
+    loaded = _load(tiny_ckpt)
+    out = save_checkpoint(loaded, tmp_path / "saved")
+    before = _snapshot(out)
+    _fail_renames(monkeypatch, {2, 3}, OSError("I/O error"))
+    with pytest.raises(OSError, match="I/O error"):
+        save_checkpoint(loaded, out, overwrite=True)
+    monkeypatch.undo()
+    assert not out.exists()
+    aside, = tmp_path.glob(".saved.old-*")
+    kept, = tmp_path.glob(".saved.tmp-*")
+    assert _snapshot(aside) == before and checkpoint.is_checkpoint(kept)
+    with pytest.raises(FileExistsError):  # the restored checkpoint is not replaced without overwrite=True
+        save_checkpoint(loaded, out)
+    assert _snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["saved"]
+
+
+def test_clean_leftovers_removes_a_copy_aside_only_beside_a_complete_checkpoint(tiny_ckpt, tmp_path):
+    out = save_checkpoint(_load(tiny_ckpt), tmp_path / "saved")
+    shutil.copytree(out, tmp_path / ".saved.old-7")
+    checkpoint.clean_leftovers(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["saved"]
+    out.rename(tmp_path / ".saved.old-8")
+    checkpoint.clean_leftovers(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["saved"] and checkpoint.is_checkpoint(out)
+
+
+def test_clean_partial_restores_a_training_checkpoint_moved_aside(tmp_path):
+    from omni_fast.grpo import state
+
+    def checkpoint_dir(name, text):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / state.STATE_FILE).write_text(text)
+    checkpoint_dir(".checkpoint-5.old-123", "step 5")  # checkpoint-5 was moved aside, its successor never came
+    checkpoint_dir("checkpoint-7", "new 7")
+    checkpoint_dir(".checkpoint-7.old-123", "old 7")  # the save of checkpoint-7 finished: the old copy goes
+    checkpoint_dir(".checkpoint-9.partial-123", "partial")
+    checkpoint_dir("..checkpoint-9.partial-123.old-123", "inner")
+    state.clean_partial(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-5", "checkpoint-7"]
+    assert (tmp_path / "checkpoint-5" / state.STATE_FILE).read_text() == "step 5"
+    assert (tmp_path / "checkpoint-7" / state.STATE_FILE).read_text() == "new 7"
+
+
+# --- weights that went through float16 ---------------------------------------------------------------------------
+def test_saving_float16_weights_as_bfloat16_warns(tiny_ckpt, tmp_path, caplog):
+    loaded = load_checkpoint(tiny_ckpt, device="cpu", dtype=torch.float16)
+    with caplog.at_level("WARNING", logger="omni_fast.model.checkpoint"):
+        out = save_checkpoint(loaded, tmp_path / "saved")
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "float16" in warned[0] and "bfloat16" in warned[0]
+    assert "--dtype bfloat16" in warned[0] and "dtype=torch.bfloat16" in warned[0]
+    assert checkpoint.is_checkpoint(out)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="omni_fast.model.checkpoint"):
+        save_checkpoint(_load(tiny_ckpt), tmp_path / "from-fp32")
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_saving_infinities_that_float16_loading_made_is_refused(ckpt, tmp_path):
+    name = "model.layers.0.mlp.down_proj.weight"
+    _rewrite(ckpt, lambda s: {**s, name: s[name].index_fill(1, torch.tensor([0]), 1e5)})  # > float16's 65504
+    loaded = load_checkpoint(ckpt, device="cpu", dtype=torch.float16)
+    with pytest.raises(CheckpointError, match=rf"{name}.*inf.*--dtype bfloat16"):
+        save_checkpoint(loaded, tmp_path / "saved")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # nothing written
+
+
+def test_saving_a_cast_that_overflows_is_refused(ckpt, tmp_path):
+    _edit_config(ckpt, torch_dtype="float16")
+    loaded = _load(ckpt)
+    name = "model.layers.0.mlp.down_proj.weight"
+    with torch.no_grad():
+        loaded.model.model.layers[0].mlp.down_proj.weight[0, 0] = 1e6
+    with pytest.raises(CheckpointError, match=rf"{name}.*inf"):
+        save_checkpoint(loaded, tmp_path / "saved")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+# --- tower configs found where save_checkpoint puts them ---------------------------------------------------------
+@pytest.mark.parametrize("configured", ["towers/siglip-base-patch16-224", "../elsewhere/siglip-base-patch16-224"])
+def test_saved_tower_config_is_found_for_a_relative_multi_part_path(tiny_ckpt, tmp_path, monkeypatch, configured):
+    src = tmp_path / "src"
+    shutil.copytree(tiny_ckpt, src)
+    (src / "towers").mkdir()
+    (src / "siglip-base-patch16-224").rename(src / "towers" / "siglip-base-patch16-224")
+    _edit_config(src, mm_vision_tower=configured)
+    monkeypatch.chdir(tmp_path)
+    loaded = _load(src, vision_tower=src / "towers" / "siglip-base-patch16-224")
+    out = save_checkpoint(loaded, tmp_path / "saved")
+    assert (out / "siglip-base-patch16-224" / "config.json").is_file()
+    assert checkpoint.resolve_dir(None, configured, out) == out / "siglip-base-patch16-224"
+    again = _load(out)
+    assert again.model.towers.vision.to_dict() == loaded.model.towers.vision.to_dict()

@@ -254,6 +254,21 @@ def test_eval_refuses_a_results_file_of_another_run_before_loading(tiny_ckpt, an
     assert results.read_bytes() == lines[0] + b"{broken\n" + b"".join(lines[1:])  # nothing rewritten
 
 
+def test_eval_resume_with_another_dtype_or_media_backend_is_refused_before_loading(tiny_ckpt, annotations, tmp_path,
+                                                                                   capsys, monkeypatch):
+    """The header names the resolved load settings: greedy text depends on the dtype and the decoder."""
+    out = tmp_path / "eval.json"
+    assert _eval(tiny_ckpt, annotations, out) == 0
+    before = out.with_suffix(".jsonl").read_bytes()
+    monkeypatch.setattr(OmniModel, "from_pretrained", classmethod(lambda *a, **k: pytest.fail("model loaded")))
+    capsys.readouterr()
+    assert _eval(tiny_ckpt, annotations, out, "--dtype", "bf16") == 2
+    assert "dtype 'float32' there, 'bfloat16' now" in capsys.readouterr().err
+    assert _eval(tiny_ckpt, annotations, out, "--media_backend", "dali") == 2
+    assert "media_backend" in capsys.readouterr().err
+    assert out.with_suffix(".jsonl").read_bytes() == before
+
+
 def test_eval_refuses_bad_out_and_limit_before_loading(tiny_ckpt, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(OmniModel, "from_pretrained", classmethod(lambda *a, **k: pytest.fail("model loaded")))
     ann = tmp_path / "val.json"
@@ -355,3 +370,85 @@ def test_eval_sigint_in_a_real_process_keeps_whole_lines(tiny_ckpt, clips, tmp_p
     assert done.returncode == 0, done.stderr[-2000:]
     assert [r["index"] for r in _lines(results)[1:]] == list(range(len(entries)))
     assert _lines(results)[1:len(rows) + 1] == rows
+
+
+# --- resuming from a results file and its part files -------------------------------------------------------------
+def _clip_rows(tmp_path, n=3):
+    records = [Record(video=tmp_path / f"c{i}.mp4", label="sad", index=i, source="dfew") for i in range(n)]
+    rows = [{"index": r.index, "video": str(r.video), "label": "sad", "prediction": "sad", "text": "ok",
+             "source": "dfew"} for r in records]
+    return records, rows
+
+
+def _failed(row):
+    return {**row, "prediction": None, "text": "", "finish_reason": "error", "error": "cannot decode"}
+
+
+def _write(path, header, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in [header, *rows]))
+
+
+def test_a_stale_error_row_in_a_part_file_never_replaces_a_success(tmp_path):
+    """A torchrun job stopped with an error row for clip 1 in a part file; a resumed run recognised clip 1 into
+    the results file: whatever the order the files are read in, the success counts and the merge keeps it."""
+    from omni_fast.eval import load_done, merge_results, run_header
+
+    records, rows = _clip_rows(tmp_path)
+    header = run_header(tmp_path, tmp_path / "val.json", "q", 4)
+    results = tmp_path / "eval.jsonl"
+    _write(results, header, [rows[0], rows[1]])
+    _write(tmp_path / "eval.jsonl.rank0.part", header, [_failed(rows[1]), rows[2]])
+    _write(tmp_path / "eval.jsonl.rank1.part", header, [_failed(rows[0])])
+    done = load_done(results, header, records)
+    assert [done[i].get("error") for i in range(3)] == [None, None, None]
+    assert merge_results(results, header) == rows
+    assert _lines(results) == [header, *rows] and not list(tmp_path.glob("*.part"))
+
+
+def test_part_files_are_read_in_rank_order(tmp_path):
+    """rank10 after rank2 (not as text sorts them): of two rows for one clip, both errors or both not, the
+    higher rank's is the later one."""
+    from omni_fast.eval import load_done, merge_results, part_paths, run_header
+
+    records, rows = _clip_rows(tmp_path, 1)
+    header = run_header(tmp_path, tmp_path / "val.json", "q", 4)
+    results = tmp_path / "eval.jsonl"
+    for rank in (10, 2, 1):
+        _write(tmp_path / f"eval.jsonl.rank{rank}.part", header, [{**rows[0], "text": f"rank {rank}"}])
+    assert [p.name for p in part_paths(results)] == [f"eval.jsonl.rank{r}.part" for r in (1, 2, 10)]
+    assert load_done(results, header, records)[0]["text"] == "rank 10"
+    assert [r["text"] for r in merge_results(results, header)] == ["rank 10"]
+
+
+def test_a_resume_with_other_load_settings_is_refused(tmp_path, monkeypatch):
+    """dtype, device type, media backend and the BERT / tower overrides change a clip's result: a results file
+    written with others is refused, naming the setting and both values; the same settings spelled another way
+    (a torch.dtype or its name, cuda:1 or cuda, a relative or absolute path) resume."""
+    import re
+
+    import torch
+
+    from omni_fast.eval import ResultsFileError, load_done, run_header
+
+    records, rows = _clip_rows(tmp_path, 1)
+    base = (tmp_path, tmp_path / "val.json", "q", 4, "video_audio")
+    settings = dict(dtype=torch.float16, device=torch.device("cuda", 1), media_backend="pyav",
+                    bert_path=tmp_path / "bert", vision_tower=None, audio_tower=tmp_path / "whisper")
+    results = tmp_path / "eval.jsonl"
+    _write(results, run_header(*base, **settings), rows)
+    header = json.loads(results.read_text().splitlines()[0])
+    assert {k: header[k] for k in settings} == {
+        "dtype": "float16", "device": "cuda", "media_backend": "pyav", "bert_path": str(tmp_path / "bert"),
+        "vision_tower": None, "audio_tower": str(tmp_path / "whisper")}
+    monkeypatch.chdir(tmp_path)
+    same = dict(settings, dtype="float16", device="cuda", bert_path="bert")
+    assert set(load_done(results, run_header(*base, **same), records)) == {0}
+    changes = [(dict(dtype=torch.bfloat16), "dtype 'float16' there, 'bfloat16' now"),
+               (dict(device="cpu"), "device 'cuda' there, 'cpu' now"),
+               (dict(media_backend="dali"), "media_backend 'pyav' there, 'dali' now"),
+               (dict(bert_path=None), f"bert_path {str(tmp_path / 'bert')!r} there, None now"),
+               (dict(vision_tower=tmp_path / "siglip"), f"vision_tower None there, {str(tmp_path / 'siglip')!r} now"),
+               (dict(audio_tower=tmp_path / "w2"), "audio_tower")]
+    for change, said in changes:
+        with pytest.raises(ResultsFileError, match=re.escape(said)):
+            load_done(results, run_header(*base, **{**settings, **change}), records)

@@ -70,9 +70,17 @@ def checkpoints(output_dir: Path) -> list[Path]:
 
 
 def clean_partial(output_dir: Path) -> None:
-    """Remove what an interrupted save left behind (hidden .checkpoint-* / ..checkpoint-* directories)."""
+    """Remove what an interrupted save left behind (hidden .checkpoint-* / ..checkpoint-* directories), except a
+    .checkpoint-<step>.old-* copy (checkpoint-<step> moved aside to be replaced): while checkpoint-<step> is
+    missing it is the only whole copy (the save stopped between its two renames), so it is renamed back; while
+    checkpoint-<step> is incomplete it is kept."""
     for d in output_dir.glob(".*checkpoint-*"):
-        shutil.rmtree(d, ignore_errors=True)
+        name, moved_aside, _ = d.name[1:].partition(".old-")
+        target = output_dir / name
+        if moved_aside and _CHECKPOINT.match(name) and not target.exists() and (d / STATE_FILE).is_file():
+            d.rename(target)
+        elif not (moved_aside and _CHECKPOINT.match(name)) or (target / STATE_FILE).is_file():
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def save(output_dir: Path, step: int, loaded, optimizer_state: dict, masters: dict[str, torch.Tensor],

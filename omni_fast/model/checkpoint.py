@@ -144,9 +144,9 @@ def _read_json(path: Path, what: str) -> dict:
 
 def resolve_dir(override: str | Path | None, configured: str | None, root: Path) -> Path | None:
     """A tower/BERT directory: the explicit argument (must exist), else the configured path (absolute, or
-    relative to the working directory, then to the checkpoint; an absolute path that no longer exists is also
-    looked for by its name inside the checkpoint, where save_checkpoint puts the tower configs). None when
-    nothing exists."""
+    relative to the working directory, then to the checkpoint), else its last part inside the checkpoint, where
+    save_checkpoint puts the tower configs (so a saved checkpoint loads once the configured path is gone,
+    "/models/siglip-base-patch16-224" and "../models/siglip-base-patch16-224" alike). None when nothing exists."""
     if override is not None:
         path = Path(override).expanduser()
         if not path.is_dir():
@@ -155,7 +155,8 @@ def resolve_dir(override: str | Path | None, configured: str | None, root: Path)
     if not configured:
         return None
     path = Path(configured).expanduser()
-    for candidate in ([path, root / path.name] if path.is_absolute() else [Path.cwd() / path, root / path]):
+    tried = [path] if path.is_absolute() else [Path.cwd() / path, root / path]
+    for candidate in [*tried, root / path.name]:
         if candidate.is_dir():
             return candidate
     return None
@@ -439,11 +440,24 @@ def _check_target(target: Path, overwrite: bool) -> None:
                               "model.safetensors); overwrite=True only replaces a checkpoint, so nothing was touched")
 
 
+def restore_aside(aside: Path, target: Path, is_complete=is_checkpoint) -> None:
+    """A copy of `target` that move_into_place moved aside (.<name>.old-*) and an interruption left there: renamed
+    back when `target` is missing (the save stopped between its two renames, so this is the only whole copy),
+    removed when `target` is complete, else left alone."""
+    if not target.exists() and is_complete(aside):
+        aside.rename(target)
+        log.warning("%s: restored from %s, where an interrupted save had moved it aside", target, aside.name)
+    elif is_complete(target):
+        shutil.rmtree(aside, ignore_errors=True)
+
+
 def clean_leftovers(target: Path) -> None:
-    """Remove the hidden .<name>.tmp-* / .<name>.old-* copies an interrupted save of `target` left beside it."""
-    for pattern in (f".{target.name}.tmp-*", f".{target.name}.old-*"):
-        for leftover in target.parent.glob(pattern):
-            shutil.rmtree(leftover, ignore_errors=True)
+    """Tidy what an interrupted save of `target` left beside it: the hidden .<name>.tmp-* directories are
+    removed, a .<name>.old-* copy is restored or removed (restore_aside)."""
+    for leftover in target.parent.glob(f".{target.name}.tmp-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    for aside in sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime, reverse=True):
+        restore_aside(aside, target)
 
 
 def _write_tower_configs(loaded: LoadedCheckpoint, tmp: Path) -> None:
@@ -457,6 +471,58 @@ def _write_tower_configs(loaded: LoadedCheckpoint, tmp: Path) -> None:
         tower_cfg.to_json_file(str(tmp / name / "config.json"))
 
 
+def _source_tensor(root: Path, name: str) -> torch.Tensor | None:
+    """`name` as the checkpoint directory holds it; None where it does not (any more), or cannot be read."""
+    try:
+        files = weight_files(root) if root.is_dir() else {}
+        return read_tensors(files, [name])[name] if name in files else None
+    except CheckpointError:
+        return None
+
+
+def _check_finite(name: str, saved: torch.Tensor, held: torch.Tensor, source: Path | None) -> None:
+    """Refuse a tensor that would be written with inf/NaN its source did not have: the model's tensor `held` (the
+    cast to the saved dtype overflowed), or the checkpoint directory `source` it was read from, given for weights
+    loaded in float16 (loading overflowed). Checking the saved tensor first keeps this to one isfinite pass for a
+    finite tensor."""
+    if not saved.is_floating_point() or bool(torch.isfinite(saved).all()):
+        return
+    bad = ~torch.isfinite(saved)
+    made = int((bad & torch.isfinite(held.cpu())).sum())
+    if made:
+        raise CheckpointError(f"{name}: {made} value(s) become inf/NaN when saved as {saved.dtype} "
+                              f"(config.json's torch_dtype; the largest magnitude is {held.abs().max().item():g}); "
+                              "nothing was written")
+    stored = _source_tensor(source, name) if source is not None else None
+    if stored is not None and stored.shape == saved.shape:
+        made = int((bad & torch.isfinite(stored)).sum())
+        if made:
+            raise CheckpointError(
+                f"{name}: {made} value(s) are inf/NaN here but finite in {source} (loading in float16 turned "
+                f"values beyond ±65504 into inf); load it with dtype=torch.{str(saved.dtype).removeprefix('torch.')} "
+                f"(CLI: --dtype {str(saved.dtype).removeprefix('torch.')}) to re-save; nothing was written")
+
+
+def saved_state(loaded: LoadedCheckpoint) -> dict[str, torch.Tensor]:
+    """The tensors save_checkpoint writes: on the CPU, in the config's torch_dtype. Weights loaded in float16 (the
+    GPU inference default) and saved wider went through float16's range, which flushes values below ~6e-8 to
+    zero and turns any beyond ±65504 into inf: that is logged, and a tensor that would be saved with inf/NaN its
+    source had not is refused (_check_finite)."""
+    dtype = DTYPES[loaded.config.torch_dtype]
+    held = loaded.model.state_dict()
+    through_fp16 = dtype != torch.float16 and any(v.dtype == torch.float16 for v in held.values())
+    if through_fp16:
+        name = loaded.config.torch_dtype
+        log.warning("saving weights loaded in float16 as %s (config.json's torch_dtype): they went through float16, "
+                    "which flushes values below 6e-8 to zero and any beyond ±65504 to inf; to re-save a checkpoint, "
+                    "load it with dtype=torch.%s (CLI: --dtype %s)", name, name, name)
+    # clone: packed projections come out of state_dict() as views of one tensor, which safetensors refuses
+    state = {k: v.detach().to("cpu", dtype).clone() for k, v in held.items()}
+    for k in state:
+        _check_finite(k, state[k], held[k], loaded.source if through_fp16 else None)
+    return state
+
+
 def save_checkpoint(loaded: LoadedCheckpoint, directory: str | Path, *,
                     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False,
                     shards: int = 1) -> Path:
@@ -467,18 +533,17 @@ def save_checkpoint(loaded: LoadedCheckpoint, directory: str | Path, *,
     so the result loads without a bert_path and without the source's tower directories.
 
     The directory is assembled beside the target and moved into place at the end, so an interrupted save never
-    leaves a half-written checkpoint; an existing target is only replaced with overwrite=True, and only when it is
-    a checkpoint directory."""
+    leaves a half-written checkpoint nor loses the one it replaces (move_into_place; a copy it had to leave aside
+    is restored by the next save); an existing target is only replaced with overwrite=True, and only when it is
+    a checkpoint directory. Tensors that would be saved as inf/NaN they were not are refused (saved_state)."""
     target = Path(directory).expanduser()
+    clean_leftovers(target)  # first: a copy an interrupted save left aside is the target again
     _check_target(target, overwrite)
+    state = saved_state(loaded)
     target.parent.mkdir(parents=True, exist_ok=True)
-    clean_leftovers(target)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     tmp.mkdir()
     try:
-        dtype = DTYPES[loaded.config.torch_dtype]
-        # clone: packed projections come out of state_dict() as views of one tensor, which safetensors refuses
-        state = {k: v.detach().to("cpu", dtype).clone() for k, v in loaded.model.state_dict().items()}
         write_safetensors(state, tmp, shards, max_shard_size=None if shards > 1 else max_shard_size)
         (tmp / "config.json").write_text(json.dumps(loaded.config.to_dict(), indent=2, sort_keys=True))
         for name in TOKENIZER_FILES:
@@ -493,17 +558,28 @@ def save_checkpoint(loaded: LoadedCheckpoint, directory: str | Path, *,
                 shutil.copy2(loaded.bert_dir / name, tmp / "bert-base-uncased" / name)
         move_into_place(tmp, target)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if target.exists() or not _aside(target).exists():  # never drop the new copy while the old is only aside
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
 
 
+def _aside(target: Path) -> Path:
+    return target.parent / f".{target.name}.old-{os.getpid()}"
+
+
 def move_into_place(tmp: Path, target: Path) -> None:
     """Rename a fully written directory onto `target`; an existing target is moved aside first and removed
-    only once the new one is in place."""
-    old = target.parent / f".{target.name}.old-{os.getpid()}"
+    only once the new one is in place. When the second rename fails or is interrupted, the old copy is renamed
+    back before the error goes on; where even that fails, it stays aside for clean_leftovers to restore."""
+    old = _aside(target)
     shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        target.rename(old)
-    tmp.rename(target)
+    try:
+        if target.exists():
+            target.rename(old)
+        tmp.rename(target)
+    except BaseException:
+        if old.exists() and not target.exists():
+            old.rename(target)
+        raise
     shutil.rmtree(old, ignore_errors=True)
