@@ -6,7 +6,7 @@ OURS (the project's code, as omni_fast/grpo/trainer.py runs a step):
   towers     grpo.inputs.tower_features, once per clip
   rollout    grpo.rollout.rollout: prompt_embeddings (no grad) + engine.Engine.generate (n=8, top_k 50, T=1,
              ignore_eos so every completion has exactly N tokens) + rewards + group advantages
-  reference  grpo.rollout.reference_logprobs with a frozen deepcopy of the model (shared-prefix forward)
+  reference  grpo.rollout.rollout_logprobs with a frozen deepcopy of the model (shared-prefix forward)
   policy     prompt_embeddings with grad + completion_logprobs + grpo_loss + backward
   optimizer  torch.optim.AdamW step (LLM, projectors, BERT, gate; towers frozen)
 REFERENCE (humanOmni_grpo_trainer.py, research/r1omni.md §3.8, §5):
@@ -48,7 +48,7 @@ from omni_fast.grpo.inputs import grpo_bert_inputs, grpo_prompt_ids, prompt_embe
 from omni_fast.grpo.logprobs import completion_logprobs
 from omni_fast.grpo.loss import grpo_loss
 from omni_fast.grpo.rewards import compute_rewards
-from omni_fast.grpo.rollout import reference_logprobs, rollout, solution
+from omni_fast.grpo.rollout import rollout, rollout_logprobs, solution
 from omni_fast.model.checkpoint import load_checkpoint
 from omni_fast.testing import EMOTIONS, make_tiny_checkpoint, random_r1omni, transformers_twin
 
@@ -111,8 +111,8 @@ class Ours:
                          cfg, ignore_eos=True)
         lengths = ro.lengths
         assert int(lengths.min()) == int(lengths.max()) == cfg.max_completion_length, lengths
-        with phases("reference"):
-            ro.ref_logp = reference_logprobs(self.reference, ro, bert, g, cfg.temperature)
+        with phases("reference"), torch.no_grad():
+            ro.ref_logp = rollout_logprobs(self.reference, ro, bert, g, cfg.temperature)
         with phases("policy"):
             prefixes = prompt_embeddings(model, ro.prompt_ids, ro.features, bert)
             logp = completion_logprobs(model, prefixes, ro.completions, ro.lengths, g, cfg.temperature)

@@ -18,26 +18,34 @@ time. Extra memory is the peak above the inputs during one call, gradients inclu
     python benchmarks/bench_selective_logprob.py            # CUDA, the R1-Omni shape
     python benchmarks/bench_selective_logprob.py --sweep    # also time `ours` under four other tile configs
     python benchmarks/bench_selective_logprob.py --quick    # CPU smoke run: tiny shape, interpreter, not timed
+    python benchmarks/bench_selective_logprob.py --device cpu   # CPU measurement: N = 2 x 128, fp32, 2 threads
+
+On the CPU, `ours` is the dispatch's CPU path (kernels/selective_logprob.py `selective_logprob_cpu`) and the
+portable fallback `selective_logprob_torch` gets a row of its own; Liger and the roofline are GPU-only.
 Last stdout line: one JSON object (also written to --out).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 
 import torch
 
-from common import BF16_FLOPS, emit, time_ms
+from common import BF16_FLOPS, emit, finish_args, time_ms
 
 
 def _args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="CPU smoke run with tiny shapes (not a measurement)")
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                    help="cpu: N = 2 x 128 tokens, H = 896, V = 151,936, fp32 (a measurement, unlike --quick)")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads for --device cpu")
     ap.add_argument("--out", default=None, help="also write the JSON result to this file")
     ap.add_argument("--sweep", action="store_true", help="also time ours (fwd+bwd) under SWEEP's tile configs")
     ap.add_argument("--skip", nargs="*", default=[], help="row names to leave out")
-    return ap.parse_args(argv)
+    return finish_args(ap.parse_args(argv))
 
 
 # (block_n, block_v, block_h, num_warps, num_stages) tried by --sweep, besides the default config
@@ -94,7 +102,7 @@ def _chunked_fwd_grad(hidden, weight, targets, grad, rows=1024):
     return logp, grad_hidden, grad_weight.to(weight.dtype)
 
 
-def _rows(ops, grpo_loss, hidden, weight, targets, grad, batch, length):
+def _rows(ops, grpo_loss, hidden, weight, targets, grad, batch, length, slp_torch=None):
     """name -> (callable running one forward (+ backward), whether it includes the backward)."""
     vocab = weight.shape[0]
     mask = torch.ones(batch, length, device=hidden.device)
@@ -120,6 +128,8 @@ def _rows(ops, grpo_loss, hidden, weight, targets, grad, batch, length):
 
     rows = {
         "ours": (lambda: backward(ops.selective_logprob(hidden, weight, targets)), True),
+        **({"torch_fallback": (lambda: backward(slp_torch(hidden, weight, targets)), True)}
+           if hidden.device.type == "cpu" else {}),
         "naive_full_log_softmax": (lambda: backward(naive_logp()), True),
         "reference_per_row_loop": (lambda: backward(per_row_logp(), grad.view(batch, length)), True),
         "torch_chunked_fwd_grad": (lambda: _chunked_fwd_grad(hidden.detach(), weight.detach(), targets, grad), True),
@@ -177,23 +187,32 @@ def _max_err_vs_fp64(ops, selective_logprob_ref, hidden, weight, targets, rows=2
 
 def main(argv=None):
     args = _args(argv)
-    device = torch.device("cpu" if args.quick else "cuda")
-    if device.type == "cpu":
+    device = torch.device(args.device)
+    smoke = args.quick
+    if smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")                  # before the kernels are defined
     from omni_fast import ops
     from omni_fast.grpo.loss import grpo_loss
     from omni_fast.kernels import selective_logprob as slp
     from omni_fast.kernels.selective_logprob import selective_logprob_ref
 
-    batch, length, hidden_size, vocab = (2, 19, 64, 1000) if args.quick else (8, 1280, 896, 151936)
+    cpu = device.type == "cpu" and not smoke
+    batch, length, hidden_size, vocab = ((2, 19, 64, 1000) if smoke else (2, 128, 896, 151936) if cpu
+                                         else (8, 1280, 896, 151936))
+    dtype = torch.float32 if cpu else torch.bfloat16
     n = batch * length
     torch.manual_seed(0)
-    hidden, weight, targets, grad = _inputs(batch, length, hidden_size, vocab, torch.bfloat16, device)
+    hidden, weight, targets, grad = _inputs(batch, length, hidden_size, vocab, dtype, device)
     flops_fwd = 2 * n * hidden_size * vocab
-    reps = {"warmup": 1, "reps": 1} if args.quick else {}
+    reps = {"warmup": 1, "reps": 1} if smoke else {"warmup": 1, "reps": 3} if cpu else {}
+    roofline = BF16_FLOPS if device.type == "cuda" else None
     records = []
-    with ops.force_backend("triton", "selective_logprob"):                 # on CPU: the kernels, not the fallback
-        for name, (fn, with_backward) in _rows(ops, grpo_loss, hidden, weight, targets, grad, batch, length).items():
+    # --quick runs the Triton kernels under the interpreter; a CPU measurement runs the dispatch's CPU path
+    backend = ops.force_backend("triton", "selective_logprob") if not cpu else contextlib.nullcontext()
+    with backend:
+        rows = _rows(ops, grpo_loss, hidden, weight, targets, grad, batch, length,
+                     slp.selective_logprob_torch if cpu else None)
+        for name, (fn, with_backward) in rows.items():
             if name in args.skip:
                 continue
             try:
@@ -211,18 +230,22 @@ def main(argv=None):
             flops = 3 * flops_fwd if with_backward else flops_fwd
             records.append({"name": name, "pass": "fwd+bwd" if with_backward else "fwd", "ms": ms,
                             "extra_gb": extra, "tflops": flops / (ms * 1e-3) / 1e12,
-                            "roofline": flops / BF16_FLOPS / (ms * 1e-3)})
-        if args.sweep:
+                            "roofline": flops / roofline / (ms * 1e-3) if roofline else None})
+        if args.sweep and device.type == "cuda":
             records += _sweep_rows(slp, hidden, weight, targets, grad, device, 3 * flops_fwd, reps)
         max_err = _max_err_vs_fp64(ops, selective_logprob_ref, hidden, weight, targets)
-    print(f"N={n} (B={batch} x L={length}), H={hidden_size}, V={vocab}, bf16; compute floor at 774 TFLOP/s: "
-          f"3 GEMMs {3 * flops_fwd / BF16_FLOPS * 1e3:.2f} ms, 4 GEMMs {4 * flops_fwd / BF16_FLOPS * 1e3:.2f} ms; "
-          f"ours max |logp - fp64| over 256 rows {max_err:.3g}")
+    floor = f"{torch.get_num_threads()} threads; "
+    if roofline:
+        floor = (f"compute floor at 774 TFLOP/s: 3 GEMMs {3 * flops_fwd / BF16_FLOPS * 1e3:.2f} ms, "
+                 f"4 GEMMs {4 * flops_fwd / BF16_FLOPS * 1e3:.2f} ms; ")
+    print(f"N={n} (B={batch} x L={length}), H={hidden_size}, V={vocab}, {str(dtype).removeprefix('torch.')}; "
+          f"{floor}ours max |logp - fp64| over 256 rows {max_err:.3g}")
     table = [[r["name"], r.get("pass", "-"), r.get("ms", "-"), r.get("extra_gb") or "-", r.get("tflops", "-"),
-              r.get("roofline", "-"), r.get("error", "")] for r in records]
+              r.get("roofline") or "-", r.get("error", "")] for r in records]
     emit("selective_logprob", ["name", "pass", "ms", "extra GB", "TFLOP/s", "roofline", "error"], table,
          {"device": str(device), "quick": args.quick, "shape": {"N": n, "H": hidden_size, "V": vocab},
-          "dtype": "bf16", "ours_max_abs_err_logp_vs_fp64": max_err, "rows": records,
+          "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
+          "ours_max_abs_err_logp_vs_fp64": max_err, "rows": records,
           "targets": {"ours_ms": 18.0, "ours_extra_gb": 1.2}}, args.out)
 
 

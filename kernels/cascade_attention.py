@@ -15,6 +15,9 @@ The Triton path runs in two launches:
   2. _gen_merge_kernel, grid (B, Hkv): each row's own generated keys, then the merge of its partials with the
      prefix splits by log-sum-exp.
 Rows must be sorted by group (the engine keeps them so); `group_offsets` [P + 1] delimits each group's rows.
+
+The CPU path (`cascade_attention_cpu`, plain torch) has the same structure: per group one batched matmul of all
+its (row, head) queries against the prefix, then each row's generated keys, merged by log-sum-exp.
 """
 from __future__ import annotations
 
@@ -181,6 +184,85 @@ def cascade_attention(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.T
         REP=rep, D=d, BLOCK_H=max(16, triton.next_power_of_2(rep)), BLOCK_N=64, UPCAST=upcast,
         PRECISION=precision, num_warps=4)
     return out
+
+
+def _attend_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of q [N, H, M, D] (already scaled) over k / v [N, H, T, D] (T >= 1) -> (output
+    [N, H, M, D], log-sum-exp of the scores [N, H, M, 1]); `mask` [N, 1, 1, T] adds -inf to masked keys.
+
+    torch's fused CPU flash-attention kernel (the one F.scaled_dot_product_attention runs on the CPU) returns
+    both in one parallel region; the matmul form is the fallback. Both subtract the running max, so scores
+    above ~88 (where exp overflows fp32) stay finite. Few parallel regions matter on a CPU: each one waits
+    for every thread, which costs milliseconds when the cores are shared."""
+    if _FLASH_CPU is not None:
+        out, lse = _FLASH_CPU(q, k, v, 0.0, False, attn_mask=mask, scale=1.0)
+        return out, lse[..., None]
+    scores = torch.matmul(q, k.transpose(-1, -2))  # (N, H, M, T)
+    if mask is not None:
+        scores = scores + mask
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    return torch.matmul(scores.sub_(lse).exp_(), v), lse
+
+
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _prefix_attention(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor,
+                      spans: list[tuple[int, int, int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, attention over its group's prefix as (output [B, Hkv, rep, D], lse [B, Hkv, rep, 1]); q
+    [B, Hkv, rep, D], scaled. spans: (group, first row, end row, prefix length) of each group with rows and a
+    prefix, in row order. Each group's prefix is read once for all its rows and query heads: M = rows x rep
+    queries per KV head against the shared keys. Rows of no span (the pad group) get an empty part (0, -inf)."""
+    b, hkv, rep, d = q.shape
+    parts = []
+    for g, r0, r1, length in spans:
+        qg = q[r0:r1].transpose(0, 1).reshape(1, hkv, (r1 - r0) * rep, d)  # (1, Hkv, n*rep, D)
+        kg = prefix_k[g, :length].to(q.dtype).transpose(0, 1)[None]  # (1, Hkv, L, D), a view for fp32
+        vg = prefix_v[g, :length].to(q.dtype).transpose(0, 1)[None]
+        parts.append([x.view(hkv, r1 - r0, rep, -1).transpose(0, 1) for x in _attend_cpu(qg, kg, vg)])
+    covered = [(r0, r1) for _, r0, r1, _ in spans]
+    if covered and covered[0][0] == 0 and covered[-1][1] == b and all(
+            a[1] == c[0] for a, c in zip(covered, covered[1:])):  # every row has a prefix: no padding to fill
+        return tuple(torch.cat(xs) if len(xs) > 1 else xs[0] for xs in zip(*parts))
+    out = torch.zeros(b, hkv, rep, d, dtype=q.dtype, device=q.device)
+    lse = torch.full((b, hkv, rep, 1), float("-inf"), dtype=q.dtype, device=q.device)
+    for (r0, r1), (og, lg) in zip(covered, parts):
+        out[r0:r1], lse[r0:r1] = og, lg
+    return out, lse
+
+
+def cascade_attention_cpu(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor, prefix_lens: torch.Tensor,
+                          groups: torch.Tensor, gen_k: torch.Tensor, gen_v: torch.Tensor, slots: torch.Tensor,
+                          gen_lens: torch.Tensor, group_offsets: torch.Tensor | None = None,
+                          splits: int | None = None) -> torch.Tensor:
+    """The CPU path; arguments as cascade_attention_ref (splits is ignored). Rows must be sorted by group.
+
+    The prefix is never copied per row (the reference gathers prefix_k[groups], B x Tp keys): each group's
+    queries attend to its prefix in one call, every row then to its own generated keys, and the two parts
+    merge by their log-sum-exp, max subtracted. Reading group offsets and lengths on the host costs nothing
+    on the CPU."""
+    b, hq, d = q.shape
+    hkv = prefix_k.shape[2]
+    acc = torch.promote_types(q.dtype, torch.float32)
+    if group_offsets is None:
+        counts = torch.bincount(groups, minlength=prefix_k.shape[0])
+        group_offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    offsets, lens = group_offsets.tolist(), prefix_lens.tolist()
+    spans = [(g, offsets[g], offsets[g + 1], lens[g]) for g in range(min(len(lens), len(offsets) - 1))
+             if offsets[g + 1] > offsets[g] and lens[g] > 0]
+    qs = (q.to(acc) * d ** -0.5).view(b, hkv, hq // hkv, d)  # (B, Hkv, rep, D), the scale folded into q
+    o_p, lse_p = _prefix_attention(qs, prefix_k, prefix_v, spans)
+    tg = int(gen_lens.max())
+    kg = gen_k[slots, :tg].to(acc).permute(0, 2, 1, 3)  # (B, Hkv, tg, D): the rows' own keys, tg <= their count
+    vg = gen_v[slots, :tg].to(acc).permute(0, 2, 1, 3)
+    mask = torch.zeros(b, 1, 1, tg, dtype=acc, device=q.device).masked_fill_(
+        torch.arange(tg, device=q.device) >= gen_lens[:, None, None, None], float("-inf"))  # (B, 1, 1, tg)
+    o_g, lse_g = _attend_cpu(qs, kg, vg, mask)
+    m = torch.maximum(lse_p, lse_g)  # finite: every row has its current token (gen_len >= 1)
+    w_p, w_g = (lse_p - m).exp_(), (lse_g - m).exp_()
+    out = (o_p * w_p).add_(o_g * w_g).div_(w_p + w_g)
+    return out.reshape(b, hq, d).to(q.dtype)
 
 
 def cascade_attention_ref(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor, prefix_lens: torch.Tensor,

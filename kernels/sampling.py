@@ -16,6 +16,9 @@ boundary are kept. The returned log-probability is log_softmax(logits / T)[token
 The Triton kernel reads each row of logits once: log-sum-exp, the greedy argmax and the Gumbel argmax over the
 kept tokens in the same pass (tiles with no kept token skip the noise). Only the threshold comes from torch:
 torch.topk(k_max) when a row uses top-k, a sort of the candidates when one uses top-p.
+
+The CPU path (`sample_cpu`) draws the same tokens without the reference's B x V noise: a filtered row hashes
+noise only for its kept candidates (from torch.topk, never a sort of the vocabulary).
 """
 from __future__ import annotations
 
@@ -144,14 +147,20 @@ def _fmix32_ref(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def uniform_noise_ref(seeds: torch.Tensor, step: torch.Tensor | int, vocab: int) -> torch.Tensor:
-    """seeds [B] int64, step (scalar) -> U [B, vocab] float32 in (0, 1)."""
+def uniform_noise_at(seeds: torch.Tensor, step: torch.Tensor | int, ids: torch.Tensor) -> torch.Tensor:
+    """seeds [B] int64, step (scalar), token ids [B, W] or [W] int64 -> U [B, W] float32 in (0, 1): the noise
+    of those tokens only. Integer hashing and an exact 24-bit conversion, so it equals the full-vocabulary
+    draw at the same ids bit for bit."""
     seed32 = (seeds ^ (seeds >> 32)) & _MASK32
     step = torch.as_tensor(step, device=seeds.device, dtype=torch.int64)
     row = _fmix32_ref((seed32 * 0x9E3779B1 + step * 0x85EBCA77 + 0x27D4EB2F) & _MASK32)  # (B,)
-    ids = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
-    x = _fmix32_ref((row[:, None] ^ ((ids[None, :] * 0xC2B2AE3D) & _MASK32)) & _MASK32)
+    x = _fmix32_ref((row[:, None] ^ ((ids.expand(seeds.shape[0], -1) * 0xC2B2AE3D) & _MASK32)) & _MASK32)
     return ((x >> 8).float() + 0.5) * (1.0 / 16777216.0)
+
+
+def uniform_noise_ref(seeds: torch.Tensor, step: torch.Tensor | int, vocab: int) -> torch.Tensor:
+    """seeds [B] int64, step (scalar) -> U [B, vocab] float32 in (0, 1)."""
+    return uniform_noise_at(seeds, step, torch.arange(vocab, device=seeds.device, dtype=torch.int64))
 
 
 def sample_ref(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
@@ -168,5 +177,109 @@ def sample_ref(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Ten
     gumbel = -torch.log(-torch.log(uniform_noise_ref(seeds, step, logits.shape[1])))
     sampled = (scaled + gumbel).masked_fill(~keep, float("-inf")).argmax(dim=1)
     tokens = torch.where(greedy, logits.argmax(dim=1), sampled)
+    logprobs = torch.log_softmax(scaled, dim=1).gather(1, tokens[:, None])[:, 0]
+    return tokens, logprobs
+
+
+def _candidate_threshold(logits: torch.Tensor, scaled: torch.Tensor, t: torch.Tensor, top_k: torch.Tensor,
+                         top_p: torch.Tensor, filters: tuple[int, bool, bool]
+                         ) -> tuple[torch.Tensor, torch.return_types.topk | None]:
+    """keep_threshold from torch.topk alone -> (threshold [B], the W + 1 largest logits per row (values and
+    ids, descending; W when W = V), W >= the largest top_k). The extra candidate tells whether ties at the
+    threshold keep tokens past the first W. scaled = logits / t.
+
+    Without a top-p-only row this is keep_threshold's own computation on the same values (the same threshold
+    bit for bit). A row with top_p but no top_k needs the head of its distribution only: W grows (x4 from
+    256) until every such row's nucleus ends inside it, and its probabilities are exp(x - logsumexp(row))
+    where the reference softmaxes the fully sorted row: equal up to rounding, so a nucleus whose mass lands
+    within ~1e-6 of top_p can end one token apart."""
+    b, v = logits.shape
+    k_max, use_top_p, full_sort = filters
+    if k_max <= 0 and not use_top_p:
+        return torch.full((b,), float("-inf"), device=logits.device), None
+    p_only = (top_p < 1) & (top_k <= 0)
+    width = min(v, k_max if not full_sort else max(k_max, 256))
+    lse = torch.logsumexp(scaled, dim=1, keepdim=True) if full_sort else None  # (B, 1)
+    while True:
+        top = logits.topk(min(v, width + 1), dim=1)
+        cand = top.values[:, :width] / t  # (B, W), descending
+        pos = torch.arange(width, device=logits.device)[None]
+        k = torch.where(top_k > 0, top_k.clamp(max=width), width)[:, None]
+        cand = cand.masked_fill(pos >= k, float("-inf"))
+        thr = torch.where(top_k > 0, cand.gather(1, (k - 1).clamp(min=0))[:, 0], float("-inf"))
+        if not use_top_p:
+            return thr, top
+        probs = torch.softmax(cand, dim=1)
+        if full_sort:
+            probs = torch.where(p_only[:, None], torch.exp(cand - lse), probs)
+        cum = probs.cumsum(dim=1)
+        before = cum - probs
+        last = ((before < top_p[:, None].float()) & (pos < k)).sum(dim=1).clamp(min=1) - 1
+        thr = torch.where(top_p < 1, torch.maximum(thr, cand.gather(1, last[:, None])[:, 0]), thr)
+        open_rows = p_only & (cum[:, -1] < top_p)
+        if width == v or not bool(open_rows.any()):
+            return thr, top
+        width = min(v, 4 * width)
+
+
+def _gumbel_argmax(scores: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """argmax of scores + G, G = -log(-log(u)); the first maximum wins, as in the reference."""
+    return (scores - torch.log(-torch.log(u))).argmax(dim=1)
+
+
+_WIDE_CHUNK = 2**18  # noise hashed per chunk of this many logits: the int64 temporaries stay in cache
+
+
+def _draw_over_vocabulary(scaled: torch.Tensor, thr: torch.Tensor, seeds: torch.Tensor, step: int) -> torch.Tensor:
+    """The reference's draw for rows that keep more than their candidates: noise for the whole vocabulary, a
+    few rows at a time, so the cost stays linear in the rows (the reference's B x V int64 temporaries outgrow
+    the caches, and it slows down faster than the rows grow)."""
+    rows = max(1, _WIDE_CHUNK // scaled.shape[1])
+    out = []
+    for r in range(0, scaled.shape[0], rows):
+        x, t = scaled[r:r + rows], thr[r:r + rows, None]
+        u = uniform_noise_ref(seeds[r:r + rows], step, x.shape[1])
+        out.append(_gumbel_argmax(x.masked_fill(x < t, float("-inf")), u))
+    return torch.cat(out)
+
+
+def sample_cpu(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+               seeds: torch.Tensor, step: int, filters: tuple[int, bool, bool] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CPU path; arguments and results as sample_ref, the same tokens and log-probs for the same seeds.
+
+    The reference draws noise for all B x V tokens; here a filtered row draws it only for its kept tokens,
+    which are among its top-W candidates unless ties at the threshold keep more (the W+1-th candidate is
+    kept too): such rows, and rows with no filter, draw over the whole vocabulary as the reference does. The
+    kept ids are sorted so the first maximum is the smallest id, the reference's tie-break. Cost per row: one
+    topk and the log-softmax, so linear in the rows; the host reads which rows need the whole vocabulary.
+    Every pass over B x V is a parallel region, which stalls when the machine is oversubscribed, so the
+    division by a temperature of 1 is skipped."""
+    logits = logits.float()
+    b, v = logits.shape
+    filters = filters or batch_filters(top_k, top_p)
+    greedy = temperature <= 0
+    t = torch.where(greedy, torch.ones_like(temperature), temperature).float()[:, None]
+    scaled = logits if bool((t == 1).all()) else logits / t  # x / 1 == x: skip a pass over B x V
+    thr, top = _candidate_threshold(logits, scaled, t, top_k, top_p, filters)
+    tokens = logits.argmax(dim=1) if bool(greedy.any()) else torch.zeros(b, dtype=torch.int64, device=logits.device)
+    wide = ~greedy
+    if top is not None:
+        kept = top.values / t >= thr[:, None]  # (B, W + 1) or (B, V): kept, a prefix of each row
+        width = kept.shape[1] if kept.shape[1] == v else kept.shape[1] - 1
+        overflow = kept[:, width] if width < kept.shape[1] else torch.zeros_like(greedy)  # a tie past W
+        n_keep = kept[:, :width].sum(dim=1)
+        pos = torch.arange(width, device=logits.device)[None]
+        ids = torch.where(pos < n_keep[:, None], top.indices[:, :width], v).sort(dim=1).values  # kept ids ascending
+        kept = ids < v
+        ids = ids.clamp(max=v - 1)
+        scores = scaled.gather(1, ids).masked_fill(~kept, float("-inf"))
+        picked = ids.gather(1, _gumbel_argmax(scores, uniform_noise_at(seeds, step, ids))[:, None])[:, 0]
+        narrow = ~greedy & ~overflow
+        tokens = torch.where(narrow, picked, tokens)
+        wide = ~greedy & overflow
+    rows = wide.nonzero()[:, 0]
+    if rows.numel():
+        tokens[rows] = _draw_over_vocabulary(scaled[rows], thr[rows], seeds[rows], step)
     logprobs = torch.log_softmax(scaled, dim=1).gather(1, tokens[:, None])[:, 0]
     return tokens, logprobs

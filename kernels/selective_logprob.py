@@ -23,6 +23,10 @@ same run, see benchmarks/RESULTS.md):
   * the price is one more GEMM (4 x 2NHV instead of 3 x 2NHV: 14.4 ms instead of 10.8 ms of compute floor at
     the R1-Omni shape), against ~6 GB less HBM traffic than materialising the logits and d_logits.
 
+On the CPU (`selective_logprob_cpu`, the "cpu" backend of ops.selective_logprob) the same vocabulary chunking
+runs in torch: the logits of each chunk are kept for the backward while they fit, so forward + backward is
+the three GEMMs of autograd through log_softmax(h @ W.T).gather, with fewer passes over [N, V].
+
 Numerics: bf16 inputs are loaded and multiplied as bf16 with fp32 accumulation on the GPU; every softmax
 quantity is fp32. Under TRITON_INTERPRET=1 (CPU tensors) the operands are cast to fp32 before tl.dot (the
 interpreter's bf16 arithmetic is wrong) and bf16 stores are rounded to nearest-even by hand (its cast
@@ -49,6 +53,29 @@ def _round_to_bf16(x):
 
 
 @triton.jit
+def _mm_acc(acc, a_ptrs, b_ptrs, K, b_step, BLOCK_K: tl.constexpr, DOT_IEEE: tl.constexpr, EVEN_K: tl.constexpr):
+    """acc (M, N) += A @ B over the reduction index [0, K), both GEMMs of this file (logits = H @ W.T and
+    dH += d_logits @ W). a_ptrs: the (M, BLOCK_K) tile, contiguous along K (advanced by BLOCK_K); b_ptrs: the
+    (BLOCK_K, N) tile, advanced by b_step. EVEN_K (K % BLOCK_K == 0) drops the tail mask. DOT_IEEE multiplies
+    in fp32 (fp32 inputs, or the interpreter, whose bf16 arithmetic is wrong)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    for k in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=(k + offs_k)[None, :] < K, other=0.0)
+            b = tl.load(b_ptrs, mask=(k + offs_k)[:, None] < K, other=0.0)
+        if DOT_IEEE:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_K
+        b_ptrs += b_step
+    return acc
+
+
+@triton.jit
 def _logits_tile(hidden_ptr, weight_ptr, rows, cols, H, stride_hn, stride_wv,
                  BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
                  DOT_IEEE: tl.constexpr, EVEN_H: tl.constexpr):
@@ -58,20 +85,7 @@ def _logits_tile(hidden_ptr, weight_ptr, rows, cols, H, stride_hn, stride_wv,
     offs_h = tl.arange(0, BLOCK_H)
     h_ptrs = hidden_ptr + rows[:, None] * stride_hn + offs_h[None, :]                # (BLOCK_N, BLOCK_H)
     w_ptrs = weight_ptr + cols[None, :] * stride_wv + offs_h[:, None]                # (BLOCK_H, BLOCK_V)
-    for k in range(0, H, BLOCK_H):
-        if EVEN_H:
-            h = tl.load(h_ptrs)
-            w = tl.load(w_ptrs)
-        else:
-            h = tl.load(h_ptrs, mask=(k + offs_h)[None, :] < H, other=0.0)
-            w = tl.load(w_ptrs, mask=(k + offs_h)[:, None] < H, other=0.0)
-        if DOT_IEEE:
-            acc = tl.dot(h.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(h, w, acc)
-        h_ptrs += BLOCK_H
-        w_ptrs += BLOCK_H
-    return acc
+    return _mm_acc(acc, h_ptrs, w_ptrs, H, BLOCK_H, BLOCK_H, DOT_IEEE, EVEN_H)
 
 
 @triton.jit
@@ -224,19 +238,7 @@ def _selective_logprob_dh_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = d_ptr + (rows % N)[:, None] * stride_dn + offs_k[None, :]                # (BLOCK_M, BLOCK_K)
     b_ptrs = weight_ptr + (v_begin + offs_k)[:, None] * stride_wv + (cols % H)[None, :]  # (BLOCK_K, BLOCK_H)
-    for k in range(0, K, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
-        else:
-            a = tl.load(a_ptrs, mask=(k + offs_k)[None, :] < K, other=0.0)
-            b = tl.load(b_ptrs, mask=(k + offs_k)[:, None] < K, other=0.0)
-        if DOT_IEEE:
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K * stride_wv
+    acc = _mm_acc(acc, a_ptrs, b_ptrs, K, BLOCK_K * stride_wv, BLOCK_K, DOT_IEEE, EVEN_K)
     tl.store(out, acc, mask=out_ok)
 
 
@@ -439,6 +441,92 @@ def selective_logprob_torch(hidden: torch.Tensor, weight: torch.Tensor, targets:
         parts = [tuple(torch.empty(0, device=hidden.device) for _ in range(3 if with_stats else 1))]
     outs = tuple(torch.cat(p).view(targets.shape) for p in zip(*parts))
     return outs if with_stats else outs[0]
+
+
+_CPU_CHUNK_LOGITS = 2**26  # logits per vocabulary chunk on the CPU (256 MB fp32): long GEMMs, bounded temporaries
+_CPU_KEEP_BYTES = 2**31  # logits kept for the backward up to this size; past it they are recomputed
+
+
+def _cpu_chunks(n: int, v: int) -> list[tuple[int, int]]:
+    cols = max(1, min(v, _CPU_CHUNK_LOGITS // max(1, n)))
+    return [(v0, min(v, v0 + cols)) for v0 in range(0, v, cols)]
+
+
+class _CpuSelectiveLogprob(torch.autograd.Function):
+    """The CPU path: vocabulary chunks of h @ W_c.T with their log-sum-exps merged; the logits are kept for the
+    backward while they fit _CPU_KEEP_BYTES, so it runs the same three GEMMs as autograd through
+    log_softmax(h @ W.T).gather (logits, dH, dW), with fewer [N, V] passes. Chunking the vocabulary (not the
+    rows) keeps every GEMM's reduction long and writes each row of dW once."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, with_stats, needs_grad):
+        acc = torch.promote_types(hidden.dtype, torch.float32)
+        h = hidden.to(acc)
+        n, v = h.shape[0], weight.shape[0]
+        keep = needs_grad and n * v * h.element_size() <= _CPU_KEEP_BYTES
+        chunks, lses, moments = [], [], []
+        for v0, v1 in _cpu_chunks(n, v):
+            z = torch.mm(h, weight[v0:v1].to(acc).t())                                 # (N, Vc)
+            if temperature != 1.0:
+                z.div_(temperature)
+            lse_c = torch.logsumexp(z, dim=1)
+            lses.append(lse_c)
+            if with_stats:
+                moments.append((torch.exp(z - lse_c[:, None]) * z).sum(dim=1))      # E_c[z] under chunk softmax
+            chunks.append(z if keep else None)
+        lse_parts = torch.stack(lses, dim=1)                                           # (N, chunks)
+        lse = torch.logsumexp(lse_parts, dim=1)
+        target_logit = (h * weight[targets].to(acc)).sum(dim=1) / temperature
+        logp = (target_logit - lse).float()
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.chunks, ctx.temperature = chunks, temperature
+        if not with_stats:
+            return logp, None, None
+        mean_z = (torch.exp(lse_parts - lse[:, None]) * torch.stack(moments, dim=1)).sum(dim=1)
+        lse_out, entropy = lse.float(), (lse - mean_z).float()
+        ctx.mark_non_differentiable(lse_out, entropy)
+        return logp, lse_out, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_lse, _grad_entropy):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        acc = lse.dtype
+        h = hidden.to(acc)
+        t = ctx.temperature
+        g = grad_logp.to(acc) / t                                                      # (N,)
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dh = torch.zeros_like(h) if want_h else None
+        dw = torch.empty(weight.shape, dtype=weight.dtype) if want_w else None
+        rows = torch.arange(h.shape[0])
+        spans = _cpu_chunks(h.shape[0], weight.shape[0])
+        chunks, ctx.chunks = ctx.chunks, None  # kept logits become d_logits in place; a second backward recomputes
+        for (v0, v1), z in zip(spans, chunks or [None] * len(spans)):
+            w_c = weight[v0:v1].to(acc)
+            if z is None:
+                z = torch.mm(h, w_c.t()).div_(t)
+            d = z.sub_(lse[:, None]).exp_().mul_(-g[:, None])                          # (N, Vc): -g/T p
+            inside = (targets >= v0) & (targets < v1)
+            d[rows[inside], targets[inside] - v0] += g[inside]                        # + g/T at the target
+            if dh is not None:
+                dh.addmm_(d, w_c)
+            if dw is not None and dw.dtype == acc:
+                torch.mm(d.t(), h, out=dw[v0:v1])                                      # (Vc, H), no copy
+            elif dw is not None:
+                dw[v0:v1] = torch.mm(d.t(), h)
+        return (dh.to(hidden.dtype) if dh is not None else None), dw, None, None, None, None
+
+
+def selective_logprob_cpu(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                          temperature: float = 1.0, with_stats: bool = False):
+    """The CPU path (_CpuSelectiveLogprob); same contract as `selective_logprob`."""
+    lead = targets.shape
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    logp, lse, entropy = _CpuSelectiveLogprob.apply(hidden.reshape(-1, hidden.shape[-1]), weight,
+                                                    targets.reshape(-1).long(), float(temperature), with_stats,
+                                                    needs_grad)
+    if not with_stats:
+        return logp.view(lead)
+    return logp.view(lead), lse.view(lead), entropy.view(lead)
 
 
 class SelectiveLogprobFunction(torch.autograd.Function):

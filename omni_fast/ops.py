@@ -5,7 +5,7 @@ Every op the package runs through a fast kernel is a function here. Each names i
 the backend is picked by `_pick` from the device of the op's first tensor argument:
 
     CUDA tensor: "cuda" (omni_fast._C built with CUDA, or flash-attn) > "triton" > "torch"
-    CPU tensor:  "cpu"  (omni_fast._C C++ CPU op)      > "torch"
+    CPU tensor:  "cpu"  (omni_fast._C C++ CPU op, or a vectorised torch path in kernels/) > "torch"
 
 Triton on CPU tensors (TRITON_INTERPRET=1) is only ever chosen through `force_backend`, which is how the
 tests run the kernels without a GPU. Ops whose fast kernels are forward-only fall back to the torch reference
@@ -30,9 +30,12 @@ _IMPLS: dict[str, dict[str, str]] = {
     "rope": {"triton": "omni_fast.kernels.rope:rope", "torch": "omni_fast.kernels.rope:rope_ref"},
     "silu_mul": {"triton": "omni_fast.kernels.silu_mul:silu_mul", "torch": "omni_fast.kernels.silu_mul:silu_mul_ref"},
     "cascade_attention": {"triton": "omni_fast.kernels.cascade_attention:cascade_attention",
+                          "cpu": "omni_fast.kernels.cascade_attention:cascade_attention_cpu",
                           "torch": "omni_fast.kernels.cascade_attention:cascade_attention_ref"},
-    "sample": {"triton": "omni_fast.kernels.sampling:sample", "torch": "omni_fast.kernels.sampling:sample_ref"},
+    "sample": {"triton": "omni_fast.kernels.sampling:sample", "cpu": "omni_fast.kernels.sampling:sample_cpu",
+               "torch": "omni_fast.kernels.sampling:sample_ref"},
     "selective_logprob": {"triton": "omni_fast.kernels.selective_logprob:selective_logprob",
+                          "cpu": "omni_fast.kernels.selective_logprob:selective_logprob_cpu",
                           "torch": "omni_fast.kernels.selective_logprob:selective_logprob_torch"},
     "group_advantage": {"cuda": "omni_fast.native:group_advantage", "cpu": "omni_fast.native:group_advantage",
                         "triton": "omni_fast.kernels.group_advantage:group_advantage",
@@ -42,6 +45,8 @@ _IMPLS: dict[str, dict[str, str]] = {
 _FORWARD_ONLY = {"add_rms_norm", "rope", "silu_mul", "cascade_attention"}  # flash-attn has its backward
 # ops whose "cuda" implementation is an optional package's kernel rather than omni_fast._C's
 _REQUIRES: dict[str, str] = {"causal_attention": "flash_attn"}
+# ops whose "cpu" implementation is vectorised torch in kernels/ rather than omni_fast._C's C++ op (always there)
+_TORCH_CPU = {"cascade_attention", "sample", "selective_logprob"}
 _FORCED: dict[str, str] = {}
 _PICKED: dict[tuple[str, str, str | None, bool], Callable] = {}  # (op, device type, forced, needs_grad) -> impl
 _ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
@@ -81,6 +86,8 @@ def _available(op: str, backend: str, device: torch.device) -> bool:
     if backend in ("cuda", "cpu"):
         if device.type != backend:
             return False
+        if backend == "cpu" and op in _TORCH_CPU:
+            return True
         return _has_module(_REQUIRES[op]) if op in _REQUIRES else _has_native(f"{op}_{backend}")
     if backend == "triton":
         return device.type == "cuda" and _has_module("triton")  # triton is an optional dependency
@@ -181,6 +188,16 @@ def sample_filters(top_k: torch.Tensor, top_p: torch.Tensor) -> tuple[int, bool,
 def cascade_splits(prefix_capacity: int) -> int:
     """The `splits` of `cascade_attention` for a prefix cache of this capacity (programs per group and KV head)."""
     return _resolve("omni_fast.kernels.cascade_attention:num_splits")(prefix_capacity)
+
+
+def advantage_scale_code(scale: str) -> int:
+    """The integer code of a group_advantage `scale` ("group" / "batch" / "none") that every kernel takes (the
+    Triton kernel's constexpr, omni_fast._C's argument, csrc/kernels/group_advantage.cuh's enum), defined once
+    in kernels/group_advantage.py."""
+    codes = _resolve("omni_fast.kernels.group_advantage:SCALES")
+    if scale not in codes:
+        raise ValueError(f"scale must be one of {list(codes)}, got {scale!r}")
+    return codes[scale]
 
 
 def selective_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

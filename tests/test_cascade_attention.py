@@ -101,7 +101,7 @@ def _per_row_fp64(q, pk, pv, lens, groups, gk, gv, slots, gen_lens):
     return out
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
 @pytest.mark.parametrize("prefix_lens,group_size", [((37,), 3), ((300, 5), 2)])
 def test_large_logits_stay_finite_and_exact(backend, prefix_lens, group_size):
     """Scores far above 88 (exp overflows fp32 there): every softmax and the log-sum-exp merge of the prefix
@@ -117,3 +117,78 @@ def test_large_logits_stay_finite_and_exact(backend, prefix_lens, group_size):
     torch_err = (cascade_attention_ref(*args, compute_dtype=torch.float32).double() - ref).abs().max().item()
     err = (out.double() - ref).abs().max().item()
     assert err <= 2 * max(torch_err, 4 * torch.finfo(torch.float32).eps * ref.abs().max().item()), (err, torch_err)
+
+
+def _ragged_case(sizes, prefix_lens, dtype=torch.float32, seed=1):
+    """Groups of different sizes (0 = a group with no rows this step), rows sorted by group, a pad group with
+    prefix length 0 at the end (the engine's layout, kv_cache.py), gen_lens from 1 to the capacity."""
+    q, pk, pv, lens, _, gk, gv, slots, gen_lens = _case(tuple(prefix_lens) + (0,), max(sizes), dtype, seed=seed)
+    groups = torch.cat([torch.full((n,), g) for g, n in enumerate(sizes)])
+    b = groups.numel()
+    gen_lens = gen_lens[:b].clone()
+    gen_lens[-1] = gk.shape[1]
+    return q[:b], pk, pv, lens, groups, gk, gv, slots[:b], gen_lens
+
+
+CPU_CASES = [((1,), 1), ((37, 5), 3), ((1000,), 8), ((13, 1, 64), 2)]
+RAGGED = [((3, 0, 1, 5), (20, 30, 1, 64)), ((1, 7), (1, 100)), ((16,), (1000,))]
+
+
+class TestCPUPath:
+    """cascade_attention_cpu, the CPU dispatch of ops.cascade_attention: fp64 inputs give the per-row fp64
+    attention to 1e-10 (a key too many or too few, or another group's prefix, moves it by far more), fp32 /
+    bf16 inputs stay within 2x torch's own error."""
+
+    def test_is_the_cpu_dispatch(self):
+        from omni_fast.kernels.cascade_attention import cascade_attention_cpu
+
+        assert ops.backends("cascade_attention", "cpu") == ["cpu", "torch"]
+        assert ops._pick("cascade_attention", torch.device("cpu"), torch.zeros(1)) is cascade_attention_cpu
+
+    @pytest.mark.parametrize("prefix_lens,group_size", CPU_CASES)
+    def test_fp64_equals_per_row_attention(self, prefix_lens, group_size):
+        args = _fp64(_case(prefix_lens, group_size, torch.float32))
+        out = ops.cascade_attention(*args)
+        assert out.dtype == torch.float64
+        assert (out - _per_row_fp64(*args)).abs().max() < 1e-10
+
+    @pytest.mark.parametrize("sizes,prefix_lens", RAGGED)
+    def test_ragged_groups_fp64(self, sizes, prefix_lens):
+        args = _fp64(_ragged_case(sizes, prefix_lens))
+        groups = args[4]
+        counts = torch.bincount(groups, minlength=len(prefix_lens) + 1)
+        offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0), counts.sum()[None]])  # (P + 2,) as the engine's
+        ref = _per_row_fp64(*args)
+        for given in (None, offsets):
+            assert (ops.cascade_attention(*args, group_offsets=given) - ref).abs().max() < 1e-10
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+    @pytest.mark.parametrize("prefix_lens,group_size", CPU_CASES)
+    def test_low_precision_within_torch_error(self, prefix_lens, group_size, dtype):
+        _check_against_fp64(_case(prefix_lens, group_size, dtype), dtype)
+
+    @pytest.mark.parametrize("sizes,prefix_lens", RAGGED)
+    def test_ragged_groups_fp32(self, sizes, prefix_lens):
+        _check_against_fp64(_ragged_case(sizes, prefix_lens), torch.float32)
+
+    @pytest.mark.parametrize("sizes,prefix_lens", RAGGED)
+    def test_matmul_fallback(self, monkeypatch, sizes, prefix_lens):
+        """Where torch lacks its fused CPU attention kernel the matmul form runs: the same results, large
+        scores included."""
+        from omni_fast.kernels import cascade_attention as kernel
+
+        monkeypatch.setattr(kernel, "_FLASH_CPU", None)
+        args = _fp64(_ragged_case(sizes, prefix_lens))
+        assert (kernel.cascade_attention_cpu(*args) - _per_row_fp64(*args)).abs().max() < 1e-10
+        q, *rest = _ragged_case(sizes, prefix_lens)
+        args = (q * 40, *rest)
+        out = kernel.cascade_attention_cpu(*args)
+        assert torch.isfinite(out).all()
+        assert (out.double() - _per_row_fp64(*args)).abs().max() < 1e-3
+
+    def test_pad_rows_read_only_their_own_keys(self):
+        """A row of the pad group (prefix length 0) attends to its generated keys alone."""
+        q, pk, pv, lens, groups, gk, gv, slots, gen_lens = _fp64(_ragged_case((2, 0), (50, 10)))
+        groups = torch.tensor([0, 2])  # row 1 in the pad group
+        out = ops.cascade_attention(q, pk, pv, lens, groups, gk, gv, slots, gen_lens)
+        assert (out - _per_row_fp64(q, pk, pv, lens, groups, gk, gv, slots, gen_lens)).abs().max() < 1e-10

@@ -153,6 +153,28 @@ def test_engine_on_the_triton_kernels(pair):
             assert torch.allclose(g.logprobs, e.logprobs, atol=1e-4)
 
 
+def test_engine_cpu_paths_equal_the_torch_references(pair):
+    """The CPU dispatch (cascade_attention_cpu, sample_cpu) gives the torch references' tokens and log-probs
+    through the whole decode loop: groups of 3, 1 and 4 samples, top-k, top-p, a greedy row, early stops."""
+    from omni_fast import ops
+
+    _, ours = pair
+    assert ops.backends("cascade_attention", "cpu")[0] == ops.backends("sample", "cpu")[0] == "cpu"
+    prompts = _prompts(9, 3, 14)
+    params = [SamplingParams(n=3, temperature=1.0, top_k=20, max_tokens=9, seed=2),
+              SamplingParams(n=1, temperature=0.0, max_tokens=6),
+              SamplingParams(n=4, temperature=0.8, top_p=0.9, max_tokens=12, seed=4)]
+    engine = Engine(ours, EngineConfig(sync_every=2), stop_token_ids=(3,))
+    got = engine.generate(prompts, params)
+    with ops.force_backend("torch", "cascade_attention", "sample"):
+        expected = engine.generate(prompts, params)
+    assert [len(g) for g in got] == [3, 1, 4]
+    for e_group, g_group in zip(expected, got):
+        for e, g in zip(e_group, g_group):
+            assert g.token_ids == e.token_ids
+            assert torch.allclose(g.logprobs, e.logprobs, atol=1e-5), (g.logprobs - e.logprobs).abs().max()
+
+
 # --- on a GPU: the full-size model, CUDA graphs -----------------------------------------------------------------
 def _full_size_pair(dtype):
     from omni_fast.testing import QWEN25_05B, random_decoder, transformers_twin

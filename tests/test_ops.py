@@ -58,3 +58,13 @@ def test_cpu_greedy_generation_without_triton():
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-4000:]
     assert run.stdout.startswith("ok")
+
+
+def test_torch_cpu_paths_need_no_extension(monkeypatch):
+    """Without omni_fast._C the vectorised torch CPU paths are still "cpu" backends and the C++ ones are gone:
+    `backends` lists what can really run."""
+    monkeypatch.setattr(ops, "_native", lambda: None)
+    for op in ("cascade_attention", "sample", "selective_logprob"):
+        assert ops.backends(op, "cpu") == ["cpu", "torch"], op
+    assert ops.backends("group_advantage", "cpu") == ["torch"]
+    assert "cpu" not in ops.backends("cascade_attention", "cuda")

@@ -37,9 +37,11 @@ CASES = [dict(temperature=1.0), dict(temperature=0.5), dict(temperature=2.0), di
          dict(temperature=1.5, top_k=6, top_p=0.9)]
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
 @pytest.mark.parametrize("kw", CASES)
-def test_reference_distribution(kw):
-    tokens, logprobs = _draw(LOGITS, **kw)
+def test_reference_distribution(kw, backend):
+    with ops.force_backend(backend, "sample"):
+        tokens, logprobs = _draw(LOGITS, **kw)
     freq = torch.bincount(tokens, minlength=10).double() / N_DRAWS
     expected = _expected(LOGITS, **kw)
     sigma = (expected * (1 - expected) / N_DRAWS).sqrt()
@@ -105,3 +107,99 @@ def test_gpu_kernel_equals_reference(b, v):
     tokens, lp = ops.sample(*args, step=11)
     assert (tokens == ref_tokens).float().mean() == 1.0
     assert torch.allclose(lp, ref_lp, atol=1e-4)
+
+
+def _cpu_and_ref(args, step, filters=None):
+    from omni_fast.kernels.sampling import sample_cpu
+
+    return sample_cpu(*args, step=step, filters=filters), sample_ref(*args, step=step, filters=filters)
+
+
+def _assert_same_draws(args, steps=(0, 5, 11)):
+    for step in steps:
+        (tokens, lp), (ref_tokens, ref_lp) = _cpu_and_ref(args, step)
+        assert torch.equal(tokens, ref_tokens), (step, tokens, ref_tokens)
+        assert torch.equal(lp, ref_lp), (step, (lp - ref_lp).abs().max())
+
+
+class TestCPUPath:
+    """sample_cpu, the CPU dispatch of ops.sample: the reference's tokens and log-probs bit for bit (the same
+    hashed noise at the same ids, the same threshold, the same log-softmax)."""
+
+    def test_is_the_cpu_dispatch(self):
+        from omni_fast.kernels.sampling import sample_cpu
+
+        assert ops.backends("sample", "cpu") == ["cpu", "torch"]
+        assert ops._pick("sample", torch.device("cpu")) is sample_cpu
+
+    @pytest.mark.parametrize("b,v", [(1, 1000), (19, 4099), (7, 151), (12, 151936)])
+    def test_mixed_rows_equal_reference(self, b, v):
+        """Greedy, plain temperature, top-k, top-k + top-p and top-p-only rows in one batch."""
+        _assert_same_draws(_mixed_batch(b, v))
+
+    @pytest.mark.parametrize("top_k,top_p", [(50, 1.0), (1, 1.0), (5, 0.5), (0, 1.0)])
+    def test_uniform_settings_equal_reference(self, top_k, top_p):
+        logits, _, _, _, seeds = _mixed_batch(9, 3001, seed=3)
+        args = (logits, torch.full((9,), 0.8), torch.full((9,), top_k), torch.full((9,), top_p), seeds)
+        _assert_same_draws(args)
+        (tokens, _), _ = _cpu_and_ref(args, 2, filters=(top_k, top_p < 1, False))
+        assert torch.equal(tokens, sample_ref(*args, step=2)[0])
+
+    def test_ties_at_the_top_k_boundary(self):
+        """Integer logits: many tokens tie with the k-th, all of them kept (more than the k candidates)."""
+        g = torch.Generator().manual_seed(4)
+        logits = torch.randint(0, 4, (8, 997), generator=g).float()
+        top_k = torch.tensor([3, 5, 1, 50, 3, 5, 1, 50])
+        top_p = torch.tensor([1.0, 0.9, 1.0, 0.7, 1.0, 1.0, 0.5, 1.0])
+        args = (logits, torch.ones(8), top_k, top_p, torch.arange(8) * 31 + 7)
+        _assert_same_draws(args, steps=range(6))
+
+    def test_top_p_nucleus_wider_than_the_first_candidates(self):
+        """A nearly flat distribution: the 0.9 nucleus holds most of the vocabulary, past the first topk."""
+        g = torch.Generator().manual_seed(5)
+        logits = torch.randn(4, 20011, generator=g) * 0.05
+        args = (logits, torch.ones(4), torch.zeros(4, dtype=torch.long), torch.tensor([0.9, 0.99, 0.3, 1.0]),
+                torch.arange(4) + 100)
+        _assert_same_draws(args)
+
+    def test_large_and_negative_logits(self):
+        logits, t, k, p, seeds = _mixed_batch(10, 2003, seed=6)
+        _assert_same_draws((logits * 200 - 50, t, k, p, seeds))
+
+    def test_nucleus_threshold_differs_only_at_rounding_boundaries(self):
+        """The one place the CPU path is not the reference's arithmetic: a top-p-only row's probabilities are
+        exp(x - logsumexp) instead of a softmax of the sorted row. Wherever the thresholds differ, the
+        reference's mass before the boundary token must be within 1e-5 of top_p."""
+        from omni_fast.kernels.sampling import _candidate_threshold, batch_filters
+
+        g = torch.Generator().manual_seed(7)
+        logits = torch.randn(64, 5000, generator=g) * 2
+        top_p = torch.rand(64, generator=g) * 0.98 + 0.01
+        top_k = torch.zeros(64, dtype=torch.long)
+        t = torch.ones(64, 1)
+        thr, _ = _candidate_threshold(logits, logits / t, t, top_k, top_p, batch_filters(top_k, top_p))
+        ref = keep_threshold(logits, torch.ones(64), top_k, top_p)
+        probs = torch.softmax(logits.double(), dim=1)
+        for r in (thr != ref).nonzero()[:, 0].tolist():
+            lo = min(thr[r], ref[r])
+            before = probs[r][logits[r] > lo].sum()
+            assert abs(before - top_p[r]) < 1e-5, (r, before, top_p[r])
+        assert (thr == ref).float().mean() > 0.9
+
+    def test_equal_scores_pick_the_smallest_id(self):
+        """Two kept tokens with the same logit and the same hashed noise (a collision of the 24-bit uniform):
+        their scores tie exactly and the reference's argmax takes the smaller id, whatever order topk
+        returned them in."""
+        from omni_fast.kernels.sampling import uniform_noise_ref
+
+        v = 30011
+        u = uniform_noise_ref(torch.tensor([12345]), 0, v)[0]
+        values, order = u.sort()
+        same = (values[1:] == values[:-1]).nonzero()[:, 0]
+        assert same.numel(), "no collision in this vocabulary"
+        i, j = sorted(order[same[0]:same[0] + 2].tolist())
+        logits = torch.full((1, v), -10.0)
+        logits[0, [i, j]] = 5.0
+        args = (logits, torch.ones(1), torch.tensor([2]), torch.ones(1), torch.tensor([12345]))
+        (tokens, _), (ref_tokens, _) = _cpu_and_ref(args, 0)
+        assert ref_tokens.item() == i and tokens.item() == i

@@ -96,7 +96,7 @@ class TestReferencePath:
 
         _check(fn, *_inputs(37, 1000, 96, dtype), temperature=0.7)
 
-    @pytest.mark.parametrize("backend", ("triton", "torch"))
+    @pytest.mark.parametrize("backend", ("triton", "cpu", "torch"))
     @pytest.mark.parametrize("dtype", DTYPES, ids=str)
     def test_stats_lse_and_entropy(self, poisoned, dtype, backend):
         hidden, weight, targets = _inputs(37, 4099, 64, dtype, requires_grad=False)
@@ -129,11 +129,27 @@ class TestReferencePath:
     def test_torch_fallback(self, dtype):
         _check(slp.selective_logprob_torch, *_inputs(37, 4099, 96, dtype), temperature=0.9)
 
-    def test_cpu_dispatch_uses_the_torch_fallback(self):
-        assert ops.backends("selective_logprob", "cpu") == ["torch"]
-        hidden, weight, targets = _inputs(5, 123, 64, torch.float32)
-        torch.testing.assert_close(ops.selective_logprob(hidden, weight, targets),
-                                   slp.selective_logprob_torch(hidden, weight, targets))
+    def test_cpu_dispatch_is_the_cpu_path(self):
+        assert ops.backends("selective_logprob", "cpu") == ["cpu", "torch"]
+        assert ops._pick("selective_logprob", torch.device("cpu")) is slp.selective_logprob_cpu
+
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    @pytest.mark.parametrize("n,v,h", SHAPES)
+    def test_cpu_path_forward_and_grads(self, poisoned, n, v, h, dtype):
+        _check(slp.selective_logprob_cpu, *_inputs(n, v, h, dtype), temperature=0.8)
+
+    @pytest.mark.parametrize("keep_bytes", (0, 2**31), ids=("recomputed", "kept"))
+    def test_cpu_path_many_vocabulary_chunks(self, poisoned, monkeypatch, keep_bytes):
+        """Chunks of 3-4 columns (the last one short), with the logits kept for the backward or recomputed."""
+        monkeypatch.setattr(slp, "_CPU_CHUNK_LOGITS", 37 * 3 + 5)
+        monkeypatch.setattr(slp, "_CPU_KEEP_BYTES", keep_bytes)
+        _check(slp.selective_logprob_cpu, *_inputs(37, 1000, 64, torch.float32), temperature=1.3)
+
+    def test_cpu_path_frozen_weight_and_leading_dims(self, poisoned):
+        hidden, weight, targets = _inputs(38, 1000, 64, torch.float32)
+        weight.requires_grad_(False)
+        _check(slp.selective_logprob_cpu, hidden.detach().view(2, 19, 64).requires_grad_(), weight,
+               targets.view(2, 19))
 
     @pytest.mark.parametrize("temperature", (1.0, 0.7))
     def test_cpu_dispatch_equals_an_fp64_log_softmax_gather(self, temperature):
@@ -177,3 +193,15 @@ class TestComparePaths:
         ours = slp.selective_logprob(hidden, weight, targets, with_stats=True)
         for x, x_low, x_ref in zip(ours, low, ref):
             assert _err(x, x_ref) <= _tol(2, x_low, x_ref)
+
+
+def test_cpu_path_second_backward_recomputes():
+    """The CPU path turns its kept logits into d_logits in place; a retained graph's second backward must
+    recompute them and give the same gradients."""
+    hidden, weight, targets = _inputs(19, 1000, 64, torch.float32)
+    logp = slp.selective_logprob_cpu(hidden, weight, targets, 0.9)
+    grad_out = torch.randn(19)
+    first = torch.autograd.grad(logp, (hidden, weight), grad_out, retain_graph=True)
+    second = torch.autograd.grad(logp, (hidden, weight), grad_out)
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
