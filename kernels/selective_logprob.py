@@ -11,9 +11,9 @@ d_logits = g / T * (onehot - softmax) with the saved lse and stored in a bounded
 dH += d_logits @ W_chunk (a Triton GEMM into an fp32 [N, H] accumulator) and dW_chunk = d_logits.T @ H
 (torch.mm, i.e. cuBLAS, written once in the weight dtype). dW is skipped when the weight is frozen.
 
-Why recompute rather than form the gradients in the forward (chosen by analysis, since no GPU was at hand;
-the `torch_chunked_fwd_grad` row of benchmarks/bench_selective_logprob.py measures the alternative in the
-same run, see benchmarks/RESULTS.md):
+Why recompute rather than form the gradients in the forward (the `torch_chunked_fwd_grad` row of
+benchmarks/bench_selective_logprob.py measures the alternative in the same run, so a GPU measurement can
+overturn the choice; see benchmarks/RESULTS.md):
   * dW = d_logits.T @ H needs the upstream gradient g, which an autograd op does not know in its forward;
     forming it there means fusing the loss into the op (one op per loss) and materialising logit chunks;
   * the forward stays one GEMM with nothing written to HBM, which is all the reference-model and old-policy

@@ -10,7 +10,7 @@ drifting brightness so no two clips are alike. Two annotation files in the R1-Om
              which emotion (red: angry, blue: sad, green: happy).
 (Without the colour in the reasoning, an SFT on clip-independent labels teaches the tiny model to ignore the
 clip altogether: the log-probs of its answers then differ by 0.002 nats between a red and a blue clip, and
-neither GRPO nor SFT on the true labels recovers the clip within tens of steps; measured while building this.)
+neither GRPO nor SFT on the true labels recovers the clip within tens of steps, as measured on this toy.)
 `omni-fast demo` and tests/test_learning.py run SFT then GRPO on it and watch the accuracy reward rise.
 """
 from __future__ import annotations

@@ -45,7 +45,7 @@ import torch
 from omni_fast.config import N_MELS, NUM_FRAMES
 from omni_fast.media.audio import N_SAMPLES, SAMPLE_RATE, log_mel, log_silence, silence
 from omni_fast.media.frames import ASPECTS, expand_to_square, frame_indices, normalize, preprocess_frames, resize
-from omni_fast.media.pyav import Clip, MediaError, decode_audio, frame_count, sample_video
+from omni_fast.media.pyav import Clip, MediaError, decode_audio, frame_count, or_error, sample_video
 
 log = logging.getLogger(__name__)
 INSTALL_HINT = "pip install 'omni-fast[dali]' (nvidia-dali-cuda130)"
@@ -141,7 +141,7 @@ class DaliMedia:
         videos = [Path(v) for v in videos]
         audios = list(audios) if audios is not None else [None] * len(videos)
         run = pool.map if pool is not None else map
-        totals = list(run(_probe, videos))
+        totals = list(run(functools.partial(or_error, frame_count), videos))
         good = [i for i, t in enumerate(totals) if not isinstance(t, MediaError)]
         out: list = list(totals)
         for i, f in zip(good, self._frames([videos[i] for i in good], [totals[i] for i in good], pool)):
@@ -168,7 +168,7 @@ class DaliMedia:
     def _pyav_frames(self, videos: list[Path], pool) -> list[tuple[torch.Tensor, list[int]] | MediaError]:
         run = pool.map if pool is not None else map
         out = []
-        for sampled in run(functools.partial(_sample, num_frames=self.num_frames), videos):
+        for sampled in run(functools.partial(or_error, sample_video, num_frames=self.num_frames), videos):
             out.append(sampled if isinstance(sampled, MediaError) else
                        (preprocess_frames(sampled[0], self.aspect, device=self.device), sampled[1]))
         return out
@@ -210,15 +210,3 @@ def _dali_reason(error: Exception) -> str:
     return after[0] if after else type(error).__name__
 
 
-def _sample(path: Path, num_frames: int) -> tuple[list[np.ndarray], list[int], int] | MediaError:
-    try:
-        return sample_video(path, num_frames)
-    except MediaError as e:
-        return e
-
-
-def _probe(path: Path) -> int | MediaError:
-    try:
-        return frame_count(path)
-    except MediaError as e:
-        return e

@@ -34,7 +34,7 @@ import torch
 
 from omni_fast.config import LoaderConfig
 from omni_fast.media import dali as mdali
-from omni_fast.media.pyav import Clip, DecodedClip, MediaError, decode_clip, preprocess_clip
+from omni_fast.media.pyav import Clip, DecodedClip, MediaError, decode_clip, or_error, preprocess_clip
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ class MediaLoader:
         if isinstance(handle, Future):  # DALI: one future for the whole batch
             results = handle.result()
         else:
-            results = [_result(f) for f in handle]
+            results = [or_error(f.result) for f in handle]
         clips, failures, positions = [], [], []
         for i, result in zip(span, results):
             if isinstance(result, MediaError):
@@ -168,13 +168,6 @@ class MediaLoader:
         infos = [ClipInfo(c.indices, c.num_frames_total, c.audio_seconds, c.audio_fallback) for c in clips]
         return Batch(frames=frames, mel=mel, records=[self.records[i] for i in positions], clips=infos,
                      failures=failures, positions=positions)
-
-
-def _result(future: Future):
-    try:
-        return future.result()
-    except MediaError as e:
-        return e
 
 
 def _load(video: Path, audio: Path | None, cfg: LoaderConfig, device: torch.device | None) -> Clip | DecodedClip:

@@ -50,6 +50,14 @@ class MediaError(ValueError):
     """A clip that cannot be used; the message names the file."""
 
 
+def or_error(fn, *args, **kwargs):
+    """fn(*args, **kwargs), or the MediaError it raised (worker pools hand clip failures back as values)."""
+    try:
+        return fn(*args, **kwargs)
+    except MediaError as e:
+        return e
+
+
 # swscale flags for frame.to_ndarray(format="rgb24"): None = PyAV's default (SWS_BILINEAR alone).
 RGB_CONVERSIONS = {"reference": None, "accurate": 0x2 | 0x40000 | 0x2000}  # BILINEAR|ACCURATE_RND|FULL_CHR_H_INT
 
