@@ -359,9 +359,10 @@ def _demo_training(root: Path, ckpt: Path, sft_steps: int, grpo_steps: int) -> N
         print(f"[demo] GRPO step {m['step']:>3}  reward {m['reward']:.2f}  accuracy {m['rewards/accuracy_reward']:.2f} "
               f"{bar:<20}  format {m['rewards/format_reward']:.2f}  kl {m['kl']:.3f}", flush=True)
 
-    # half the learning test's batch at twice its learning rate: about as fast to learn, at half the cost
+    # the learning test's settings (tests/test_learning.py holds them to accuracy >= 0.8 in the last steps); a
+    # smaller batch at a larger learning rate learns too, but how far in 30 steps depends on the float noise
     grpo = Trainer(toy_config(task, sft.last_checkpoint, root / "toy-grpo", "grpo", max_steps=grpo_steps,
-                              per_device_train_batch_size=6, learning_rate=2e-3, progress=False), on_step=show)
+                              progress=False), on_step=show)
     grpo.train()
     after = toy_answers(grpo.last_checkpoint, clips)
     for label, b, a in zip(task.labels, before, after):
