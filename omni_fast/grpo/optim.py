@@ -63,12 +63,7 @@ class MasterAdamW:
 
     def grad_norm(self) -> torch.Tensor:
         """The global L2 norm of the gradients (fp32), before clipping."""
-        grads = [p.grad for p in self.params if p.grad is not None]
-        if not grads:
-            return torch.zeros(())
-        if self.sharded:
-            return sum_of_squares(grads).sqrt()
-        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        return sum_of_squares([p.grad for p in self.params if p.grad is not None]).sqrt()
 
     def clip(self, max_grad_norm: float) -> torch.Tensor:
         """Move the gradients to the masters and clip their global norm to max_grad_norm (0: no clipping).
@@ -77,10 +72,8 @@ class MasterAdamW:
         for p, m in zip(self.params, self.masters):
             if m is not p:
                 m.grad = None if p.grad is None else p.grad.float()
-        if max_grad_norm > 0 and not self.sharded:
-            return torch.nn.utils.clip_grad_norm_(self.masters, max_grad_norm, foreach=False).detach().float()
         norm = self.grad_norm()
-        if max_grad_norm > 0:  # clip_grad_norm_'s rule, on the shards
+        if max_grad_norm > 0:  # torch.nn.utils.clip_grad_norm_'s rule, which also holds on FSDP2's shards
             scale = torch.clamp(max_grad_norm / (norm + 1e-6), max=1.0)
             for m in self.masters:
                 if m.grad is not None:

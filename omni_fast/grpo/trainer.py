@@ -116,6 +116,7 @@ class Trainer:
         self.reference = self._reference(resume) if cfg.stage == "grpo" and cfg.beta > 0 else None
         self.plain = self.model  # full weights on this rank: towers, rollouts (the engine), checkpoints
         self.policy, self.ref_call = self._parallelize()
+        self.sharded = self.model is not self.plain  # FSDP2 over more than one rank
         self.engine = Engine(self.plain, EngineConfig(), self.loaded.generation.eos_token_ids)
         self.records, self.skipped = self._records(state)
         self.step_prompts = cfg.prompts_per_step * self.dist.world_size  # the global batch of one step
@@ -356,21 +357,25 @@ class Trainer:
         micro-batches than the busiest one (the end of an epoch, bad clips) makes up the difference with passes
         whose loss is 0 x log-probs: one completion token per row, on its last micro-batch's features (zero
         features when it has none). Under DDP there are none."""
-        if self.cfg.parallelism != "fsdp" or not self.dist.enabled:
-            return []
-        missing = distributed.all_reduce_max(self.dist, len(rollouts)) - len(rollouts)
+        missing = self._missing_passes(len(rollouts))
         if not missing:
             return []
         g = self.cfg.num_generations
-        feats = ClipFeatures(rollouts[-1].features.vision[:1], rollouts[-1].features.audio[:1]) if rollouts \
-            else self._zero_features()
+        feats = self._pad_features(rollouts[-1].features if rollouts else None)
         zeros = torch.zeros(g, 1, dtype=torch.long, device=self.device)
         pad = Rollout(features=feats, prompt_ids=[ids], completions=zeros, lengths=torch.ones(g, dtype=torch.long,
                       device=self.device), mask=zeros.float(), advantages=zeros[:, 0].float(), rewards={},
                       total_rewards=zeros[:, 0].float(), texts=[""] * g, ref_logp=None)
         return [pad] * missing
 
-    def _zero_features(self) -> ClipFeatures:
+    def _missing_passes(self, mine: int) -> int:
+        """How many sharded passes this rank must add to match the busiest rank (0 unless sharded)."""
+        return distributed.all_reduce_max(self.dist, mine) - mine if self.sharded else 0
+
+    def _pad_features(self, feats: ClipFeatures | None) -> ClipFeatures:
+        """One clip's features for a pad pass: the first of `feats`, or the towers' output for a zero clip."""
+        if feats is not None:
+            return ClipFeatures(feats.vision[:1], feats.audio[:1])
         cfg = self.loaded.config
         frames = torch.zeros(1, cfg.num_frames, 3, 224, 224, device=self.device)
         mel = torch.zeros(1, self.plain.towers.audio.num_mel_bins, 3000, device=self.device)
@@ -419,13 +424,11 @@ class Trainer:
                "_tokens": float(tokens)}
 
     def _pad_sft(self, batches: list, pad_id: int) -> list:
-        if self.cfg.parallelism != "fsdp" or not self.dist.enabled:
-            return []
-        missing = distributed.all_reduce_max(self.dist, len(batches)) - len(batches)
+        """SFT's pad passes (see _pad_rollouts): one record on one clip's features."""
+        missing = self._missing_passes(len(batches))
         if not missing:
             return []
-        b = batches[-1] if batches else None
-        feats = ClipFeatures(b.features.vision[:1], b.features.audio[:1]) if b else self._zero_features()
+        feats = self._pad_features(batches[-1].features if batches else None)
         one = sft_batch(self.tokenizer, feats, [self.records[0]], self.cfg.max_length,
                         self.loaded.config.mm_use_x_start_end, pad_id)
         return [one] * missing
@@ -433,12 +436,12 @@ class Trainer:
     # --- shared ----------------------------------------------------------------------------------------------
     def _optimizer_step(self) -> float:
         self._lr_used = self.optimizer.lr
-        if self.cfg.parallelism == "ddp":  # FSDP2 has reduce-scattered them during backward
+        if not self.sharded:  # FSDP2 has reduce-scattered them during backward
             distributed.all_reduce_grads(self.dist, self.optimizer.params)
         norm = self.optimizer.clip(self.cfg.max_grad_norm)
         self._check_finite(norm, "gradient norm")
         self.optimizer.apply()
-        if self.model is not self.plain:
+        if self.sharded:
             fsdp.gather_into(self.model, self.plain)  # the engine decodes the next step with the new weights
         return float(norm)
 
