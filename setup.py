@@ -14,9 +14,10 @@ import os
 
 from setuptools import setup
 
+# omni_fast.kernels is the top-level kernels/ folder, reached through the symbolic link omni_fast/kernels; the
+# folder has no __init__.py so that it never shadows the PyPI package imported as `kernels` (kernels/README.md)
 PACKAGES = ["omni_fast", "omni_fast.model", "omni_fast.media", "omni_fast.engine", "omni_fast.grpo",
             "omni_fast.kernels"]
-PACKAGE_DIR = {"omni_fast": "omni_fast", "omni_fast.kernels": "kernels"}
 
 
 def _native_extension():
@@ -44,4 +45,4 @@ def _native_extension():
 
 
 ext_modules, cmdclass = _native_extension()
-setup(packages=PACKAGES, package_dir=PACKAGE_DIR, ext_modules=ext_modules, cmdclass=cmdclass)
+setup(packages=PACKAGES, ext_modules=ext_modules, cmdclass=cmdclass)

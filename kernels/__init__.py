@@ -1,1 +1,0 @@
-"""Triton kernels, installed as omni_fast.kernels (one file per op: kernel, host wrapper, <op>_ref, autograd)."""
