@@ -15,5 +15,9 @@ def case(rows):
     return f"{rows} x 896", make, lambda a: 4 * a[0].numel() * a[0].element_size()  # read x, r; write out, s
 
 
+def main(argv=None) -> dict:
+    return compare_memory_bound("rms_norm", __doc__, [case(8), case(256), case(8000)], add_rms_norm, add_rms_norm_ref, argv=argv)
+
+
 if __name__ == "__main__":
-    compare_memory_bound("rms_norm", __doc__, [case(8), case(256), case(8000)], add_rms_norm, add_rms_norm_ref)
+    main()

@@ -18,5 +18,9 @@ def case(tokens):
     return f"{tokens} tokens", make, lambda a: 2 * (a[0].numel() + a[1].numel()) * a[0].element_size()
 
 
+def main(argv=None) -> dict:
+    return compare_memory_bound("rope", __doc__, [case(8), case(256), case(8000)], rope, rope_ref, argv=argv)
+
+
 if __name__ == "__main__":
-    compare_memory_bound("rope", __doc__, [case(8), case(256), case(8000)], rope, rope_ref)
+    main()

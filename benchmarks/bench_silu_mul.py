@@ -14,5 +14,9 @@ def case(rows):
     return f"{rows} x 4864", make, lambda a: a[0].numel() * a[0].element_size() * 3 // 2  # read 2I, write I
 
 
+def main(argv=None) -> dict:
+    return compare_memory_bound("silu_mul", __doc__, [case(8), case(256), case(8000)], silu_mul, silu_mul_ref, argv=argv)
+
+
 if __name__ == "__main__":
-    compare_memory_bound("silu_mul", __doc__, [case(8), case(256), case(8000)], silu_mul, silu_mul_ref)
+    main()

@@ -2,7 +2,12 @@
 # Every GPU check of omni_fast in one unattended run: build the CUDA extension, the gpu-marked tests, every
 # benchmarks/bench_*.py; full JSON and logs in the results folder, a short table printed last.
 #
-#   bash benchmarks/gpu_check.sh [results-dir] [all|tests|bench]     (default: gpu-results/ all)
+#   bash benchmarks/gpu_check.sh [--dry-run] [results-dir] [all|tests|bench]     (default: gpu-results/ all)
+#
+# --dry-run (on any machine, no GPU needed; tests/test_benchmarks.py runs it in CI): the GPU machine's plan,
+# every step with its time limit and its exact command, each one checked without doing the work
+# (benchmarks/check_command.py: a benchmark's imports and its arguments parsed by its own parser, the pytest
+# selections collected, pip and the build printed only). A typo there fails on the CPU, not in a GPU window.
 #
 # "tests" = build + the gpu-marked tests, "bench" = build + every benchmark: two shorter calls on one warm
 # machine when a single one would not fit the time left (the build is skipped when the CUDA extension from the
@@ -12,6 +17,10 @@
 # Wheels for packages the GPU machine lacks (av, liger-kernel, ...) are installed from .whl/ when present.
 # Set OMNI_FAST_SKIP_BUILD=1 to use the omni_fast already installed.
 set -uo pipefail
+DRY=0
+ARGS=()
+for a in "$@"; do if [ "$a" = --dry-run ]; then DRY=1; else ARGS+=("$a"); fi; done
+set -- ${ARGS[@]+"${ARGS[@]}"}
 OUT=$(mkdir -p "${1:-gpu-results}" && cd "${1:-gpu-results}" && pwd)
 PHASE=${2:-all}
 case "$PHASE" in all|tests|bench) ;; *) echo "gpu_check.sh: phase must be all, tests or bench, not '$PHASE'"; exit 2 ;; esac
@@ -31,7 +40,12 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log it, stop everyt
   local name=$1 limit=$2; shift 2
   echo "== $name (limit ${limit}s)"
   local start; start=$(date +%s)
-  timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  if [ "$DRY" = 1 ]; then
+    echo "   $*"
+    "$PY" benchmarks/check_command.py "$@" > "$OUT/$name.log" 2>&1
+  else
+    timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  fi
   local rc=$?
   tail -n 25 "$OUT/$name.log"
   echo "$name rc=$rc $(( $(date +%s) - start ))s" >> "$OUT/steps.txt"
@@ -48,11 +62,13 @@ if ls .whl/*.whl > /dev/null 2>&1; then
 fi
 
 GPU=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
-if [ "$GPU" = 1 ]; then QUICK=(); else QUICK=(--quick); export TRITON_INTERPRET=1; fi
+[ "$DRY" = 1 ] && GPU=1  # the plan of the GPU machine, whatever this one has
+if [ "$GPU" = 1 ]; then QUICK=(); else QUICK=(--quick); fi
+[ "$GPU" = 1 ] && [ "$DRY" = 0 ] || export TRITON_INTERPRET=1
 step environment 60 "$PY" benchmarks/environment.py "$OUT/environment.json"
 
 BUILT=$("$PY" -c "import torch, omni_fast._C as C; print(int(hasattr(C, 'group_advantage_cuda') or not torch.cuda.is_available()))" 2>/dev/null || echo 0)
-if [ "${OMNI_FAST_SKIP_BUILD:-0}" != 1 ] && [ "$BUILT" != 1 ]; then
+if [ "${OMNI_FAST_SKIP_BUILD:-0}" != 1 ] && { [ "$BUILT" != 1 ] || [ "$DRY" = 1 ]; }; then
   step build 360 "$PY" -m pip install --no-build-isolation --no-deps -e .
 fi
 if [ -f csrc/bindings.cpp ]; then
@@ -71,6 +87,7 @@ for bench in benchmarks/bench_*.py; do
   case "$name" in
     bench_rollout|bench_selective_logprob) limit=240 ;;
     bench_grpo_step) limit=300 ;;  # both full GRPO steps (warm-up + 3 timed each), random weights of the real shape
+    bench_infer) limit=180 ;;  # builds the real shape in float16 and encodes 16 clips
     bench_media) limit=180; [ "$GPU" = 1 ] && extra=(--clips 32 --repeats 2) ;;  # encoding the clips dominates
   esac
   step "$name" "$limit" "$PY" "$bench" ${QUICK[@]+"${QUICK[@]}"} ${extra[@]+"${extra[@]}"} --out "$OUT/$name.json"
