@@ -66,11 +66,18 @@ def test_config_from_yaml_json_and_overrides(tmp_path):
 
 @pytest.mark.parametrize("raw,needle", [({"learnig_rate": 1}, "did you mean 'learning_rate'"),
                                         ({"max_steps": 2.5}, "max_steps"), ({"stage": "ppo"}, "stage"),
-                                        ({"reward_funcs": ["nope"]}, "reward_funcs"), ({"num_generations": 1}, "num_generations"),
+                                        ({"reward_funcs": []}, "reward_funcs"), ({"num_generations": 1}, "num_generations"),
                                         ({"loss_type": "x"}, "loss_type"), ({"reward_weights": [1.0]}, "reward_weights")])
 def test_config_errors_name_the_key(raw, needle):
     with pytest.raises(ConfigError, match=needle):
         GRPOConfig.from_dict(raw)
+
+
+def test_unknown_reward_is_named_before_anything_is_written(task, tiny_ckpt, tmp_path):
+    """Reward names are resolved by the trainer (the config imports no reward), first thing."""
+    with pytest.raises(ConfigError, match=r"reward_funcs .*\['nope'\]"):
+        Trainer(_config(task, tiny_ckpt, tmp_path / "run", reward_funcs=("format", "nope")))
+    assert not (tmp_path / "run").exists()
 
 
 def test_every_config_field_is_described_in_train_help(capsys):

@@ -9,6 +9,7 @@ import inspect
 import re
 from typing import Callable
 
+from omni_fast.config import ConfigError
 from omni_fast.model.prompt import ANSWER_ONE_LINE as _ANSWER  # no DOTALL, as the reference
 
 _FORMAT = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
@@ -70,6 +71,21 @@ def resolve_reward(name: str) -> RewardFn:
     if name not in REWARD_FUNCS:
         raise KeyError(f"reward {name!r} is not registered; known: {sorted(REWARD_FUNCS)}")
     return REWARD_FUNCS[name]
+
+
+def resolve_rewards(names: tuple[str, ...] | list[str]) -> list[RewardFn]:
+    """GRPOConfig.reward_funcs -> the functions, or a ConfigError naming every name that resolves to none (the
+    trainer checks them before it loads anything)."""
+    found, unknown = [], []
+    for name in names:
+        try:
+            found.append(resolve_reward(name))
+        except KeyError:
+            unknown.append(name)
+    if unknown:
+        raise ConfigError(f"reward_funcs {list(names)}: {unknown}; each must be one of {sorted(REWARD_FUNCS)} or an "
+                          "importable 'module:function' (or add your own with omni_fast.grpo.rewards.register_reward)")
+    return found
 
 
 def _takes_solutions(fn: RewardFn) -> bool:

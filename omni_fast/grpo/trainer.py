@@ -61,7 +61,7 @@ from omni_fast.grpo.inputs import ClipFeatures, grpo_bert_inputs, grpo_prompt_id
 from omni_fast.grpo.loss import accumulation_scale, grpo_loss
 from omni_fast.grpo.metrics import MetricsLog, Phases, make_logger
 from omni_fast.grpo.optim import MasterAdamW, lr_lambda
-from omni_fast.grpo.rewards import metric_name
+from omni_fast.grpo.rewards import metric_name, resolve_rewards
 from omni_fast.grpo.rollout import Rollout, rollout, rollout_logprobs, rollout_sums
 from omni_fast.grpo.sft import sft_batch, sft_loss
 from omni_fast.media.loader import MediaLoader
@@ -88,6 +88,7 @@ class Trainer:
             raise TrainingError("model_path and train_annotations must be set (in the config file or as "
                                 "--model_path / --train_annotations)")
         self.cfg = cfg = config
+        resolve_rewards(cfg.reward_funcs)  # an unknown reward name stops here, before anything is loaded or written
         self.on_step = on_step  # called with each step's metrics (the demo prints its reward curve)
         self.history: list[dict] = []
         self._prompt = None  # GRPO prompt ids + BERT inputs, tokenised at the first step
