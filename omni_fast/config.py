@@ -11,6 +11,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from omni_fast.task import EMOTION_LABELS
+
 # HumanOmni placeholders spliced with encoder embeddings (humanomni/constants.py).
 VIDEO_TOKEN_INDEX = -201
 AUDIO_TOKEN_INDEX = -202
@@ -233,10 +235,6 @@ LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")  # omni_fast.grpo.loss.NORMALIZ
 SCHEDULERS = ("linear", "cosine", "constant")
 TRAIN_DTYPES = ("auto", "float32", "bfloat16")
 PROMPT_TEMPLATES = ("qwen2vl", "chat_template")  # omni_fast.grpo.inputs.grpo_prompt_ids
-# The DFEW + MAFW label words of the RL data (research/r1omni.md §3.7); a record whose label is not in
-# GRPOConfig.label_set is a bad entry.
-EMOTION_LABELS = ("happy", "sad", "neutral", "angry", "surprise", "disgust", "fear", "contemptuous", "disappointed",
-                  "helpless", "anxious")
 # Per-stage recipe defaults for the fields left as None: R1-Omni's GRPO run (run_grpo_humanomni.sh + trl 0.14.0
 # GRPOConfig) and its EMER cold-start SFT (finetune_omni_emer.sh), research/r1omni.md §3.2-3.6.
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
