@@ -201,17 +201,6 @@ def selective_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
     return _pick("selective_logprob", hidden.device)(hidden, weight, targets, temperature)
 
 
-def selective_logprob_stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                            temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logp, lse, entropy), each float32 [...], from the same pass as `selective_logprob`.
-
-    lse = logsumexp(z), entropy = -sum softmax(z) * log_softmax(z), z = hidden @ weight.T / temperature.
-    Only logp is differentiable; lse and entropy are detached (metrics). Costs two multiply-adds per logit
-    more than `selective_logprob`.
-    """
-    return _pick("selective_logprob", hidden.device)(hidden, weight, targets, temperature, with_stats=True)
-
-
 def group_advantage(rewards: torch.Tensor, group_size: int, eps: float = 1e-4, scale: str = "group") -> torch.Tensor:
     """rewards [K, B*G] (unit stride along B*G) -> advantages float32 [B*G]; see
     omni_fast.grpo.advantage.group_advantages, the public entry point."""

@@ -208,6 +208,25 @@ def test_step_loss_and_gradient_equal_the_reference_formula(task, tiny_ckpt, tmp
     assert ro.rewards["rewards/format_reward"] == [0.5 * v for v in reward_registry.format_reward(ro.texts)]
 
 
+def test_clip_ratio_is_logged_over_the_step_tokens(task, tiny_ckpt, tmp_path, monkeypatch):
+    """num_iterations 2: the second update of a rollout batch clips its ratio against the rollout policy; the
+    logged clip_ratio is the clipped fraction of all the step's completion tokens (0 on the first update)."""
+    from omni_fast.grpo import trainer as trainer_module
+
+    outputs = []
+    real = trainer_module.grpo_loss
+    monkeypatch.setattr(trainer_module, "grpo_loss", lambda *a, **k: outputs.append((real(*a, **k), a[2])) or outputs[-1][0])
+    trainer = Trainer(_config(task, tiny_ckpt, tmp_path / "run", max_steps=2, num_iterations=2, epsilon=1e-3,
+                              learning_rate=3e-3, gradient_accumulation_steps=2, per_device_train_batch_size=1))
+    history = trainer.train()
+    assert len(outputs) == 4  # 2 micro-batches x 2 updates
+    first, second = outputs[:2], outputs[2:]
+    assert history[0]["clip_ratio"] == 0.0 and all(float(o.clip_ratio) == 0.0 for o, _ in first)
+    want = sum(float(o.clip_ratio) * float(mask.sum()) for o, mask in second) / sum(float(m.sum()) for _, m in second)
+    assert want > 0.0
+    assert history[1]["clip_ratio"] == pytest.approx(want, rel=1e-6)
+
+
 def test_gradient_accumulation_and_batch_split_give_the_same_update(task, tiny_ckpt, tmp_path, monkeypatch):
     grads = {}
     for split in ((4, 1), (2, 2), (1, 4)):
