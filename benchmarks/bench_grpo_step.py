@@ -48,9 +48,10 @@ from omni_fast.grpo.inputs import grpo_bert_inputs, grpo_prompt_ids, prompt_embe
 from omni_fast.grpo.logprobs import completion_logprobs
 from omni_fast.grpo.loss import grpo_loss
 from omni_fast.grpo.rewards import compute_rewards
-from omni_fast.grpo.rollout import rollout, rollout_logprobs, solution
+from omni_fast.grpo.rollout import rollout, rollout_logprobs
 from omni_fast.model.checkpoint import load_checkpoint
-from omni_fast.testing import EMOTIONS, make_tiny_checkpoint, random_r1omni, transformers_twin
+from omni_fast.task import EMOTION_LABELS, solution
+from omni_fast.testing import make_tiny_checkpoint, random_r1omni, transformers_twin
 
 PHASES = ("towers", "rollout", "reference", "policy", "optimizer")
 CLIPS, EPOCHS, PROMPTS_PER_STEP = 15306, 2, 16
@@ -293,7 +294,7 @@ def main(argv=None) -> dict:
     g = torch.Generator().manual_seed(0)
     frames = torch.randn(b, loaded.config.num_frames, 3, 224, 224, generator=g).to(device, dtype)
     mel = torch.randn(b, 128, 3000, generator=g).mul_(0.5).to(device, dtype)
-    labels = [EMOTIONS[i % len(EMOTIONS)] for i in range(b)]
+    labels = [EMOTION_LABELS[i % len(EMOTION_LABELS)] for i in range(b)]
     inputs = (frames, mel, ids, bert, labels)
 
     reference = Reference(loaded, cfg, ref_tokens)  # built before Ours touches requires_grad / the weights

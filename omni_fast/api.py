@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,16 +32,10 @@ from omni_fast.engine.engine import Engine
 from omni_fast.engine.sequence import Completion
 from omni_fast.media.loader import MediaLoader
 from omni_fast.model.checkpoint import DTYPES, LoadedCheckpoint, load_checkpoint, resolve_device, save_checkpoint
-from omni_fast.model.prompt import ANSWER, DEFAULT_INSTRUCT, MODALS, inference_prompt, tokenize_multimodal
+from omni_fast.model.prompt import MODALS, inference_prompt, tokenize_multimodal
+from omni_fast.task import DEFAULT_INSTRUCT, parse_response
 
 log = logging.getLogger(__name__)
-_THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
-
-
-def parse_response(text: str) -> tuple[str | None, str | None]:
-    """-> (reasoning inside the first <think></think>, emotion inside the first <answer></answer>), None if absent."""
-    think, answer = _THINK.search(text), ANSWER.search(text)
-    return (think.group(1).strip() if think else None), (answer.group(1).strip() if answer else None)
 
 
 @dataclass(slots=True)

@@ -190,7 +190,7 @@ def _infer_line(r, as_json: bool) -> str:
 
 def cmd_infer(args: argparse.Namespace) -> int:
     from omni_fast.model.checkpoint import resolve_device
-    from omni_fast.model.prompt import DEFAULT_INSTRUCT
+    from omni_fast.task import DEFAULT_INSTRUCT
 
     resolve_device(args.device)
     if args.on_error == "raise":
@@ -231,7 +231,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from omni_fast.eval import evaluate, load_done, run_header, write_confusion_png, write_json
     from omni_fast.grpo.data import load_annotations
     from omni_fast.model.checkpoint import resolve_device
-    from omni_fast.model.prompt import EVAL_QUESTION
+    from omni_fast.task import EVAL_QUESTION
 
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit {args.limit}: expected a number of clips >= 1")

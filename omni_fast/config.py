@@ -11,6 +11,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from omni_fast.task import EMOTION_LABELS
+
 # HumanOmni placeholders spliced with encoder embeddings (humanomni/constants.py).
 VIDEO_TOKEN_INDEX = -201
 AUDIO_TOKEN_INDEX = -202
@@ -233,10 +235,6 @@ LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")  # omni_fast.grpo.loss.NORMALIZ
 SCHEDULERS = ("linear", "cosine", "constant")
 TRAIN_DTYPES = ("auto", "float32", "bfloat16")
 PROMPT_TEMPLATES = ("qwen2vl", "chat_template")  # omni_fast.grpo.inputs.grpo_prompt_ids
-# The DFEW + MAFW label words of the RL data (research/r1omni.md §3.7); a record whose label is not in
-# GRPOConfig.label_set is a bad entry.
-EMOTION_LABELS = ("happy", "sad", "neutral", "angry", "surprise", "disgust", "fear", "contemptuous", "disappointed",
-                  "helpless", "anxious")
 # Per-stage recipe defaults for the fields left as None: R1-Omni's GRPO run (run_grpo_humanomni.sh + trl 0.14.0
 # GRPOConfig) and its EMER cold-start SFT (finetune_omni_emer.sh), research/r1omni.md §3.2-3.6.
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -325,18 +323,8 @@ class GRPOConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} {getattr(self, name)!r}: expected one of {allowed}")
-        from omni_fast.grpo.rewards import REWARD_FUNCS, resolve_reward
-
-        unknown = []
-        for name in self.reward_funcs:
-            try:
-                resolve_reward(name)
-            except KeyError:
-                unknown.append(name)
-        if unknown or not self.reward_funcs:
-            raise ConfigError(f"reward_funcs {list(self.reward_funcs)}: {unknown or 'none given'}; each must be one "
-                              f"of {sorted(REWARD_FUNCS)} or an importable 'module:function' (or add your own with "
-                              "omni_fast.grpo.rewards.register_reward)")
+        if not self.reward_funcs:  # the names themselves are resolved where they are used (the trainer)
+            raise ConfigError("reward_funcs must name at least one reward function")
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
             raise ConfigError(f"reward_weights has {len(self.reward_weights)} values for "
                               f"{len(self.reward_funcs)} reward_funcs")

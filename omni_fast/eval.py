@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from omni_fast.config import EMOTION_LABELS
-from omni_fast.grpo.data import RAVDESS_LABELS, Record
-from omni_fast.model.prompt import ANSWER
+from omni_fast import task
+from omni_fast.grpo.data import Record
+from omni_fast.task import LABEL_SETS
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +44,6 @@ RESULTS_FORMAT = 1  # the header's "omni_fast_eval" value
 RUN_KEYS = ("model_path", "instruct", "max_new_tokens", "modal", "dtype", "device", "media_backend", "bert_path",
             "vision_tower", "audio_tower")
 OTHER = "other"  # the confusion matrix's column for predictions outside the classes
-LABEL_SETS: dict[str, tuple[str, ...]] = {
-    "dfew": EMOTION_LABELS[:7],  # happy, sad, neutral, angry, surprise, disgust, fear
-    "mafw": EMOTION_LABELS,  # DFEW's 7 + contemptuous, disappointed, helpless, anxious
-    "ravdess": ("neutral", "calm", "happy", "sad", "angry", "fear", "disgust", "surprise"),  # after the renames
-}
 
 
 class ResultsFileError(ValueError):
@@ -87,13 +82,11 @@ def confusion_matrix(y_true: list[str], y_pred: list[str]) -> dict:
 
 def prediction(response: str) -> str:
     """The label a response gives: inside its first <answer></answer>, else the whole stripped response."""
-    answer = ANSWER.search(response)
-    return answer.group(1).strip() if answer else response.strip()
+    return task.label_of(response)
 
 
 def ground_truth(record: Record) -> str:
-    label = record.label.strip()
-    return RAVDESS_LABELS.get(label, label) if record.source == "ravdess" else label
+    return task.dataset_label(record.label, record.source)
 
 
 def label_sets_for(records: Iterable[Record]) -> dict[str, tuple[str, ...]] | None:
@@ -154,7 +147,7 @@ def score(rows: list[dict], skipped: list[dict] | None = None,
         part = [r for r in scored if r["source"] == source]
         w, u = war_uar([r["label"] for r in part], [r["prediction"] for r in part])
         by_source[source] = {"war": w, "uar": u, "clips": len(part)}
-    unparsable = sum(ANSWER.search(r.get("text", "")) is None for r in scored)
+    unparsable = sum(task.answer(r.get("text", "")) is None for r in scored)
     return EvalReport(war=war, uar=uar, by_source=by_source, recall=per_class_recall(y_true, y_pred),
                       clips=len(scored), confusion=confusion_matrix(y_true, y_pred), unparsable=unparsable,
                       outside_label_set=dict(sorted(counts.items())), rows=rows,
@@ -385,9 +378,8 @@ def evaluate(model, records: list[Record], instruct: str | None = None, max_new_
     class) or a dict source -> labels. Under torchrun (dist_ctx from omni_fast.distributed.init), rank r
     recognises every W-th clip still to do; rank 0 merges and scores (the other ranks get None)."""
     from omni_fast import distributed
-    from omni_fast.model.prompt import EVAL_QUESTION
 
-    instruct = EVAL_QUESTION if instruct is None else instruct
+    instruct = task.EVAL_QUESTION if instruct is None else instruct
     world, rank = (dist_ctx.world_size, dist_ctx.rank) if dist_ctx is not None else (1, 0)
     label_sets = label_sets_for(records) if label_sets == "auto" else label_sets
     path = Path(results) if results is not None else None

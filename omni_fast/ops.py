@@ -23,8 +23,8 @@ from typing import Callable, Iterator
 import torch
 
 _IMPLS: dict[str, dict[str, str]] = {
-    "causal_attention": {"cuda": "omni_fast.model.qwen2:flash_causal_attention",
-                         "torch": "omni_fast.model.qwen2:sdpa_causal_attention"},
+    "causal_attention": {"cuda": "omni_fast.kernels.causal_attention:causal_attention_flash",
+                         "torch": "omni_fast.kernels.causal_attention:causal_attention_ref"},
     "add_rms_norm": {"triton": "omni_fast.kernels.rms_norm:add_rms_norm",
                      "torch": "omni_fast.kernels.rms_norm:add_rms_norm_ref"},
     "rope": {"triton": "omni_fast.kernels.rope:rope", "torch": "omni_fast.kernels.rope:rope_ref"},
@@ -37,7 +37,8 @@ _IMPLS: dict[str, dict[str, str]] = {
     "selective_logprob": {"triton": "omni_fast.kernels.selective_logprob:selective_logprob",
                           "cpu": "omni_fast.kernels.selective_logprob:selective_logprob_cpu",
                           "torch": "omni_fast.kernels.selective_logprob:selective_logprob_torch"},
-    "group_advantage": {"cuda": "omni_fast.native:group_advantage", "cpu": "omni_fast.native:group_advantage",
+    "group_advantage": {"cuda": "omni_fast.kernels.native:group_advantage",
+                        "cpu": "omni_fast.kernels.native:group_advantage",
                         "triton": "omni_fast.kernels.group_advantage:group_advantage",
                         "torch": "omni_fast.kernels.group_advantage:group_advantage_ref"},
 }
@@ -190,16 +191,6 @@ def cascade_splits(prefix_capacity: int) -> int:
     return _resolve("omni_fast.kernels.cascade_attention:num_splits")(prefix_capacity)
 
 
-def advantage_scale_code(scale: str) -> int:
-    """The integer code of a group_advantage `scale` ("group" / "batch" / "none") that every kernel takes (the
-    Triton kernel's constexpr, omni_fast._C's argument, csrc/kernels/group_advantage.cuh's enum), defined once
-    in kernels/group_advantage.py."""
-    codes = _resolve("omni_fast.kernels.group_advantage:SCALES")
-    if scale not in codes:
-        raise ValueError(f"scale must be one of {list(codes)}, got {scale!r}")
-    return codes[scale]
-
-
 def selective_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                       temperature: float = 1.0) -> torch.Tensor:
     """log_softmax(hidden @ weight.T / temperature)[targets] as float32, never forming the [N, V] logits.
@@ -208,17 +199,6 @@ def selective_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
     to hidden and weight (no weight gradient is formed when weight.requires_grad is False).
     """
     return _pick("selective_logprob", hidden.device)(hidden, weight, targets, temperature)
-
-
-def selective_logprob_stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                            temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logp, lse, entropy), each float32 [...], from the same pass as `selective_logprob`.
-
-    lse = logsumexp(z), entropy = -sum softmax(z) * log_softmax(z), z = hidden @ weight.T / temperature.
-    Only logp is differentiable; lse and entropy are detached (metrics). Costs two multiply-adds per logit
-    more than `selective_logprob`.
-    """
-    return _pick("selective_logprob", hidden.device)(hidden, weight, targets, temperature, with_stats=True)
 
 
 def group_advantage(rewards: torch.Tensor, group_size: int, eps: float = 1e-4, scale: str = "group") -> torch.Tensor:

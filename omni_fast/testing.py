@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from omni_fast.task import EMOTION_LABELS
+
 QWEN_SPECIAL_TOKENS = [  # Qwen2.5's added tokens, in id order (151643 ... 151664 in the real vocabulary)
     ("<|endoftext|>", True), ("<|im_start|>", True), ("<|im_end|>", True), ("<|object_ref_start|>", True),
     ("<|object_ref_end|>", True), ("<|box_start|>", True), ("<|box_end|>", True), ("<|quad_start|>", True),
@@ -46,8 +48,6 @@ QWEN_CHAT_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
-EMOTIONS = ["happy", "sad", "neutral", "angry", "surprise", "disgust", "fear", "contemptuous", "disappointed",
-            "helpless", "anxious"]
 _CORPUS = [
     "As an emotional recognition expert; throughout the video, which emotion conveyed by the characters is the "
     "most obvious to you?\nOutput the thinking process in <think> </think> and final emotion in <answer> </answer> "
@@ -59,7 +59,7 @@ _CORPUS = [
     "In the video, the woman lowers her head and speaks slowly, tears in her eyes, which suggests sadness.",
     "The facial expression, the body language and the tone of the speech together reveal the emotion.",
     "Numbers 0 1 2 3 4 5 6 7 8 9 10 2025; punctuation , . ; : ! ? ( ) [ ] { } ' \" - _ / \\ < > = + * & % $ # @",
-    " ".join(EMOTIONS), "When the characters display their emotions, which predominant feeling is most clearly expressed?",
+    " ".join(EMOTION_LABELS), "When the characters display their emotions, which predominant feeling is most clearly expressed?",
 ]
 _BERT_WORDS = ("as an emotional recognition expert throughout the video which emotion conveyed by characters is most "
                "obvious to you output thinking process in think and final answer tags when display their "
@@ -220,7 +220,7 @@ def _write_bert(directory: Path, gen: torch.Generator) -> tuple[dict, dict[str, 
 
     chars = list("abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'\"()<>/-_")
     vocab = (["[PAD]", "[unused0]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + [f"##{c}" for c in chars]
-             + sorted(set(_BERT_WORDS) | set(EMOTIONS)))
+             + sorted(set(_BERT_WORDS) | set(EMOTION_LABELS)))
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
     (directory / "tokenizer_config.json").write_text(json.dumps({

@@ -24,7 +24,6 @@ import numpy as np
 
 COLOURS = {"angry": (200, 40, 40), "sad": (40, 60, 200), "happy": (40, 180, 60)}
 COLOUR_NAMES = {"angry": "red", "sad": "blue", "happy": "green"}
-THINK = "<think>The scene is {colour}.</think>"
 
 
 @dataclass(slots=True)
@@ -47,7 +46,7 @@ def toy_frame(index: int, size: tuple[int, int], colour: tuple[int, int, int], s
 def make_toy_task(directory: str | Path, clips_per_label: int = 4, seed: int = 0,
                   size: tuple[int, int] = (64, 48)) -> ToyTask:
     """Write the clips (1 s, 8 fps, h264 + AAC) and both annotation files under `directory`."""
-    from omni_fast.grpo.inputs import DEFAULT_SFT_QUESTION
+    from omni_fast.task import DEFAULT_SFT_QUESTION, response
     from omni_fast.testing import make_clip
 
     root = Path(directory)
@@ -65,7 +64,7 @@ def make_toy_task(directory: str | Path, clips_per_label: int = 4, seed: int = 0
             human = {"from": "human", "value": DEFAULT_SFT_QUESTION}
             grpo.append({"video": f"clips/{path.name}", "conversations": [human, {"from": "gpt", "value": label}]})
             for other in labels:  # the same audio track everywhere: the colour is the only cue
-                answer = f"{THINK.format(colour=COLOUR_NAMES[label])}\n<answer>{other}</answer>"
+                answer = response(f"The scene is {COLOUR_NAMES[label]}.", other)
                 sft.append({"video": f"clips/{path.name}", "conversations": [human, {"from": "gpt", "value": answer}]})
     rng.shuffle(sft)
     (root / "grpo.json").write_text(json.dumps(grpo, indent=1))

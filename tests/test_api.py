@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from omni_fast import cli
-from omni_fast.api import parse_response
+from omni_fast.task import parse_response
 from omni_fast.config import SamplingParams
 from omni_fast.media.pyav import MediaError, load_clip
-from omni_fast.model.prompt import DEFAULT_INSTRUCT
+from omni_fast.task import DEFAULT_INSTRUCT
 
 
 def _reference_text(omni, reference, clip_path, max_new_tokens, instruct=DEFAULT_INSTRUCT):

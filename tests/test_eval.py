@@ -7,7 +7,8 @@ import pytest
 
 from omni_fast import cli
 from omni_fast.api import OmniModel
-from omni_fast.eval import LABEL_SETS, confusion_matrix, ground_truth, label_sets_for, prediction, score, war_uar
+from omni_fast.eval import confusion_matrix, ground_truth, label_sets_for, prediction, score, war_uar
+from omni_fast.task import LABEL_SETS
 from omni_fast.grpo.data import Record
 
 
@@ -152,7 +153,7 @@ def test_eval_command_scores_streams_and_reports_skipped_clips(tiny_ckpt, annota
     assert not list(out.parent.glob(".*tmp*")) and not list(out.parent.glob("*.part"))
     assert len(calls) == 1 and len(calls[0]) == 4
     # the reference eval's prompt and generation length are the defaults
-    from omni_fast.model.prompt import EVAL_QUESTION
+    from omni_fast.task import EVAL_QUESTION
     assert _lines(out.with_suffix(".jsonl"))[0]["instruct"] == EVAL_QUESTION
 
 

@@ -116,14 +116,14 @@ class TestReferencePath:
         if os.environ.get("OMNI_FAST_NO_EXT") == "1":
             pytest.skip("built without the native extension")
         assert "cpu" in ops.backends("group_advantage", "cpu")
-        from omni_fast import native
+        from omni_fast.kernels import native
         torch.library.opcheck(native.group_advantage, (torch.rand(2, 24), 8, 1e-4, "group"))
         torch.library.opcheck(native.group_advantage, (torch.rand(1, 24), 4, 1e-4, "batch"))
 
     def test_native_cpu_op_checks_name_the_tensor(self):
         if "cpu" not in ops.backends("group_advantage", "cpu"):
             pytest.skip("built without the native extension")
-        from omni_fast import native
+        from omni_fast.kernels import native
         with pytest.raises(RuntimeError, match="rewards"):
             native.group_advantage(torch.rand(2, 3, 8), 4, 1e-4, "group")
 

@@ -7,10 +7,29 @@ import pytest
 import torch
 
 from omni_fast import ops
-from omni_fast.grpo.loss import NORMALIZERS, completion_mask, fused_grpo_loss, grpo_loss, k3_kl
+from omni_fast.grpo.loss import NORMALIZERS, LossOutput, grpo_loss, k3_kl
 from omni_fast.kernels.selective_logprob import selective_logprob_ref
 
 EOS = 151645
+
+
+def completion_mask(completion_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """float [B, T]: 1 at positions up to and including the first EOS of each row, 0 after; all 1 without EOS
+    (masks of ragged lengths for these tests; the trainer's mask comes from the completion lengths)."""
+    is_eos = completion_ids == eos_token_id                                             # (B, T)
+    length = completion_ids.shape[1]
+    first = torch.where(is_eos.any(1), is_eos.int().argmax(1), length)                  # (B,)
+    positions = torch.arange(length, device=completion_ids.device)
+    return (positions[None, :] <= first[:, None]).to(torch.float32)
+
+
+def fused_grpo_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, completion_ids: torch.Tensor,
+                    advantages: torch.Tensor, mask: torch.Tensor, *, temperature: float = 1.0,
+                    **loss_kwargs) -> LossOutput:
+    """Policy log-probs straight from the LM head (ops.selective_logprob, no [B*T, V] logits) into grpo_loss:
+    hidden [B, T, H] already shifted to predict completion_ids [B, T]."""
+    logp = ops.selective_logprob(hidden, lm_head_weight, completion_ids, temperature)   # (B, T) fp32
+    return grpo_loss(logp, advantages, mask, **loss_kwargs)
 
 
 def _loop_loss(logp, adv, mask, ref, old, beta, eps_low, eps_high, loss_type, max_len, num_items):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from omni_fast.media.pyav import load_clip
-from omni_fast.model.prompt import DEFAULT_INSTRUCT
+from omni_fast.task import DEFAULT_INSTRUCT
 
 TOL = 1e-4
 

@@ -2,8 +2,8 @@
 import pytest
 
 from omni_fast.model.checkpoint import load_tokenizer
-from omni_fast.model.prompt import (DEFAULT_INSTRUCT, grpo_bert_text, grpo_prompt, inference_prompt,
-                                    tokenize_multimodal)
+from omni_fast.model.prompt import grpo_bert_text, grpo_prompt, inference_prompt, tokenize_multimodal
+from omni_fast.task import DEFAULT_INSTRUCT
 
 
 @pytest.fixture(scope="module")

@@ -60,11 +60,11 @@ def test_bf16_close_to_fp32():
 def test_flash_attn_path_matches_sdpa():
     pytest.importorskip("flash_attn")
     from omni_fast import ops
-    from omni_fast.model.qwen2 import sdpa_causal_attention
+    from omni_fast.kernels.causal_attention import causal_attention_ref
 
     q = torch.randn(2, 300, 14, 64, device="cuda", dtype=torch.bfloat16)
     k, v = torch.randn(2, 2, 300, 2, 64, device="cuda", dtype=torch.bfloat16).unbind(0)
     assert ops.backends("causal_attention", "cuda")[0] == "cuda"
-    ref = sdpa_causal_attention(q.double(), k.double(), v.double())
-    torch_err = (sdpa_causal_attention(q, k, v).double() - ref).abs().max()
+    ref = causal_attention_ref(q.double(), k.double(), v.double())
+    torch_err = (causal_attention_ref(q, k, v).double() - ref).abs().max()
     assert (ops.causal_attention(q, k, v).double() - ref).abs().max() <= 2 * torch_err

@@ -66,11 +66,18 @@ def test_config_from_yaml_json_and_overrides(tmp_path):
 
 @pytest.mark.parametrize("raw,needle", [({"learnig_rate": 1}, "did you mean 'learning_rate'"),
                                         ({"max_steps": 2.5}, "max_steps"), ({"stage": "ppo"}, "stage"),
-                                        ({"reward_funcs": ["nope"]}, "reward_funcs"), ({"num_generations": 1}, "num_generations"),
+                                        ({"reward_funcs": []}, "reward_funcs"), ({"num_generations": 1}, "num_generations"),
                                         ({"loss_type": "x"}, "loss_type"), ({"reward_weights": [1.0]}, "reward_weights")])
 def test_config_errors_name_the_key(raw, needle):
     with pytest.raises(ConfigError, match=needle):
         GRPOConfig.from_dict(raw)
+
+
+def test_unknown_reward_is_named_before_anything_is_written(task, tiny_ckpt, tmp_path):
+    """Reward names are resolved by the trainer (the config imports no reward), first thing."""
+    with pytest.raises(ConfigError, match=r"reward_funcs .*\['nope'\]"):
+        Trainer(_config(task, tiny_ckpt, tmp_path / "run", reward_funcs=("format", "nope")))
+    assert not (tmp_path / "run").exists()
 
 
 def test_every_config_field_is_described_in_train_help(capsys):
@@ -199,6 +206,25 @@ def test_step_loss_and_gradient_equal_the_reference_formula(task, tiny_ckpt, tmp
                         for c, n in zip(ro.completions, ro.lengths)]
     # the weights 1.0 / 0.5 are applied: format counts half
     assert ro.rewards["rewards/format_reward"] == [0.5 * v for v in reward_registry.format_reward(ro.texts)]
+
+
+def test_clip_ratio_is_logged_over_the_step_tokens(task, tiny_ckpt, tmp_path, monkeypatch):
+    """num_iterations 2: the second update of a rollout batch clips its ratio against the rollout policy; the
+    logged clip_ratio is the clipped fraction of all the step's completion tokens (0 on the first update)."""
+    from omni_fast.grpo import trainer as trainer_module
+
+    outputs = []
+    real = trainer_module.grpo_loss
+    monkeypatch.setattr(trainer_module, "grpo_loss", lambda *a, **k: outputs.append((real(*a, **k), a[2])) or outputs[-1][0])
+    trainer = Trainer(_config(task, tiny_ckpt, tmp_path / "run", max_steps=2, num_iterations=2, epsilon=1e-3,
+                              learning_rate=3e-3, gradient_accumulation_steps=2, per_device_train_batch_size=1))
+    history = trainer.train()
+    assert len(outputs) == 4  # 2 micro-batches x 2 updates
+    first, second = outputs[:2], outputs[2:]
+    assert history[0]["clip_ratio"] == 0.0 and all(float(o.clip_ratio) == 0.0 for o, _ in first)
+    want = sum(float(o.clip_ratio) * float(mask.sum()) for o, mask in second) / sum(float(m.sum()) for _, m in second)
+    assert want > 0.0
+    assert history[1]["clip_ratio"] == pytest.approx(want, rel=1e-6)
 
 
 def test_gradient_accumulation_and_batch_split_give_the_same_update(task, tiny_ckpt, tmp_path, monkeypatch):

@@ -10,7 +10,8 @@ absolute paths are kept. A bad entry is an AnnotationError naming the file and t
 
 source follows the reference eval's grouping: "mafw" if "MAFW" is in the video path, else "dfew" for the
 conversation format; "ravdess" for the RAVDESS format. Labels are kept as written (stripped); the RAVDESS
-eval's renames (fearful -> fear, surprised -> surprise) are in RAVDESS_LABELS for the eval to apply.
+eval's renames (fearful -> fear, surprised -> surprise) are the task's (omni_fast.task.dataset_label), applied by
+the eval.
 """
 from __future__ import annotations
 
@@ -19,9 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omni_fast.model.prompt import ANSWER as _ANSWER
-
-RAVDESS_LABELS = {"fearful": "fear", "surprised": "surprise"}  # eval_ravedess.py's mapping
+from omni_fast import task
 SIDECAR_AUDIO = (".wav", ".flac", ".ogg")  # formats DALI's audio decoder reads
 
 
@@ -132,8 +131,7 @@ def _conversation_record(entry: dict, index: int, root: Path, where: str) -> Rec
     gpt = [t.get("value") for t in turns if t.get("from") == "gpt"]
     if not gpt or not isinstance(gpt[0], str) or not gpt[0].strip():
         raise AnnotationError(f"{where}: no non-empty 'gpt' turn to take the label from")
-    answer = _ANSWER.search(gpt[0])
-    label = (answer.group(1) if answer else gpt[0]).strip()
+    label = task.label_of(gpt[0])
     if not label:
         raise AnnotationError(f"{where}: the <answer> tag of the 'gpt' turn is empty")
     source = "mafw" if "MAFW" in str(entry["video"]) else "dfew"

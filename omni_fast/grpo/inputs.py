@@ -21,11 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from omni_fast.model.prompt import (EMOTION_QUESTION, PLACEHOLDERS, QUESTION_TEMPLATE, WRAPPERS, grpo_bert_text,
-                                    grpo_prompt, tokenize_multimodal)
-
-# The human turn the reference SFT data carries (and what an SFT record without one gets).
-DEFAULT_SFT_QUESTION = "<video>\n<audio>\n" + QUESTION_TEMPLATE.format(Question=EMOTION_QUESTION)
+from omni_fast.model.prompt import PLACEHOLDERS, WRAPPERS, grpo_bert_text, grpo_prompt, tokenize_multimodal
+from omni_fast.task import DEFAULT_SFT_QUESTION
 
 
 @dataclass(slots=True)

@@ -6,7 +6,8 @@ The default reproduces the R1-Omni reference trainer (humanOmni_grpo_trainer.py,
     per_token_loss = -(exp(logp - logp.detach()) * A - beta * per_token_kl),  beta = 0.04
     loss           = mean over sequences of (sum_t loss * mask / sum_t mask)   ("grpo")
 
-with mask = 1 up to and including the first EOS of each completion. With old log-probs (several updates
+with mask = 1 over each completion's own tokens, its stop token included (the rollout builds it from the
+completion lengths; the reference stops the mask at the first <|im_end|>, see the trainer). With old log-probs (several updates
 per rollout batch) the policy term is PPO's clipped ratio min(r A, clip(r, 1 - eps_low, 1 + eps_high) A),
 r = exp(logp - old). Token-level normalisations ("bnpo", "dr_grpo", "dapo") follow TRL's definitions.
 
@@ -18,22 +19,11 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from omni_fast import ops
-
 
 class LossOutput(NamedTuple):
     loss: torch.Tensor          # scalar, differentiable
     kl: torch.Tensor            # masked per-sequence mean of the k3 KL, then batch mean (detached); nan without ref
     clip_ratio: torch.Tensor    # fraction of completion tokens whose ratio was clipped (detached); 0 without old
-
-
-def completion_mask(completion_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
-    """float [B, T]: 1 at positions up to and including the first EOS of each row, 0 after; all 1 without EOS."""
-    is_eos = completion_ids == eos_token_id                                             # (B, T)
-    length = completion_ids.shape[1]
-    first = torch.where(is_eos.any(1), is_eos.int().argmax(1), length)                  # (B,)
-    positions = torch.arange(length, device=completion_ids.device)
-    return (positions[None, :] <= first[:, None]).to(torch.float32)
 
 
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
@@ -106,7 +96,7 @@ def grpo_loss(logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, 
     """GRPO loss over completion tokens; the defaults are the R1-Omni reference trainer's.
 
     logp [B, T] policy log-probs of the sampled tokens (with grad), advantages [B] (or [B, T]), mask [B, T]
-    (`completion_mask`), ref_logp [B, T] reference-model log-probs (KL term, beta), old_logp [B, T] the
+    (1 over each completion's tokens), ref_logp [B, T] reference-model log-probs (KL term, beta), old_logp [B, T] the
     rollout policy's log-probs (clipped ratio; None for the single on-policy update of the reference),
     loss_type a key of NORMALIZERS.
     """
@@ -125,19 +115,6 @@ def grpo_loss(logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, 
             clipped = ((ratio < 1 - eps_low) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))
             clip_ratio = (clipped.to(mask.dtype) * mask).sum() / mask.sum().clamp(min=1)
     return LossOutput(loss, kl, clip_ratio)
-
-
-def fused_grpo_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, completion_ids: torch.Tensor,
-                    advantages: torch.Tensor, mask: torch.Tensor, *, temperature: float = 1.0,
-                    **loss_kwargs) -> LossOutput:
-    """The fused path: policy log-probs straight from the LM head into `grpo_loss`.
-
-    hidden [B, T, H] are the decoder's final hidden states at the positions that predict completion_ids
-    [B, T] (i.e. already shifted by one). ops.selective_logprob forms no [B*T, V] logits, forward or backward;
-    the loss then only touches [B, T] tensors. loss_kwargs go to `grpo_loss`.
-    """
-    logp = ops.selective_logprob(hidden, lm_head_weight, completion_ids, temperature)   # (B, T) fp32
-    return grpo_loss(logp, advantages, mask, **loss_kwargs)
 
 
 def accumulation_scale(loss_type: str, mask: torch.Tensor, step_sequences: int, step_tokens: float) -> float:

@@ -2,7 +2,8 @@
 
 metrics.jsonl holds one JSON object per logged step with the reference trainer's names (`loss`, `reward`,
 `reward_std`, `rewards/accuracy_reward`, `rewards/format_reward`, `kl`, `completion_length`, `grad_norm`,
-`learning_rate`) plus `step`, `epoch`, `skipped_clips`, `tokens_per_s` (completion tokens generated per second
+`learning_rate`) plus `clip_ratio` (the fraction of completion tokens whose probability ratio was clipped, TRL's
+name; 0 unless num_iterations > 1), `step`, `epoch`, `skipped_clips`, `tokens_per_s` (completion tokens generated per second
 of the step's wall time; SFT: target tokens) and the seconds of each phase
 (`time/media`, `time/towers`, `time/rollout`, `time/reference`, `time/policy`, `time/optimizer`). On resume the
 lines past the checkpoint's step (written by the run that was interrupted) are dropped, so the file reads as

@@ -6,17 +6,10 @@ reference sums them into a total reward in {0, 1, 2}.
 from __future__ import annotations
 
 import inspect
-import re
 from typing import Callable
 
-from omni_fast.model.prompt import ANSWER_ONE_LINE as _ANSWER  # no DOTALL, as the reference
-
-_FORMAT = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
-
-
-def _answer(text: str) -> str:
-    match = _ANSWER.search(text)
-    return match.group(1).strip() if match else text.strip()
+from omni_fast import task
+from omni_fast.config import ConfigError
 
 
 def accuracy_reward(completions: list[str], solutions: list[str]) -> list[float]:
@@ -29,13 +22,14 @@ def accuracy_reward(completions: list[str], solutions: list[str]) -> list[float]
     """
     if len(completions) != len(solutions):
         raise ValueError(f"{len(completions)} completions but {len(solutions)} solutions")
-    return [float(_answer(c) == _answer(s)) for c, s in zip(completions, solutions)]
+    return [float(task.label_of(c, one_line=True) == task.label_of(s, one_line=True))
+            for c, s in zip(completions, solutions)]
 
 
 def format_reward(completions: list[str]) -> list[float]:
     """1.0 where the whole completion is <think>...</think> then <answer>...</answer> (whitespace between,
     anything inside, newlines allowed: re.fullmatch with re.DOTALL), else 0.0."""
-    return [float(_FORMAT.fullmatch(c) is not None) for c in completions]
+    return [float(task.well_formed(c)) for c in completions]
 
 
 # --- the registry ---------------------------------------------------------------------------------------------
@@ -70,6 +64,21 @@ def resolve_reward(name: str) -> RewardFn:
     if name not in REWARD_FUNCS:
         raise KeyError(f"reward {name!r} is not registered; known: {sorted(REWARD_FUNCS)}")
     return REWARD_FUNCS[name]
+
+
+def resolve_rewards(names: tuple[str, ...] | list[str]) -> list[RewardFn]:
+    """GRPOConfig.reward_funcs -> the functions, or a ConfigError naming every name that resolves to none (the
+    trainer checks them before it loads anything)."""
+    found, unknown = [], []
+    for name in names:
+        try:
+            found.append(resolve_reward(name))
+        except KeyError:
+            unknown.append(name)
+    if unknown:
+        raise ConfigError(f"reward_funcs {list(names)}: {unknown}; each must be one of {sorted(REWARD_FUNCS)} or an "
+                          "importable 'module:function' (or add your own with omni_fast.grpo.rewards.register_reward)")
+    return found
 
 
 def _takes_solutions(fn: RewardFn) -> bool:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from omni_fast import task
 from omni_fast.config import SamplingParams
 from omni_fast.engine.sequence import row_seed
 from omni_fast.grpo.advantage import group_advantages
@@ -44,11 +45,6 @@ def rollout_seed(seed: int, step: int, index: int) -> int:
     return row_seed(row_seed(seed, step), index)
 
 
-def solution(label: str) -> str:
-    """The reference's solution string for a label (grpo.py: f"<answer> {label} </answer>")."""
-    return f"<answer> {label} </answer>"
-
-
 def weighted_rewards(names, weights, texts: list[str], solutions: list[str]) -> dict[str, list[float]]:
     raw = compute_rewards(names, texts, solutions)
     weights = weights or [1.0] * len(raw)
@@ -70,7 +66,7 @@ def rollout(policy, engine, tokenizer, features: ClipFeatures, prompt_ids: list[
     groups = engine.generate(prefixes, params)
     token_ids = [c.token_ids for group in groups for c in group]           # B*G lists, prompt-major
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in token_ids]
-    rewards = weighted_rewards(cfg.reward_funcs, cfg.reward_weights, texts, [solution(l) for l in labels
+    rewards = weighted_rewards(cfg.reward_funcs, cfg.reward_weights, texts, [task.solution(l) for l in labels
                                                                                for _ in range(g)])
     stacked = torch.tensor(list(rewards.values()), dtype=torch.float32, device=device)   # (K, B*G)
     advantages = group_advantages(stacked, g, scale=cfg.scale_rewards)

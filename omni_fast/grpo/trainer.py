@@ -61,7 +61,7 @@ from omni_fast.grpo.inputs import ClipFeatures, grpo_bert_inputs, grpo_prompt_id
 from omni_fast.grpo.loss import accumulation_scale, grpo_loss
 from omni_fast.grpo.metrics import MetricsLog, Phases, make_logger
 from omni_fast.grpo.optim import MasterAdamW, lr_lambda
-from omni_fast.grpo.rewards import metric_name
+from omni_fast.grpo.rewards import metric_name, resolve_rewards
 from omni_fast.grpo.rollout import Rollout, rollout, rollout_logprobs, rollout_sums
 from omni_fast.grpo.sft import sft_batch, sft_loss
 from omni_fast.media.loader import MediaLoader
@@ -88,6 +88,7 @@ class Trainer:
             raise TrainingError("model_path and train_annotations must be set (in the config file or as "
                                 "--model_path / --train_annotations)")
         self.cfg = cfg = config
+        resolve_rewards(cfg.reward_funcs)  # an unknown reward name stops here, before anything is loaded or written
         self.on_step = on_step  # called with each step's metrics (the demo prints its reward curve)
         self.history: list[dict] = []
         self._prompt = None  # GRPO prompt ids + BERT inputs, tokenised at the first step
@@ -330,7 +331,7 @@ class Trainer:
                               dtype=torch.float64)
         sequences, tokens = distributed.all_reduce_sum(self.dist, counts).tolist()  # the global batch's
         for iteration in range(cfg.num_iterations):
-            loss = kl = 0.0
+            loss = kl = clipped = 0.0
             for ro in rollouts:
                 with phases("policy"):
                     logp = self.policy(rollout_logprobs, ro, bert, g, cfg.temperature)
@@ -345,12 +346,13 @@ class Trainer:
                         ro.old_logp = logp.detach()
                 loss += float(scaled.detach())
                 kl += float(out.kl) * ro.mask.shape[0]
+                clipped += float(out.clip_ratio) * float(ro.mask.sum())
             for pad in pads:
                 with phases("policy"):
                     (self.policy(rollout_logprobs, pad, bert, g, cfg.temperature).sum() * 0.0).backward()
             with phases("optimizer"):
                 grad_norm = self._optimizer_step()
-            yield self._grpo_metrics(rollouts, loss, kl, grad_norm)
+            yield self._grpo_metrics(rollouts, loss, kl, clipped, grad_norm)
 
     def _pad_rollouts(self, rollouts: list[Rollout], ids: torch.Tensor) -> list[Rollout]:
         """Under FSDP2 every forward and backward of the sharded models is a collective, so a rank with fewer
@@ -381,11 +383,11 @@ class Trainer:
         mel = torch.zeros(1, self.plain.towers.audio.num_mel_bins, 3000, device=self.device)
         return tower_features(self.plain, frames, mel)
 
-    def _grpo_metrics(self, rollouts: list[Rollout], loss: float, kl: float, grad_norm: float) -> dict:
-        """The step's metrics over every rank's rollouts."""
+    def _grpo_metrics(self, rollouts: list[Rollout], loss: float, kl: float, clipped: float, grad_norm: float) -> dict:
+        """The step's metrics over every rank's rollouts (clipped: completion tokens whose ratio was clipped)."""
         keys = [metric_name(n) for n in self.cfg.reward_funcs]
         sums = rollout_sums(rollouts, keys, self.cfg.num_generations)
-        sums.update(loss=loss, kl=kl)
+        sums.update(loss=loss, kl=kl, clipped=clipped)
         names = sorted(sums)
         total = dict(zip(names, distributed.all_reduce_sum(
             self.dist, torch.tensor([sums[k] for k in names], dtype=torch.float64)).tolist()))
@@ -393,7 +395,8 @@ class Trainer:
         return {"loss": total["loss"], "reward": total["reward"] / n,
                 "reward_std": total["reward_std"] / max(total["groups"], 1.0), **{k: total[k] / n for k in keys},
                 "kl": total["kl"] / n if self.reference is not None else math.nan,
-                "completion_length": total["completion_length"] / n, "grad_norm": grad_norm,
+                "completion_length": total["completion_length"] / n,
+                "clip_ratio": total["clipped"] / max(total["completion_length"], 1.0), "grad_norm": grad_norm,
                 "learning_rate": self._lr_used, "_tokens": total["completion_length"]}
 
     # --- SFT -------------------------------------------------------------------------------------------------

@@ -5,34 +5,20 @@ Two named prompts (research/r1omni.md §1.8):
     "<video>\\n<audio>\\n" + instruct, then <video> -> <vi_start><video><vi_end> (mm_use_x_start_end).
   * grpo_prompt: the R1-Omni GRPO trainer - Qwen2-VL's template (system "You are a helpful assistant.",
     a <|vision_start|><|video_pad|><|vision_end|> item whose <|video_pad|> stays an ordinary token) around
-    the wrapped placeholders and QUESTION_TEMPLATE.format(Question=EMOTION_QUESTION).
+    the wrapped placeholders and the task's question (omni_fast.task.grpo_question).
 The BERT gate reads the instruct text (inference) or the question+template text (GRPO), never the placeholders.
+The words of the questions are the task's (omni_fast/task.py); this module only renders them.
 """
 from __future__ import annotations
 
-import re
-
+from omni_fast import task
 from omni_fast.config import AUDIO_TOKEN_INDEX, VIDEO_TOKEN_INDEX
-
-# The <answer>...</answer> of a completion or an annotation, two ways: ANSWER's may span lines (reading a
-# recognition or a label), ANSWER_ONE_LINE's may not, as R1-Omni's accuracy_reward matches it (no re.DOTALL).
-ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-ANSWER_ONE_LINE = re.compile(r"<answer>(.*?)</answer>")
 
 MODALS = ("video_audio", "video", "audio")
 MODAL_PREFIX = {"video_audio": "<video>\n<audio>", "video": "<video>", "audio": "<audio>"}
 PLACEHOLDERS = {"<audio>": AUDIO_TOKEN_INDEX, "<video>": VIDEO_TOKEN_INDEX}
 WRAPPERS = {"<video>": "<vi_start><video><vi_end>", "<audio>": "<au_start><audio><au_end>",
             "<image>": "<im_start><image><im_end>"}
-
-EMOTION_QUESTION = ("As an emotional recognition expert; throughout the video, which emotion conveyed by the "
-                    "characters is the most obvious to you?")
-QUESTION_TEMPLATE = "{Question}\nOutput the thinking process in <think> </think> and final emotion in <answer> </answer> tags."
-# The instruct of R1-Omni's README demo (two spaces before "Output", as there).
-DEFAULT_INSTRUCT = (EMOTION_QUESTION + "  Output the thinking process in <think> </think> and final emotion in "
-                    "<answer> </answer> tags.")
-EVAL_QUESTION = ("As an emotional recognition expert, in the video, when the characters display their emotions, "
-                 "which predominant feeling is most clearly expressed?\n")
 
 
 def _wrap(prompt: str) -> str:
@@ -50,17 +36,17 @@ def inference_prompt(tokenizer, instruct: str, modal: str = "video_audio", use_x
     return _wrap(prompt) if use_x_start_end else prompt
 
 
-def grpo_prompt(question: str = EMOTION_QUESTION) -> str:
+def grpo_prompt(question: str = task.EMOTION_QUESTION) -> str:
     """The rendered R1-Omni GRPO prompt for one clip."""
-    text = QUESTION_TEMPLATE.format(Question=question)
+    text = task.grpo_question(question)
     return ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
             "<|vision_start|><|video_pad|><|vision_end|>" + _wrap("<video>\n<audio>\n") + text +
             "<|im_end|>\n<|im_start|>assistant\n")
 
 
-def grpo_bert_text(question: str = EMOTION_QUESTION) -> str:
+def grpo_bert_text(question: str = task.EMOTION_QUESTION) -> str:
     """What the GRPO trainer feeds the BERT gate: the question with its output template, no placeholders."""
-    return QUESTION_TEMPLATE.format(Question=question)
+    return task.grpo_question(question)
 
 
 def tokenize_multimodal(tokenizer, prompt: str) -> list[int]:

@@ -23,22 +23,6 @@ class AttentionContext(Protocol):
         """q [*lead, Hq, D], k/v [*lead, Hkv, D] (RoPE applied) -> attention output [*lead, Hq, D]."""
 
 
-def sdpa_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Plain causal self-attention: q [B, T, Hq, D], k/v [B, T, Hkv, D] -> [B, T, Hq, D]."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         is_causal=True, enable_gqa=True)
-    return out.transpose(1, 2)
-
-
-def flash_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """flash-attn's kernel on the same layout (GQA native); fp32 inputs, which it lacks, go to SDPA."""
-    if q.dtype not in (torch.float16, torch.bfloat16):
-        return sdpa_causal_attention(q, k, v)
-    from flash_attn import flash_attn_func
-
-    return flash_attn_func(q, k, v, causal=True)
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
