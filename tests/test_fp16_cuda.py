@@ -10,7 +10,7 @@ import torch
 from omni_fast import ops
 from omni_fast.api import OmniModel
 from omni_fast.media.pyav import load_clip
-from omni_fast.model.prompt import DEFAULT_INSTRUCT
+from omni_fast.task import DEFAULT_INSTRUCT
 from numerics import assert_within_torch_error
 
 pytestmark = pytest.mark.gpu
