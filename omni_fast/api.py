@@ -200,7 +200,7 @@ class OmniModel:
                                       None if audio is None else audio[i]) for i, t in enumerate(instructs)]
 
     def fit_positions(self, embeds: list[torch.Tensor], sampling: SamplingParams,
-                       videos: list) -> list[SamplingParams]:
+                      videos: list) -> list[SamplingParams]:
         """Per prompt, the sampling params with max_tokens capped to the positions the model has left (the
         rotary table ends at max_position_embeddings); a prompt that leaves none is an error with both numbers."""
         limit = self.config.max_position_embeddings

@@ -46,7 +46,7 @@ class FakeEngine:
         self.steps = 0
         self.abort_step: dict[str, int] = {}  # request -> the step count when it was aborted
         self.fail_next_step: Exception | None = None  # raised by the next step()
-        self.fail_add = lambda params: False  # add_request raises for the requests it picks
+        self.fail_add = lambda request_id, params: None  # an exception add_request raises for that request
         self.step_gate = threading.Event()  # cleared: step() waits (a test holds the engine still)
         self.step_gate.set()
         self.lock = threading.Lock()
@@ -62,8 +62,9 @@ class FakeEngine:
         return self.script[(position + offset) % len(self.script)]
 
     def add_request(self, request_id: str, prompt: torch.Tensor, params, cache_key: str | None = None) -> None:
-        if self.fail_add(params):
-            raise RuntimeError(f"scripted failure of {request_id}")
+        error = self.fail_add(request_id, params)
+        if error is not None:
+            raise error
         with self.lock:
             assert request_id not in self.requests, request_id
             r = _Request(prompt, params, cache_key, [[] for _ in range(params.n)], [False] * params.n)

@@ -93,7 +93,7 @@ def test_local_path_and_cache_key(served, omni, script, clips):
 
 
 def test_no_question_is_infers_default_instruct(served, omni, script, clips):
-    from omni_fast.model.prompt import DEFAULT_INSTRUCT
+    from omni_fast.task import DEFAULT_INSTRUCT
 
     server, engine = served
     r = _ok(server.client(), omni, script, messages=user(data_url(clips["mp4"])))
@@ -259,7 +259,7 @@ def test_errors_through_the_openai_client(served, clips):
 
 def test_a_request_that_fails_inside_fails_alone(served, omni, script, clips):
     server, engine = served
-    engine.fail_add = lambda params: params.seed == 666
+    engine.fail_add = lambda rid, params: RuntimeError(f"scripted failure of {rid}") if params.seed == 666 else None
     client = server.client()
     try:
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
@@ -270,7 +270,7 @@ def test_a_request_that_fails_inside_fails_alone(served, omni, script, clips):
             for f in good:
                 f.result()
     finally:
-        engine.fail_add = lambda params: False
+        engine.fail_add = lambda rid, params: None
     assert e.value.status_code == 500 and "RuntimeError: scripted failure of chatcmpl-" in e.value.message
     _ok(client, omni, script, messages=user(data_url(clips["mp4"])))
 

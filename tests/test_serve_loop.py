@@ -112,6 +112,19 @@ def test_a_failing_request_fails_alone(loop, error, status, words):
     assert after.until_end()[-1].finished and lp.alive
 
 
+def test_a_request_the_engine_cannot_hold_is_400(loop):
+    lp, engine = loop
+    engine.fail_add = lambda rid, params: ValueError(f"add_request {rid!r}: its prompt and 1 x 9 tokens need 9 KV "
+                                                     "blocks, the pool holds 4") if rid == "big" else None
+    big, small = Sink(), Sink()
+    lp.submit("big", _prepared(), big)
+    lp.submit("small", _prepared(), small)
+    (failed,) = big.until_end()
+    assert isinstance(failed, Failed) and failed.status == 400
+    assert failed.message == "add_request 'big': its prompt and 1 x 9 tokens need 9 KV blocks, the pool holds 4"
+    assert small.until_end()[-1].finished
+
+
 def test_a_failing_step_fails_its_requests_and_the_loop_goes_on(loop):
     lp, engine = loop
     first = Sink()

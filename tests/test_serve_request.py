@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from omni_fast.model.prompt import DEFAULT_INSTRUCT
+from omni_fast.task import DEFAULT_INSTRUCT
 from omni_fast.serve.chat import read_messages
 from omni_fast.serve.limits import check_clip_seconds, check_media_parts, check_n, check_queue, read_body
 from omni_fast.serve.protocol import DONE, ServeError, error_body, parse_request, sse
@@ -169,3 +169,36 @@ def test_count_limits():
     check_clip_seconds(10.0, 10.0, "p")
     _refused(lambda: check_clip_seconds(10.05, 10.0, "messages[0].content[0]"), 400, "messages[0].content[0]",
              "10.1 s", "--max_clip_seconds 10")
+
+
+# --- the command --------------------------------------------------------------------------------------------------
+ISSUE_FLAGS = ["model_path", "bert_path", "host", "port", "served_model_name", "api_key", "allowed_local_media_path",
+               "allowed_media_domains", "max_num_seqs", "kv_cache_memory", "max_request_bytes", "max_clip_seconds",
+               "max_queue", "request_timeout", "device", "dtype"]
+
+
+def test_serve_flags_are_the_issues_with_kebab_twins():
+    from omni_fast.cli import build_parser
+
+    values = {"model_path": "m", "bert_path": "b", "host": "0.0.0.0", "port": "0", "served_model_name": "r1",
+              "api_key": "k", "allowed_local_media_path": "/d", "allowed_media_domains": "a.com", "max_num_seqs": "4",
+              "kv_cache_memory": "1000", "max_request_bytes": "10", "max_clip_seconds": "2.5", "max_queue": "3",
+              "request_timeout": "9", "device": "cpu", "dtype": "fp32"}
+    for spell in (lambda f: f, lambda f: f.replace("_", "-")):
+        argv = ["serve"] + [x for f in ISSUE_FLAGS for x in ("--" + spell(f), values[f])]
+        args = build_parser().parse_args(argv)
+        assert {f: getattr(args, f) for f in ISSUE_FLAGS} == {
+            **values, "port": 0, "max_num_seqs": 4, "kv_cache_memory": 1000, "max_request_bytes": 10,
+            "max_clip_seconds": 2.5, "max_queue": 3, "request_timeout": 9.0, "allowed_media_domains": ["a.com"]}
+    d = build_parser().parse_args(["serve", "--model_path", "m"])
+    assert (d.host, d.port, d.api_key, d.allowed_media_domains, d.allowed_local_media_path) == ("127.0.0.1", 8000,
+                                                                                             None, [], None)
+
+
+def test_bad_serve_settings_fail_before_loading(capsys, tmp_path):
+    from omni_fast.cli import main
+
+    assert main(["serve", "--model-path", str(tmp_path / "no-model"), "--allowed-local-media-path",
+                 str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"omni-fast serve: error: --allowed_local_media_path {tmp_path / 'none'}: not a directory"]

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from omni_fast.model.prompt import DEFAULT_INSTRUCT
+from omni_fast.task import DEFAULT_INSTRUCT
 from omni_fast.serve.limits import check_media_parts
 from omni_fast.serve.protocol import ChatRequest, ServeError
 

@@ -13,7 +13,8 @@ RequestOutput (new tokens per sample; the completions when finished), or Failed.
 there is nothing to do.
 
 Faults stay with their request: an exception in one request's prepare() or add_request fails that request only
-(a ServeError keeps its status, anything else is a 500 with a one-line message) and the loop goes on. An
+(a ServeError keeps its status, a ValueError from add_request - a request the engine can never hold - is a
+400, anything else a 500 with a one-line message) and the loop goes on. An
 exception from Engine.step() cannot be pinned on one request, so every request in the engine at that step is
 aborted and failed with a 500, and the loop goes on with the next requests.
 """
@@ -149,7 +150,10 @@ class EngineLoop:
     def _add(self, request_id: str, prepare: Callable[[], Prepared], sink: Callable[[Any], None]) -> None:
         try:
             prepared = prepare()
-            self.engine.add_request(request_id, prepared.prompt, prepared.params, prepared.cache_key)
+            try:
+                self.engine.add_request(request_id, prepared.prompt, prepared.params, prepared.cache_key)
+            except ValueError as e:  # the engine refuses a request it can never hold (positions, KV pool, n)
+                raise ServeError(400, " ".join(str(e).split()) or type(e).__name__) from None
         except ServeError as e:
             _send(sink, Failed(e.status, e.message))
             return

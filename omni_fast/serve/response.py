@@ -3,13 +3,13 @@ log-probabilities, usage; and the chat.completion / chat.completion.chunk bodies
 
 A choice ends at a stop string (finish_reason "stop", its text cut before the string), or when the engine
 finishes the request (each sample's Completion gives "stop" for an EOS id, "length" for max_tokens). The
-emotion and reasoning are parsed from the final text by the package's one parser (omni_fast.api.parse_response).
+emotion and reasoning are parsed from the final text by the task's one parser (omni_fast.task.parse_response).
 """
 from __future__ import annotations
 
 import time
 
-from omni_fast.api import parse_response
+from omni_fast.task import parse_response
 from omni_fast.serve.protocol import (ChatCompletion, ChatCompletionChunk, ChatMessage, Choice, ChoiceLogprobs,
                                       ChunkChoice, Delta, TokenLogprob, Usage)
 from omni_fast.serve.text import TextStream
