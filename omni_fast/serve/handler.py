@@ -22,6 +22,7 @@ from typing import AsyncIterator
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
 
 from omni_fast.serve.chat import read_messages
 from omni_fast.serve.inputs import is_remote, load_clip, prepare
@@ -107,7 +108,10 @@ class Call:
             self.phase = "running"
 
     def close(self, status: int) -> None:
-        """The request is over (any way): counts, metrics, the watch; the engine's copy aborted if still there."""
+        """The request is over (any way): counts, metrics, the watch; the engine's copy aborted if still there.
+        Only the first call counts (a stream's generator and its response's background task both call it)."""
+        if self.phase == "done":
+            return
         self.abort()
         self._watch.cancel()
         if self.phase == "waiting":
@@ -192,8 +196,10 @@ async def chat_completion(state: ServerState, request: Request):
         out.prompt_tokens = started.prompt_tokens
         if parsed.stream:
             include_usage = parsed.stream_options is not None and parsed.stream_options.include_usage
+            # the background task closes a stream whose generator never started (the client went first)
             return StreamingResponse(_stream(call, out, include_usage), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+                                     headers={"Cache-Control": "no-cache"},
+                                     background=BackgroundTask(call.close, DISCONNECTED))
         async for _ in call.outputs(out):
             pass
     except ServeError as e:
