@@ -173,9 +173,9 @@ class OmniModel:
             audio = self.model.project_audio(self.model.audio_features(mel.to(self.device)))
         return video, audio
 
-    def prompt_ids(self, instruct: str, modal: str = "video_audio") -> list[int]:
-        """The reference inference prompt, tokenised, with -201 / -202 placeholders."""
-        prompt = inference_prompt(self.tokenizer, instruct, modal, self.config.mm_use_x_start_end)
+    def prompt_ids(self, instruct: str, modal: str = "video_audio", system: str | None = None) -> list[int]:
+        """The reference inference prompt, tokenised, with -201 / -202 placeholders (system: see inference_prompt)."""
+        prompt = inference_prompt(self.tokenizer, instruct, modal, self.config.mm_use_x_start_end, system)
         return tokenize_multimodal(self.tokenizer, prompt)
 
     def _media(self, videos: list, modal: str, aspect: str, batch_size: int, on_error: str) -> MediaLoader:
@@ -186,17 +186,21 @@ class OmniModel:
                                      n_mels=self.model.towers.audio.num_mel_bins, audio=modal != "video")
         return MediaLoader(videos, config, device=self.device)
 
-    def _prompts(self, batch, instructs: list[str], modal: str) -> list[torch.Tensor]:
-        frames = batch.frames if modal != "audio" else None
-        mel = batch.mel if modal != "video" else None
+    def prompt_embeds(self, frames: torch.Tensor | None, mel: torch.Tensor | None, instructs: list[str],
+                      modal: str = "video_audio", system: str | None = None) -> list[torch.Tensor]:
+        """Preprocessed clips (frames (B, 8, 3, 224, 224), mel (B, 128, 3000); the one the modal does not use may
+        be None) and one instruct per clip -> per clip, the inference prompt's embeddings (T_i, hidden) with the
+        encoders' outputs spliced in: what the engine is given."""
+        frames = frames if modal != "audio" else None
+        mel = mel if modal != "video" else None
         video, audio = self.encode(frames, mel, instructs)
-        ids_of = {t: torch.tensor(self.prompt_ids(t, modal), device=self.device) for t in set(instructs)}
+        ids_of = {t: torch.tensor(self.prompt_ids(t, modal, system), device=self.device) for t in set(instructs)}
         with torch.inference_mode():
             return [self.model.splice(ids_of[t], None if video is None else video[i],
                                       None if audio is None else audio[i]) for i, t in enumerate(instructs)]
 
-    def _fit_positions(self, embeds: list[torch.Tensor], sampling: SamplingParams,
-                       videos: list) -> list[SamplingParams]:
+    def fit_positions(self, embeds: list[torch.Tensor], sampling: SamplingParams,
+                      videos: list) -> list[SamplingParams]:
         """Per prompt, the sampling params with max_tokens capped to the positions the model has left (the
         rotary table ends at max_position_embeddings); a prompt that leaves none is an error with both numbers."""
         limit = self.config.max_position_embeddings
@@ -254,9 +258,9 @@ class OmniModel:
                for f in batch.failures]
         if len(batch):
             t0 = time.perf_counter()
-            embeds = self._prompts(batch, [instructs[i] for i in batch.positions], modal)
+            embeds = self.prompt_embeds(batch.frames, batch.mel, [instructs[i] for i in batch.positions], modal)
             t1 = time.perf_counter()
-            results = self.engine.generate(embeds, self._fit_positions(embeds, sampling, batch.records))
+            results = self.engine.generate(embeds, self.fit_positions(embeds, sampling, batch.records))
             t2 = time.perf_counter()
             n = len(batch)
             share = Timings(media=media_s / n, encode=(t1 - t0) / n, generate=(t2 - t1) / n)

@@ -1,8 +1,9 @@
-"""omni-fast command line: infer (the reference inference.py's arguments), eval (WAR/UAR), train and demo.
+"""omni-fast command line: infer (the reference inference.py's arguments), eval (WAR/UAR), train, serve and demo.
 
     omni-fast infer --model_path R1-Omni-0.5B --video_path clip.mp4 --modal video_audio --instruct "..."
     omni-fast eval --model_path R1-Omni-0.5B --annotations DFEW_val.json --data_root /data --out results.json
     omni-fast train --config grpo.yaml [--key value ...] [--resume_from_checkpoint PATH|latest]
+    omni-fast serve --model_path R1-Omni-0.5B [--port 8000] [--api_key KEY] [--allowed_local_media_path DIR]
     omni-fast demo
 
 Every --snake_case flag is also accepted as --kebab-case (--model-path). Errors are one line on stderr with
@@ -122,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(train, "--resume_from_checkpoint", default=None,
           help="a checkpoint-<step> directory, or 'latest' (the newest one in output_dir)")
 
+    _add_serve_parser(sub)
+
     demo = sub.add_parser("demo", formatter_class=_Formatter,
                           help="tiny checkpoint in the real format + a synthetic clip, end to end")
     _flag(demo, "--workdir", default=None, help="where to write the tiny checkpoint and clip (default: temp)")
@@ -129,6 +132,62 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(demo, "--grpo_steps", type=int, default=DEMO_GRPO_STEPS, help="GRPO steps of the toy run (0: skip)")
     _flag(demo, "--sft_steps", type=int, default=DEMO_SFT_STEPS, help="SFT steps before the GRPO run")
     return parser
+
+
+def _add_serve_parser(sub) -> None:
+    """omni-fast serve: vLLM's option names wherever the concept is the same."""
+    from omni_fast.serve.config import ServeConfig
+
+    d = ServeConfig()
+    serve = sub.add_parser("serve", formatter_class=_Formatter,
+                           help="an OpenAI-compatible server (POST /v1/chat/completions with video / audio parts)",
+                           description="Serves /v1/chat/completions, /v1/models, /health and /metrics until SIGTERM "
+                                       "or Ctrl-C, which drain the running requests first.")
+    _flag(serve, "--model_path", required=True, help="HumanOmni / R1-Omni checkpoint directory")
+    _flag(serve, "--bert_path", default=None, help="local bert-base-uncased directory (config.json, vocab.txt); "
+          "default: <model_path>/bert-base-uncased or ./bert-base-uncased")
+    _flag(serve, "--host", default=d.host, help="address to bind (0.0.0.0: every interface)")
+    _flag(serve, "--port", type=int, default=d.port, help="TCP port (0: a free one, printed at startup)")
+    _flag(serve, "--served_model_name", default=None, help="the model name clients send (default: --model_path)")
+    _flag(serve, "--api_key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health")
+    _flag(serve, "--allowed_local_media_path", default=None,
+          help="let requests name local files (file:// URLs or paths) under this directory only")
+    _flag(serve, "--allowed_media_domains", nargs="+", default=[], metavar="HOST",
+          help="let requests name http(s) URLs on these hosts (default: no remote fetch)")
+    _flag(serve, "--max_num_seqs", type=int, default=d.max_num_seqs,
+          help="sample rows the engine runs at once (a request's n may not exceed it)")
+    _flag(serve, "--kv_cache_memory", type=int, default=None, metavar="BYTES",
+          help="bytes of KV cache the engine pools (default: the engine's own sizing)")
+    _flag(serve, "--max_request_bytes", type=int, default=d.max_request_bytes,
+          help="largest request body (413 above it), and largest fetched media file")
+    _flag(serve, "--max_clip_seconds", type=float, default=d.max_clip_seconds, help="longest clip accepted")
+    _flag(serve, "--max_queue", type=int, default=d.max_queue,
+          help="requests waiting for their first token at once; one more gets 429 with Retry-After")
+    _flag(serve, "--request_timeout", type=float, default=d.request_timeout,
+          help="seconds a request may take from arrival to its last token (then it is aborted); also how long "
+               "SIGTERM waits for running requests")
+    _flag(serve, "--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
+    _flag(serve, "--dtype", default=None, choices=sorted(DTYPE_NAMES),
+          help="default: fp16 on a GPU (the reference's inference dtype, towers included), fp32 on the CPU")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from omni_fast.api import OmniModel
+    from omni_fast.config import EngineConfig
+    from omni_fast.serve.config import ServeConfig
+    from omni_fast.serve.server import serve
+
+    config = ServeConfig(host=args.host, port=args.port, served_model_name=args.served_model_name or args.model_path,
+                         api_key=args.api_key, allowed_local_media_path=args.allowed_local_media_path,
+                         allowed_media_domains=tuple(args.allowed_media_domains), max_num_seqs=args.max_num_seqs,
+                         max_request_bytes=args.max_request_bytes, max_clip_seconds=args.max_clip_seconds,
+                         max_queue=args.max_queue, request_timeout=args.request_timeout)
+    engine = EngineConfig(max_num_seqs=args.max_num_seqs, kv_cache_memory=args.kv_cache_memory)
+    t0 = time.perf_counter()
+    model = OmniModel.from_pretrained(args.model_path, args.device, _dtype(args.dtype), bert_path=args.bert_path,
+                                      engine_config=engine)
+    print(f"omni-fast serve: model loaded in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+    return serve(model, config)
 
 
 def _config_fields() -> str:
@@ -381,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return cmd_train(args, extra)
-        return {"infer": cmd_infer, "eval": cmd_eval, "demo": cmd_demo}[args.command](args)
+        return {"infer": cmd_infer, "eval": cmd_eval, "serve": cmd_serve, "demo": cmd_demo}[args.command](args)
     except (FileNotFoundError, FileExistsError, IsADirectoryError, PermissionError, ValueError, TrainingError) as e:
         print(f"omni-fast {args.command}: error: {e}", file=sys.stderr)
         return 2

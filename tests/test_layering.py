@@ -28,9 +28,15 @@ FORBIDDEN = {
     "omni_fast.ops": ("omni_fast.model", "omni_fast.engine", "omni_fast.media", "omni_fast.grpo", "omni_fast.api",
                       "omni_fast.eval", "omni_fast.cli", "omni_fast.config", "omni_fast.distributed",
                       "omni_fast.testing", "omni_fast.toy"),
-    "omni_fast.api": ("omni_fast.grpo.trainer", "omni_fast.cli", "omni_fast.kernels"),
-    "omni_fast.eval": ("omni_fast.cli", "omni_fast.kernels"),
+    "omni_fast.api": ("omni_fast.grpo.trainer", "omni_fast.cli", "omni_fast.kernels", "omni_fast.serve"),
+    "omni_fast.eval": ("omni_fast.cli", "omni_fast.kernels", "omni_fast.serve"),
+    # the server is a layer over OmniModel and its engine: nothing below it reaches up to it
+    "omni_fast.serve": ("omni_fast.cli", "omni_fast.grpo", "omni_fast.eval", "omni_fast.kernels", "omni_fast.testing",
+                        "omni_fast.toy"),
 }
+for _lower in ("omni_fast.kernels", "omni_fast.model", "omni_fast.media", "omni_fast.engine", "omni_fast.grpo",
+               "omni_fast.config", "omni_fast.ops"):
+    FORBIDDEN[_lower] += ("omni_fast.serve",)
 
 
 def _modules():

@@ -43,6 +43,14 @@ def test_inference_prompt_is_mm_infer(tok, modal, token):
     assert ids.count(-201) == ("video" in modal) and ids.count(-202) == ("audio" in modal)
 
 
+def test_a_system_turn_replaces_the_templates_default(tok):
+    ours = inference_prompt(tok, "Which emotion?", "video", system="You judge emotions.")
+    assert ours == ("<|im_start|>system\nYou judge emotions.<|im_end|>\n<|im_start|>user\n<vi_start><video><vi_end>\n"
+                    "Which emotion?<|im_end|>\n<|im_start|>assistant\n")
+    assert inference_prompt(tok, "Which emotion?", "video", system=None) == inference_prompt(tok, "Which emotion?",
+                                                                                              "video")
+
+
 def test_tokenize_handles_adjacent_and_repeated_placeholders(tok):
     prompt = "<video><audio>x<video>\n<audio>"
     assert tokenize_multimodal(tok, prompt) == _reference_tokenize(prompt, tok)

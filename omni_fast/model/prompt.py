@@ -27,11 +27,14 @@ def _wrap(prompt: str) -> str:
     return prompt
 
 
-def inference_prompt(tokenizer, instruct: str, modal: str = "video_audio", use_x_start_end: bool = True) -> str:
-    """The rendered reference inference prompt (string, placeholders still as <video> / <audio>)."""
+def inference_prompt(tokenizer, instruct: str, modal: str = "video_audio", use_x_start_end: bool = True,
+                     system: str | None = None) -> str:
+    """The rendered reference inference prompt (string, placeholders still as <video> / <audio>). system: a system
+    turn before the user's (None: the chat template's own default, as the reference renders it)."""
     if modal not in MODALS:
         raise ValueError(f"modal {modal!r}: expected one of {MODALS}")
-    messages = [{"role": "user", "content": MODAL_PREFIX[modal] + "\n" + instruct}]
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    messages.append({"role": "user", "content": MODAL_PREFIX[modal] + "\n" + instruct})
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return _wrap(prompt) if use_x_start_end else prompt
 

@@ -1,0 +1,265 @@
+"""omni_fast.serve.media and inputs.load_clip: where media may come from (data URLs, the allowed directory with no
+`..` or symlink escape, allowed domains with size and time limits, no redirects), probing before decoding, and
+decoding + preprocessing equal to what `omni-fast infer`'s loader gives for the same clip."""
+import base64
+import dataclasses
+import http.server
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from omni_fast.serve.chat import ChatInput, MediaRef
+from omni_fast.serve.config import ServeConfig
+from omni_fast.serve.inputs import load_clip
+from omni_fast.serve.media import fetch, local_file, probe, scheme, write_inline
+from omni_fast.serve.protocol import ServeError
+
+
+def _refused(fn, *words, status=400):
+    with pytest.raises(ServeError) as e:
+        fn()
+    assert e.value.status == status
+    for w in words:
+        assert w in e.value.message, e.value.message
+    return e.value
+
+
+def _ref(url=None, kind="video", **kw):
+    return MediaRef(kind, "messages[0].content[0]", url=url, **kw)
+
+
+def test_scheme():
+    assert [scheme(u) for u in ("data:video/mp4;base64,AA", "file:///a", "HTTP://x", "https://x/y", "/abs/p",
+                                "rel/p", "s3://b/k", "C:/x")] == ["data", "file", "http", "https", "path", "path",
+                                                                   "s3", "path"]
+
+
+# --- inline data ----------------------------------------------------------------------------------------------
+def test_data_url_and_input_audio(tmp_path):
+    payload = os.urandom(100)
+    path = write_inline(_ref("data:video/mp4;base64," + base64.b64encode(payload).decode()), tmp_path)
+    assert path.read_bytes() == payload and path.suffix == ".mp4" and path.parent == tmp_path
+    path = write_inline(_ref(kind="audio", data=base64.b64encode(payload).decode(), format="wav"), tmp_path)
+    assert path.read_bytes() == payload and path.suffix == ".wav"
+
+
+@pytest.mark.parametrize("url, words", [("data:video/mp4,AAAA", ["data:<mime type>;base64"]),
+                                        ("data:video/mp4;base64", ["data:<mime type>;base64"]),
+                                        ("data:video/mp4;base64,@@@@", ["not valid base64"]),
+                                        ("data:video/mp4;base64,", ["empty"])])
+def test_bad_data_urls(tmp_path, url, words):
+    _refused(lambda: write_inline(_ref(url), tmp_path), "messages[0].content[0]", *words)
+
+
+# --- local files ----------------------------------------------------------------------------------------------
+@pytest.fixture()
+def tree(tmp_path):
+    root, outside = tmp_path / "media", tmp_path / "secret"
+    (root / "sub dir").mkdir(parents=True)
+    outside.mkdir()
+    (root / "sub dir" / "a b.mp4").write_bytes(b"x")
+    (outside / "key.mp4").write_bytes(b"y")
+    (root / "inside_link.mp4").symlink_to(root / "sub dir" / "a b.mp4")
+    (root / "escape_link.mp4").symlink_to(outside / "key.mp4")
+    (root / "escape_dir").symlink_to(outside)
+    return root, outside
+
+
+def test_local_files_inside_the_allowed_directory(tree):
+    root, _ = tree
+    target = (root / "sub dir" / "a b.mp4").resolve()
+    for url in ("sub dir/a b.mp4", str(root / "sub dir" / "a b.mp4"), "file://" + str(root) + "/sub%20dir/a%20b.mp4",
+                "file://localhost" + str(root) + "/sub%20dir/a%20b.mp4", "inside_link.mp4",
+                "sub dir/../sub dir/a b.mp4"):
+        assert local_file(_ref(url), str(root.resolve())) == target, url
+
+
+@pytest.mark.parametrize("url, words", [
+    ("../secret/key.mp4", ["outside --allowed_local_media_path"]),
+    ("sub dir/../../secret/key.mp4", ["outside"]),
+    ("escape_link.mp4", ["outside"]),  # a symlink inside pointing out
+    ("escape_dir/key.mp4", ["outside"]),
+    ("SECRET_ABS", ["outside"]),
+    ("file://evil.example/etc/passwd", ["file URL host"]),
+    ("sub dir", ["no such file"]),
+    ("missing.mp4", ["no such file"])])
+def test_local_files_never_escape(tree, url, words):
+    root, outside = tree
+    url = url.replace("SECRET_ABS", str(outside / "key.mp4"))
+    _refused(lambda: local_file(_ref(url), str(root.resolve())), "messages[0].content[0]", *words)
+
+
+def test_local_files_need_the_flag(tree):
+    root, _ = tree
+    _refused(lambda: local_file(_ref(str(root / "sub dir" / "a b.mp4")), None), "--allowed_local_media_path DIR")
+
+
+# --- remote files ---------------------------------------------------------------------------------------------
+class _Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 - http.server's name
+        if self.path == "/clip.mp4":
+            body = self.server.payload
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        elif self.path == "/moved":
+            self.send_response(302)
+            self.send_header("Location", "/clip.mp4")
+            self.end_headers()
+        elif self.path == "/slow":
+            self.send_response(200)
+            self.send_header("Content-Length", "100")
+            self.end_headers()
+            self.wfile.write(b"x")
+            self.wfile.flush()
+            time.sleep(3)
+        else:
+            self.send_response(404)
+            self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def web():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    server.payload = os.urandom(5000)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def _fetch(url, config, seconds=30.0):
+    import asyncio
+
+    return asyncio.run(fetch(_ref(url), config, time.monotonic() + seconds))
+
+
+def test_fetch_from_an_allowed_domain(web):
+    server, base = web
+    assert _fetch(base + "/clip.mp4", ServeConfig(allowed_media_domains=("127.0.0.1",))) == server.payload
+
+
+@pytest.mark.parametrize("path, config, words", [
+    ("/clip.mp4", ServeConfig(), ["remote media is off"]),
+    ("/clip.mp4", ServeConfig(allowed_media_domains=("example.com",)), ["'127.0.0.1' is not in"]),
+    ("/moved", ServeConfig(allowed_media_domains=("127.0.0.1",)), ["HTTP 302", "redirects are not followed"]),
+    ("/nothing", ServeConfig(allowed_media_domains=("127.0.0.1",)), ["HTTP 404"]),
+    ("/clip.mp4", ServeConfig(allowed_media_domains=("127.0.0.1",), max_request_bytes=4096), ["exceeds", "4096"]),
+    ("/slow", ServeConfig(allowed_media_domains=("127.0.0.1",), fetch_timeout=0.5), ["took longer than 0.5 s"])])
+def test_fetch_refusals(web, path, config, words):
+    _, base = web
+    t0 = time.monotonic()
+    _refused(lambda: _fetch(base + path, config), "messages[0].content[0]", *words)
+    assert time.monotonic() - t0 < 2.5  # the slow server is cut off at the timeout
+
+
+def test_fetch_within_what_is_left_of_the_request(web):
+    _, base = web
+    _refused(lambda: _fetch(base + "/slow", ServeConfig(allowed_media_domains=("127.0.0.1",)), seconds=0.3),
+             "took longer than 0.3 s")
+
+
+def test_config_checks_domains_and_the_directory(tmp_path):
+    from omni_fast.config import ConfigError
+
+    assert ServeConfig(allowed_media_domains=("Example.COM.",)).allowed_media_domains == ("example.com",)
+    for bad in ("http://example.com", "example.com:80", "a/b"):
+        with pytest.raises(ConfigError, match="--allowed_media_domains"):
+            ServeConfig(allowed_media_domains=(bad,))
+    with pytest.raises(ConfigError, match="--allowed_local_media_path"):
+        ServeConfig(allowed_local_media_path=str(tmp_path / "none"))
+    with pytest.raises(ConfigError, match="--max_queue"):
+        ServeConfig(max_queue=0)
+
+
+# --- probing --------------------------------------------------------------------------------------------------
+def test_probe(clips, awkward_clips):
+    p = probe(_ref(), clips["mp4"], 60)
+    assert p.has_video and p.has_audio and abs(p.seconds - 2.0) < 0.1
+    assert not probe(_ref(), clips["mp4_silent"], 60).has_audio
+    assert probe(_ref(kind="audio"), awkward_clips["audio_only"], 60).has_audio
+    _refused(lambda: probe(_ref(), awkward_clips["audio_only"], 60), "has no video stream")
+    _refused(lambda: probe(_ref(kind="audio"), clips["mp4_silent"], 60), "has no audio stream")
+    _refused(lambda: probe(_ref(), awkward_clips["corrupt"], 60), "cannot be opened as a media file")
+    _refused(lambda: probe(_ref(), clips["mp4_wide"], 2.5), "3.0 s long", "--max_clip_seconds 2.5")
+
+
+# --- decoding as infer decodes --------------------------------------------------------------------------------
+def _config(root):
+    return ServeConfig(allowed_local_media_path=str(root))
+
+
+def _loader_batch(omni, path, modal):
+    return next(iter(omni._media([str(path)], modal, "stretch", 1, "raise")))
+
+
+@pytest.mark.parametrize("parts, modal", [("video", "video_audio"), ("silent", "video"), ("audio", "audio"),
+                                          ("video_no_track", "video")])
+def test_clips_decode_as_infers_loader(omni, clips, parts, modal):
+    path = clips["mp4_silent" if parts == "silent" else "mp4"]
+    ref = _ref(str(path), kind="audio" if parts == "audio" else "video")
+    chat = ChatInput(question="q", system=None, video=ref if ref.kind == "video" else None,
+                     audio=ref if ref.kind == "audio" else None, use_audio_in_video=parts != "video_no_track")
+    clip = load_clip(chat, {}, _config(path.parent), 8, 128, torch.device("cpu"))
+    assert clip.modal == modal and clip.ready
+    batch = _loader_batch(omni, path, modal)
+    assert (clip.frames is None) == (modal == "audio") and (clip.mel is None) == (modal == "video")
+    if clip.frames is not None:
+        assert torch.equal(clip.frames, batch.frames)
+    if clip.mel is not None:
+        assert torch.equal(clip.mel, batch.mel)
+
+
+def test_separate_audio_part_is_the_clips_audio(omni, awkward_clips, clips, tmp_path):
+    """video_url + audio_url: the loader's record with a separate audio file gives the same tensors."""
+    video, audio = awkward_clips["vp9"], awkward_clips["vp9_wav"]
+    chat = ChatInput(question="q", system=None, video=_ref(str(video)), audio=_ref(str(audio), kind="audio"))
+    clip = load_clip(chat, {}, _config(Path(video).parent), 8, 128, torch.device("cpu"))
+    record = type("R", (), {"video": str(video), "audio": str(audio)})()
+    batch = next(iter(omni._media([record], "video_audio", "stretch", 1, "raise")))
+    assert clip.modal == "video_audio"
+    assert torch.equal(clip.frames, batch.frames) and torch.equal(clip.mel, batch.mel)
+
+
+def test_same_bytes_same_key_and_no_files_left(clips, monkeypatch, tmp_path):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    path = clips["mp4"]
+    data = "data:video/mp4;base64," + base64.b64encode(path.read_bytes()).decode()
+    chat = ChatInput(question="q", system=None, video=_ref(data), audio=None)
+    by_data = load_clip(chat, {}, _config(path.parent), 8, 128, torch.device("cpu"))
+    by_path = load_clip(dataclasses.replace(chat, video=_ref(str(path))), {}, _config(path.parent), 8, 128,
+                        torch.device("cpu"))
+    by_fetch = load_clip(dataclasses.replace(chat, video=_ref("http://h/x.mp4")), {"video": path.read_bytes()},
+                         _config(path.parent), 8, 128, torch.device("cpu"))
+    assert by_data.content_key == by_path.content_key == by_fetch.content_key
+    assert torch.equal(by_data.frames, by_path.frames) and torch.equal(by_data.mel, by_fetch.mel)
+    muted = load_clip(dataclasses.replace(chat, use_audio_in_video=False), {}, _config(path.parent), 8, 128,
+                      torch.device("cpu"))
+    assert muted.modal == "video" and muted.content_key != by_data.content_key
+    assert list(tmp_path.iterdir()) == []  # the request's temporary files are gone
+
+
+def test_undecodable_and_too_long_parts(clips, awkward_clips, tmp_path):
+    wav = awkward_clips["audio_only"]
+    junk = tmp_path / "junk.wav"
+    junk.write_bytes(b"RIFF" + os.urandom(200))
+    for ref, words in ((_ref(str(junk), kind="audio"), ["cannot be opened as a media file"]),
+                       (_ref("s3://bucket/clip.mp4"), ["scheme 's3' is not supported"]),
+                       (_ref(str(awkward_clips["truncated"])), ["truncated"])):
+        chat = ChatInput(question="q", system=None, video=ref if ref.kind == "video" else None,
+                         audio=ref if ref.kind == "audio" else None)
+        root = Path(ref.url).parent if ref.url.startswith("/") else tmp_path
+        _refused(lambda: load_clip(chat, {}, _config(root), 8, 128, torch.device("cpu")), "messages[0].content[0]",
+                 *words)
+    chat = ChatInput(question="q", system=None, video=None, audio=_ref(str(wav), kind="audio"))
+    _refused(lambda: load_clip(chat, {}, ServeConfig(allowed_local_media_path=str(wav.parent), max_clip_seconds=0.2),
+                               8, 128, torch.device("cpu")), "--max_clip_seconds 0.2")
