@@ -44,7 +44,7 @@ import torch
 from common import emit
 from omni_fast.config import EngineConfig, GRPOConfig
 from omni_fast.engine.engine import Engine
-from omni_fast.grpo.inputs import grpo_bert_inputs, grpo_prompt_ids, prompt_embeddings, tower_features
+from omni_fast.grpo.inputs import grpo_bert_inputs, grpo_prompt_ids, tower_features
 from omni_fast.grpo.logprobs import completion_logprobs
 from omni_fast.grpo.loss import grpo_loss
 from omni_fast.grpo.rewards import compute_rewards
@@ -96,8 +96,7 @@ class Ours:
         self.tokenizer = loaded.tokenizer
         for p in trainable(self.model):
             p.requires_grad_(True)
-        towers = [self.model.model.vision_tower, self.model.model.audio_tower]
-        self.reference = copy.deepcopy(self.model, memo={id(t): t for t in towers}).requires_grad_(False).eval()
+        self.reference = self.model.copy_sharing_towers().requires_grad_(False).eval()
         self.engine = Engine(self.model, EngineConfig(max_prompts=b, max_samples=b * cfg.num_generations),
                              loaded.generation.eos_token_ids)
         self.optimizer = torch.optim.AdamW(trainable(self.model), lr=1e-6)
@@ -115,7 +114,7 @@ class Ours:
         with phases("reference"), torch.no_grad():
             ro.ref_logp = rollout_logprobs(self.reference, ro, bert, g, cfg.temperature)
         with phases("policy"):
-            prefixes = prompt_embeddings(model, ro.prompt_ids, ro.features, bert)
+            prefixes = model.prompt_embeddings(ro.prompt_ids, ro.features.vision, ro.features.audio, bert)
             logp = completion_logprobs(model, prefixes, ro.completions, ro.lengths, g, cfg.temperature)
             out = grpo_loss(logp, ro.advantages, ro.mask, ref_logp=ro.ref_logp, beta=cfg.beta,
                             loss_type=cfg.loss_type, max_completion_length=cfg.max_completion_length)
@@ -132,11 +131,10 @@ class Reference:
     prompt repeated per completion, full logits and a per-row log_softmax loop."""
 
     def __init__(self, loaded, cfg: GRPOConfig, ref_tokens: int):
-        towers = [loaded.model.model.vision_tower, loaded.model.model.audio_tower]
         # multimodal side (towers shared and frozen; projectors, BERT, gate trainable) + a transformers LLM
-        self.mm = copy.deepcopy(loaded.model, memo={id(t): t for t in towers})
+        self.mm = loaded.model.copy_sharing_towers()
         self.llm = transformers_twin(loaded.model)
-        self.ref_mm = copy.deepcopy(self.mm, memo={id(t): t for t in towers}).requires_grad_(False).eval()
+        self.ref_mm = self.mm.copy_sharing_towers().requires_grad_(False).eval()
         self.ref_llm = copy.deepcopy(self.llm).requires_grad_(False).eval()
         self.mm.model.layers = torch.nn.ModuleList()  # the LLM lives in self.llm; drop the unused copy
         self.ref_mm.model.layers = torch.nn.ModuleList()
@@ -290,7 +288,7 @@ def main(argv=None) -> dict:
     x_start_end = loaded.config.mm_use_x_start_end
     ids = torch.tensor(grpo_prompt_ids(loaded.tokenizer, cfg.max_prompt_length, cfg.prompt_template, x_start_end),
                        device=device)
-    bert = grpo_bert_inputs(loaded.bert_tokenizer, device, cfg.prompt_template, x_start_end)
+    bert = grpo_bert_inputs(loaded.model, loaded.bert_tokenizer, cfg.prompt_template, x_start_end)
     g = torch.Generator().manual_seed(0)
     frames = torch.randn(b, loaded.config.num_frames, 3, 224, 224, generator=g).to(device, dtype)
     mel = torch.randn(b, 128, 3000, generator=g).mul_(0.5).to(device, dtype)

@@ -256,17 +256,6 @@ def test_permission_denied_on_a_real_file(ckpt):
         (ckpt / "model.safetensors").chmod(0o644)
 
 
-def test_devices_are_checked(monkeypatch):
-    with pytest.raises(ValueError, match="unknown device 'gpu0'"):
-        checkpoint.resolve_device("gpu0")
-    with pytest.raises(ValueError, match="'mps' is not supported"):
-        checkpoint.resolve_device("mps")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ValueError, match="torch sees no CUDA GPU"):
-        checkpoint.resolve_device("cuda")
-    assert checkpoint.resolve_device(None) == torch.device("cpu")
-
-
 def test_stop_ids_are_the_generation_config_eos_plus_the_tokenizer_eos(ckpt, tiny_ckpt):
     tok_eos = _load(tiny_ckpt).tokenizer.eos_token_id
     gen = json.loads((ckpt / "generation_config.json").read_text())

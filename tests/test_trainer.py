@@ -147,7 +147,7 @@ def test_step_loss_and_gradient_equal_the_reference_formula(task, tiny_ckpt, tmp
     beta, per-sequence masked mean then mean over sequences; the logged loss and the gradient must match. The
     reference model is perturbed so that the KL term is not 0 (at step 1 the policy equals its copy)."""
     from omni_fast.grpo import trainer as trainer_module
-    from omni_fast.grpo.inputs import grpo_bert_inputs, prompt_embeddings
+    from omni_fast.grpo.inputs import grpo_bert_inputs
 
     captured = []
     real = trainer_module.rollout
@@ -164,12 +164,13 @@ def test_step_loss_and_gradient_equal_the_reference_formula(task, tiny_ckpt, tmp
         {n: p.grad.clone() for n, p in trainer.trainable if p.grad is not None}) or real_apply())
     logged = trainer.train()[0]
     (ro,) = captured
-    bert = grpo_bert_inputs(trainer.bert_tokenizer, trainer.device, "chat_template")
-    logp = naive_completion_logprobs(policy0, prompt_embeddings(policy0, ro.prompt_ids, ro.features, bert),
+    bert = grpo_bert_inputs(trainer.model, trainer.bert_tokenizer, "chat_template")
+    feats = (ro.features.vision, ro.features.audio)
+    logp = naive_completion_logprobs(policy0, policy0.prompt_embeddings(ro.prompt_ids, *feats, bert),
                                      ro.completions, ro.lengths, 4)
     with torch.no_grad():
-        ref = naive_completion_logprobs(trainer.reference, prompt_embeddings(trainer.reference, ro.prompt_ids,
-                                        ro.features, bert), ro.completions, ro.lengths, 4)
+        ref = naive_completion_logprobs(trainer.reference, trainer.reference.prompt_embeddings(ro.prompt_ids, *feats,
+                                        bert), ro.completions, ro.lengths, 4)
     r = torch.tensor(ro.rewards["rewards/<lambda>"]) + torch.tensor(ro.rewards["rewards/format_reward"])
     assert float(r.std()) > 0.1  # the advantages are not all zero
     grouped = r.view(-1, 4)
@@ -386,8 +387,6 @@ def test_sft_loss_is_the_mean_cross_entropy_of_the_assistant_tokens(task, tiny_c
     """Step 1's logged SFT loss recomputed independently: the naive forward over cat(prompt, target) per
     clip, -log p of every target token, averaged over all target tokens of the step (two micro-batches)."""
     from omni_fast.grpo import trainer as trainer_module
-    from omni_fast.grpo.inputs import bert_inputs, prompt_embeddings
-
     captured = []
     real = trainer_module.sft_batch
     monkeypatch.setattr(trainer_module, "sft_batch", lambda *a, **k: captured.append(real(*a, **k)) or captured[-1])
@@ -399,14 +398,42 @@ def test_sft_loss_is_the_mean_cross_entropy_of_the_assistant_tokens(task, tiny_c
     total, tokens = 0.0, 0
     with torch.no_grad():
         for b in captured:
-            bert = bert_inputs(trainer.bert_tokenizer, [e.bert_text for e in b.examples], trainer.device)
+            bert = model0.bert_inputs(trainer.bert_tokenizer, [e.bert_text for e in b.examples])
             ids = [torch.tensor(e.prompt_ids) for e in b.examples]
-            logp = naive_completion_logprobs(model0, prompt_embeddings(model0, ids, b.features, bert), b.targets,
-                                             b.lengths, 1)
+            prefixes = model0.prompt_embeddings(ids, b.features.vision, b.features.audio, bert)
+            logp = naive_completion_logprobs(model0, prefixes, b.targets, b.lengths, 1)
             total -= float(logp.sum())
             tokens += int(b.lengths.sum())
     assert logged["num_tokens"] == tokens
     assert logged["loss"] == pytest.approx(total / tokens, rel=1e-5)
+
+
+def test_a_question_longer_than_berts_positions_trains_with_the_gate_inputs_it_infers_with(task, tiny_ckpt, tmp_path,
+                                                                                          caplog, monkeypatch):
+    """The gate's BERT inputs are cut at BERT's positions for training as for inference (the tokenizer allows
+    512, the tiny BERT has 128 positions): the SFT step reads the same ids OmniModel does for that text."""
+    from omni_fast.api import OmniModel
+    from omni_fast.config import VIDEO_TOKEN_INDEX
+    from omni_fast.grpo.inputs import sft_bert_text, sft_user_text
+    from omni_fast.model.omni import HumanOmniForCausalLM
+
+    long = "<video>\n<audio>\n" + "really " * 300 + "which emotion is it?"
+    entries = json.loads(task.sft_annotations.read_text())[:2]
+    for e in entries:
+        e["conversations"][0]["value"] = long
+    (tmp_path / "long.json").write_text(json.dumps(entries))
+    seen = []
+    real = HumanOmniForCausalLM.gate_weights
+    monkeypatch.setattr(HumanOmniForCausalLM, "gate_weights", lambda m, bert: seen.append(bert["input_ids"]) or real(m, bert))
+    trainer = Trainer(_config(task, tiny_ckpt, tmp_path / "sft", "sft", train_annotations=str(tmp_path / "long.json"),
+                              max_steps=1, per_device_train_batch_size=2))
+    with caplog.at_level("WARNING", logger="omni_fast.model"):
+        trainer.train()
+    trained = seen[-1]
+    assert trained.shape == (2, 128) and "truncated to 128" in caplog.text
+    OmniModel(trainer.loaded).forward_logits(torch.tensor([[VIDEO_TOKEN_INDEX, 5]]), torch.zeros(8, 3, 224, 224),
+                                             instruct=sft_bert_text(sft_user_text(long)))
+    assert torch.equal(seen[-1][0], trained[0])
 
 
 def test_cli_train_runs_from_a_config_file(task, tiny_ckpt, tmp_path, capsys):
@@ -469,15 +496,16 @@ def test_gpu_grpo_steps_in_bf16_with_cuda_graphs(task, tiny_ckpt, tmp_path):
         assert all(math.isfinite(m[k]) for k in ("loss", "reward", "kl", "grad_norm"))
     # a decode replayed from the graphs equals an eager decode with the updated weights
     from omni_fast.config import LoaderConfig, SamplingParams
-    from omni_fast.grpo.inputs import grpo_bert_inputs, grpo_prompt_ids, prompt_embeddings, tower_features
+    from omni_fast.grpo.inputs import grpo_bert_inputs, grpo_prompt_ids, tower_features
     from omni_fast.media.loader import MediaLoader
 
     loader = MediaLoader(task.clips["sad"][:1], LoaderConfig(batch_size=1, backend="pyav", aspect="pad"), "cuda")
     batch = next(iter(loader))
     ids = torch.tensor(grpo_prompt_ids(trainer.tokenizer, 512, "chat_template"), device="cuda")
-    bert = grpo_bert_inputs(trainer.bert_tokenizer, trainer.device, "chat_template")
+    bert = grpo_bert_inputs(trainer.model, trainer.bert_tokenizer, "chat_template")
     with torch.no_grad():
-        prefix = prompt_embeddings(trainer.model, [ids], tower_features(trainer.model, batch.frames, batch.mel), bert)
+        feats = tower_features(trainer.model, batch.frames, batch.mel)
+        prefix = trainer.model.prompt_embeddings([ids], feats.vision, feats.audio, bert)
     greedy = SamplingParams.greedy_params(6)
     graphed = trainer.engine.generate(prefix, greedy)[0][0].token_ids
     trainer.engine.config.cuda_graphs = False

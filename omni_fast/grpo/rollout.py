@@ -18,7 +18,7 @@ from omni_fast import task
 from omni_fast.config import SamplingParams
 from omni_fast.engine.sequence import row_seed
 from omni_fast.grpo.advantage import group_advantages
-from omni_fast.grpo.inputs import ClipFeatures, pad_rows, prompt_embeddings
+from omni_fast.grpo.inputs import ClipFeatures, pad_rows
 from omni_fast.grpo.logprobs import completion_logprobs
 from omni_fast.grpo.rewards import compute_rewards
 
@@ -58,7 +58,7 @@ def rollout(policy, engine, tokenizer, features: ClipFeatures, prompt_ids: list[
     forces every completion to max_completion_length tokens (benchmarks)."""
     device = features.vision.device
     g = cfg.num_generations
-    prefixes = prompt_embeddings(policy, prompt_ids, features, bert)
+    prefixes = policy.prompt_embeddings(prompt_ids, features.vision, features.audio, bert)
     params = [SamplingParams(n=g, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                              max_tokens=cfg.max_completion_length, seed=rollout_seed(cfg.seed, step, i),
                              ignore_eos=ignore_eos)
@@ -81,7 +81,7 @@ def rollout_logprobs(model, ro: Rollout, bert: dict, group_size: int, temperatur
     """A model's log-probs (B*G, C) of the rollouts' completions, through its own projectors and gate on the
     rollouts' tower features, with the shared-prefix forward: the frozen reference model's pass (the caller
     disables grad) and the policy's."""
-    prefixes = prompt_embeddings(model, ro.prompt_ids, ro.features, bert)
+    prefixes = model.prompt_embeddings(ro.prompt_ids, ro.features.vision, ro.features.audio, bert)
     return completion_logprobs(model, prefixes, ro.completions, ro.lengths, group_size, temperature)
 
 

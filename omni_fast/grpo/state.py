@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
 import re
 import shutil
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from omni_fast.atomic import sibling, write_text
 from omni_fast.model.checkpoint import move_into_place, save_checkpoint
 
 STATE_FILE = "trainer_state.json"
@@ -51,12 +51,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def checkpoints(output_dir: Path) -> list[Path]:
@@ -89,7 +83,7 @@ def save(output_dir: Path, step: int, loaded, optimizer_state: dict, masters: di
     optimizer_state and masters are MasterAdamW.state_dict() / master_state() (full tensors, whatever the
     sharding)."""
     final = output_dir / f"checkpoint-{step}"
-    partial = output_dir / f".checkpoint-{step}.partial-{os.getpid()}"
+    partial = sibling(final, "partial")
     shutil.rmtree(partial, ignore_errors=True)
     dtype = next(loaded.model.parameters()).dtype
     config = dataclasses.replace(loaded.config, torch_dtype=str(dtype).removeprefix("torch."))
@@ -104,7 +98,7 @@ def save(output_dir: Path, step: int, loaded, optimizer_state: dict, masters: di
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    _write_atomic(output_dir / LATEST, final.name + "\n")
+    write_text(output_dir / LATEST, final.name + "\n")
     if total_limit is not None:
         for stale in checkpoints(output_dir)[:-total_limit]:
             if stale != final:

@@ -43,7 +43,6 @@ Where it departs from the reference trainer (humanOmni_grpo_trainer.py) and why:
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -53,6 +52,7 @@ import torch
 
 from omni_fast import distributed
 from omni_fast.config import EngineConfig, GRPOConfig, LoaderConfig
+from omni_fast.devices import resolve_dtype
 from omni_fast.engine.engine import Engine
 from omni_fast.grpo import fsdp
 from omni_fast.grpo import state as ckpt
@@ -106,8 +106,7 @@ class Trainer:
         state = ckpt.load_trainer_state(resume) if resume else {}
         self.init_model_path = state.get("init_model_path", str(Path(cfg.model_path).expanduser().resolve()))
         device = self.dist.device
-        dtype = torch.float32 if cfg.dtype == "float32" or (cfg.dtype == "auto" and device.type == "cpu") \
-            else torch.bfloat16
+        dtype = resolve_dtype(None if cfg.dtype == "auto" else cfg.dtype, device, "bfloat16")
         self.loaded = load_checkpoint(resume or cfg.model_path, bert_path=None if resume else cfg.bert_path,
                                       device=device, dtype=dtype)
         self.model, self.device = self.loaded.model, device
@@ -157,13 +156,12 @@ class Trainer:
 
     def _reference(self, resume: Path | None):
         """A frozen copy of the initial weights sharing the policy's (frozen) towers."""
-        towers = [self.model.model.vision_tower, self.model.model.audio_tower]
         if resume is None:
-            ref = copy.deepcopy(self.model, memo={id(t): t for t in towers})
+            ref = self.model.copy_sharing_towers()
         else:  # the initial weights are the run's model_path, not the checkpoint being resumed
             ref = load_checkpoint(self.init_model_path, bert_path=self.cfg.bert_path, device=self.device,
                                   dtype=next(self.model.parameters()).dtype).model
-            ref.model.vision_tower, ref.model.audio_tower = towers
+            ref.model.vision_tower, ref.model.audio_tower = self.model.model.vision_tower, self.model.model.audio_tower
         return ref.requires_grad_(False).eval()
 
     def _parallelize(self) -> tuple[fsdp.ModelCall, fsdp.ModelCall | None]:
@@ -174,8 +172,7 @@ class Trainer:
             self.log.info("parallelism fsdp in one process: nothing to shard, the model stays whole")
         if self.cfg.parallelism == "ddp" or not self.dist.enabled:
             return fsdp.ModelCall(self.model), None if self.reference is None else fsdp.ModelCall(self.reference)
-        towers = [self.model.model.vision_tower, self.model.model.audio_tower]
-        self.model = copy.deepcopy(self.plain, memo={id(t): t for t in towers})
+        self.model = self.plain.copy_sharing_towers()
         policy = fsdp.shard(self.model, self.dist)
         self.trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         return policy, None if self.reference is None else fsdp.shard(self.reference, self.dist)
@@ -306,7 +303,7 @@ class Trainer:
             cfg, x_start_end = self.cfg, self.loaded.config.mm_use_x_start_end
             ids = grpo_prompt_ids(self.tokenizer, cfg.max_prompt_length, cfg.prompt_template, x_start_end)
             self._prompt = (torch.tensor(ids, device=self.device),
-                            grpo_bert_inputs(self.bert_tokenizer, self.device, cfg.prompt_template, x_start_end))
+                            grpo_bert_inputs(self.plain, self.bert_tokenizer, cfg.prompt_template, x_start_end))
         return self._prompt
 
     def _grpo_step(self, micro: list, phases: Phases):

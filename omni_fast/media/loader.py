@@ -33,6 +33,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from omni_fast.config import LoaderConfig
+from omni_fast.devices import resolve_device
 from omni_fast.media import dali as mdali
 from omni_fast.media.pyav import Clip, DecodedClip, MediaError, decode_clip, or_error, preprocess_clip
 
@@ -79,7 +80,7 @@ class MediaLoader:
                  device: torch.device | str | None = None):
         self.records = list(records)
         self.config = config or LoaderConfig()
-        self.device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+        self.device = resolve_device(device)
         self.backend = self._pick_backend()
 
     def _pick_backend(self) -> str:
