@@ -205,6 +205,12 @@ def cascade_splits(prefix_capacity: int) -> int:
     return _resolve("omni_fast.kernels.cascade_attention:num_splits")(prefix_capacity)
 
 
+def advantage_scales() -> tuple[str, ...]:
+    """The `scale`s group_advantage takes ("group", "batch", "none"), as kernels/group_advantage.py defines them
+    for every backend."""
+    return tuple(_resolve("omni_fast.kernels.group_advantage:SCALES"))
+
+
 def selective_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                       temperature: float = 1.0) -> torch.Tensor:
     """log_softmax(hidden @ weight.T / temperature)[targets] as float32, never forming the [N, V] logits.

@@ -67,16 +67,20 @@ def test_config_from_yaml_json_and_overrides(tmp_path):
 @pytest.mark.parametrize("raw,needle", [({"learnig_rate": 1}, "did you mean 'learning_rate'"),
                                         ({"max_steps": 2.5}, "max_steps"), ({"stage": "ppo"}, "stage"),
                                         ({"reward_funcs": []}, "reward_funcs"), ({"num_generations": 1}, "num_generations"),
-                                        ({"loss_type": "x"}, "loss_type"), ({"reward_weights": [1.0]}, "reward_weights")])
+                                        ({"reward_weights": [1.0]}, "reward_weights")])
 def test_config_errors_name_the_key(raw, needle):
     with pytest.raises(ConfigError, match=needle):
         GRPOConfig.from_dict(raw)
 
 
-def test_unknown_reward_is_named_before_anything_is_written(task, tiny_ckpt, tmp_path):
-    """Reward names are resolved by the trainer (the config imports no reward), first thing."""
-    with pytest.raises(ConfigError, match=r"reward_funcs .*\['nope'\]"):
-        Trainer(_config(task, tiny_ckpt, tmp_path / "run", reward_funcs=("format", "nope")))
+@pytest.mark.parametrize("raw,needle", [({"reward_funcs": ("format", "nope")}, r"reward_funcs .*\['nope'\]"),
+                                        ({"loss_type": "x"}, "loss_type 'x'.*'dapo'"),
+                                        ({"scale_rewards": "rank"}, "scale_rewards.*'none'")])
+def test_choices_of_grpo_code_are_named_before_anything_is_written(task, tiny_ckpt, tmp_path, raw, needle):
+    """Reward names, loss types and reward scales are checked by the trainer against the code that defines them
+    (the config imports none of grpo/), first thing."""
+    with pytest.raises(ConfigError, match=needle):
+        Trainer(_config(task, tiny_ckpt, tmp_path / "run", **raw))
     assert not (tmp_path / "run").exists()
 
 

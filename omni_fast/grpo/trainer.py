@@ -12,7 +12,7 @@ One GRPO optimizer step (per_device_train_batch_size x gradient_accumulation_ste
      shared-prefix decode), rewards -> group advantages (one kernel), and the frozen reference model scores
      the completions (shared-prefix forward, no grad);
   3. per micro-batch again: the policy's prompt embeddings with grad, its shared-prefix log-probs through
-     ops.selective_logprob, the loss (grpo/loss.py) scaled by accumulation_scale, backward;
+     ops.selective_logprob, the loss (grpo/loss.py, normalised by the whole step's totals), backward;
   4. sum the gradients over ranks, clip their norm, AdamW (fp32 masters for bf16 weights), the schedule;
      the parameters change in place, so the engine (and its CUDA graphs) decodes the next step with the new
      weights, no copy.
@@ -51,14 +51,15 @@ from pathlib import Path
 import torch
 
 from omni_fast import distributed
-from omni_fast.config import EngineConfig, GRPOConfig, LoaderConfig
+from omni_fast.config import ConfigError, EngineConfig, GRPOConfig, LoaderConfig
 from omni_fast.devices import resolve_dtype
 from omni_fast.engine.engine import Engine
 from omni_fast.grpo import fsdp
 from omni_fast.grpo import state as ckpt
 from omni_fast.grpo.data import BadEntry, check_records, load_annotations
 from omni_fast.grpo.inputs import ClipFeatures, grpo_bert_inputs, grpo_prompt_ids, tower_features
-from omni_fast.grpo.loss import accumulation_scale, grpo_loss
+from omni_fast.grpo.advantage import check_scale
+from omni_fast.grpo.loss import LOSS_TYPES, grpo_loss
 from omni_fast.grpo.metrics import MetricsLog, Phases, make_logger
 from omni_fast.grpo.optim import MasterAdamW, lr_lambda
 from omni_fast.grpo.rewards import metric_name, resolve_rewards
@@ -82,13 +83,26 @@ class Position:
     excluded: list[int] = field(default_factory=list)  # entries left out of this epoch's order (bad so far)
 
 
+def check_config(cfg: GRPOConfig) -> None:
+    """The GRPOConfig choices whose lists live with the code that uses them (the config imports none of it):
+    loss_type (grpo/loss.NORMALIZERS), scale_rewards (the advantage kernels' scales), reward_funcs (the reward
+    registry, importing "module:function" names). A ConfigError names the field."""
+    if cfg.loss_type not in LOSS_TYPES:
+        raise ConfigError(f"loss_type {cfg.loss_type!r}: expected one of {LOSS_TYPES}")
+    try:
+        check_scale(cfg.scale_rewards)
+    except ValueError as e:
+        raise ConfigError(f"scale_rewards: {e}") from None
+    resolve_rewards(cfg.reward_funcs)
+
+
 class Trainer:
     def __init__(self, config: GRPOConfig, resume_from_checkpoint: str | None = None, on_step=None):
         if config.model_path is None or config.train_annotations is None:
             raise TrainingError("model_path and train_annotations must be set (in the config file or as "
                                 "--model_path / --train_annotations)")
         self.cfg = cfg = config
-        resolve_rewards(cfg.reward_funcs)  # an unknown reward name stops here, before anything is loaded or written
+        check_config(cfg)  # what the config cannot check without importing grpo/: before anything is loaded
         self.on_step = on_step  # called with each step's metrics (the demo prints its reward curve)
         self.history: list[dict] = []
         self._prompt = None  # GRPO prompt ids + BERT inputs, tokenised at the first step
@@ -335,13 +349,12 @@ class Trainer:
                     out = grpo_loss(logp, ro.advantages, ro.mask, ref_logp=ro.ref_logp, old_logp=ro.old_logp,
                                     beta=cfg.beta, eps_low=cfg.epsilon, eps_high=cfg.epsilon_high or cfg.epsilon,
                                     loss_type=cfg.loss_type, max_completion_length=cfg.max_completion_length,
-                                    num_items_in_batch=tokens)
-                    scaled = out.loss * accumulation_scale(cfg.loss_type, ro.mask, int(sequences), tokens)
-                    self._check_finite(scaled, "loss")
-                    scaled.backward()
+                                    num_sequences=int(sequences), num_items_in_batch=tokens)  # the step's totals
+                    self._check_finite(out.loss, "loss")
+                    out.loss.backward()
                     if cfg.num_iterations > 1 and iteration == 0:
                         ro.old_logp = logp.detach()
-                loss += float(scaled.detach())
+                loss += float(out.loss.detach())
                 kl += float(out.kl) * ro.mask.shape[0]
                 clipped += float(out.clip_ratio) * float(ro.mask.sum())
             for pad in pads:
