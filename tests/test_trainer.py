@@ -150,12 +150,12 @@ def test_step_loss_and_gradient_equal_the_reference_formula(task, tiny_ckpt, tmp
     """Step 1 recomputed independently: naive per-row forward, (r - mean)/(std + 1e-4) advantages, k3 KL with
     beta, per-sequence masked mean then mean over sequences; the logged loss and the gradient must match. The
     reference model is perturbed so that the KL term is not 0 (at step 1 the policy equals its copy)."""
-    from omni_fast.grpo import trainer as trainer_module
+    from omni_fast.grpo import step as step_module
     from omni_fast.grpo.inputs import grpo_bert_inputs
 
     captured = []
-    real = trainer_module.rollout
-    monkeypatch.setattr(trainer_module, "rollout", lambda *a, **k: captured.append(real(*a, **k)) or captured[-1])
+    real = step_module.make_rollout
+    monkeypatch.setattr(step_module, "make_rollout", lambda *a, **k: captured.append(real(*a, **k)) or captured[-1])
     trainer = Trainer(_config(task, tiny_ckpt, tmp_path / "run", max_steps=1, beta=0.3, reward_weights=(1.0, 0.5),
                                 max_grad_norm=0.0))
     with torch.no_grad():
@@ -216,11 +216,11 @@ def test_step_loss_and_gradient_equal_the_reference_formula(task, tiny_ckpt, tmp
 def test_clip_ratio_is_logged_over_the_step_tokens(task, tiny_ckpt, tmp_path, monkeypatch):
     """num_iterations 2: the second update of a rollout batch clips its ratio against the rollout policy; the
     logged clip_ratio is the clipped fraction of all the step's completion tokens (0 on the first update)."""
-    from omni_fast.grpo import trainer as trainer_module
+    from omni_fast.grpo import step as step_module
 
     outputs = []
-    real = trainer_module.grpo_loss
-    monkeypatch.setattr(trainer_module, "grpo_loss", lambda *a, **k: outputs.append((real(*a, **k), a[2])) or outputs[-1][0])
+    real = step_module.grpo_loss
+    monkeypatch.setattr(step_module, "grpo_loss", lambda *a, **k: outputs.append((real(*a, **k), a[2])) or outputs[-1][0])
     trainer = Trainer(_config(task, tiny_ckpt, tmp_path / "run", max_steps=2, num_iterations=2, epsilon=1e-3,
                               learning_rate=3e-3, gradient_accumulation_steps=2, per_device_train_batch_size=1))
     history = trainer.train()
@@ -390,10 +390,10 @@ def test_sft_trains_llm_projectors_and_gate_only(task, tiny_ckpt, tmp_path):
 def test_sft_loss_is_the_mean_cross_entropy_of_the_assistant_tokens(task, tiny_ckpt, tmp_path, monkeypatch):
     """Step 1's logged SFT loss recomputed independently: the naive forward over cat(prompt, target) per
     clip, -log p of every target token, averaged over all target tokens of the step (two micro-batches)."""
-    from omni_fast.grpo import trainer as trainer_module
+    from omni_fast.grpo import step as step_module
     captured = []
-    real = trainer_module.sft_batch
-    monkeypatch.setattr(trainer_module, "sft_batch", lambda *a, **k: captured.append(real(*a, **k)) or captured[-1])
+    real = step_module.sft_batch
+    monkeypatch.setattr(step_module, "sft_batch", lambda *a, **k: captured.append(real(*a, **k)) or captured[-1])
     trainer = Trainer(_config(task, tiny_ckpt, tmp_path / "sft", "sft", max_steps=1, per_device_train_batch_size=2,
                               gradient_accumulation_steps=2))
     model0 = __import__("copy").deepcopy(trainer.model)
