@@ -3,6 +3,8 @@
 Every op the package runs through a fast kernel is a function here, and one record in `OPS` says everything
 about it: where each implementation lives ("module:function" strings, imported on first use, so
 `import omni_fast.ops` stays cheap), what the native ones need, and whether the fast ones have a backward.
+The records are named after the kernels, and so are the functions, but for "group_advantage": its function is
+`advantages_from_rewards`, which grpo.advantage.group_advantages checks the arguments of and calls.
 The backend is picked by `_pick` from the device of the op's first tensor argument:
 
     CUDA tensor: "cuda" (omni_fast._C built with CUDA, or an optional package such as flash-attn) > "triton" > "torch"
@@ -221,7 +223,9 @@ def selective_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
     return _pick("selective_logprob", hidden.device)(hidden, weight, targets, temperature)
 
 
-def group_advantage(rewards: torch.Tensor, group_size: int, eps: float = 1e-4, scale: str = "group") -> torch.Tensor:
-    """rewards [K, B*G] (unit stride along B*G) -> advantages float32 [B*G]; see
-    omni_fast.grpo.advantage.group_advantages, the public entry point."""
+def advantages_from_rewards(rewards: torch.Tensor, group_size: int, eps: float = 1e-4,
+                            scale: str = "group") -> torch.Tensor:
+    """The op "group_advantage" (kernels/group_advantage.py, csrc/): rewards [K, B*G] (unit stride along B*G),
+    no checks -> advantages float32 [B*G]. omni_fast.grpo.advantage.group_advantages checks its arguments and
+    calls it."""
     return _pick("group_advantage", rewards.device)(rewards, group_size, eps, scale)

@@ -39,4 +39,4 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4, 
     rewards2d = rewards.reshape(-1, rewards.shape[-1]) if rewards.ndim == 2 else rewards.unsqueeze(0)  # (K, B*G)
     if rewards2d.stride(-1) != 1:
         rewards2d = rewards2d.contiguous()
-    return ops.group_advantage(rewards2d, group_size, float(eps), scale).to(torch.float32)
+    return ops.advantages_from_rewards(rewards2d, group_size, float(eps), scale).to(torch.float32)
