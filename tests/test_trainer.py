@@ -10,7 +10,7 @@ import torch
 
 from omni_fast.config import ConfigError, GRPOConfig
 from omni_fast.grpo import rewards as reward_registry
-from omni_fast.grpo import state as ckpt_state
+from omni_fast.grpo import checkpoints
 from omni_fast.grpo.inputs import sft_example, sft_user_text
 from omni_fast.grpo.logprobs import naive_completion_logprobs
 from omni_fast.grpo.metrics import read_metrics
@@ -265,7 +265,7 @@ def test_checkpoint_loads_and_resume_is_exact(task, tiny_ckpt, tmp_path):
             raise Kill
     with pytest.raises(Kill):
         Trainer(_config(task, tiny_ckpt, tmp_path / "b", **cfg), on_step=die).train()
-    assert ckpt_state.resolve(tmp_path / "b", "latest").name == "checkpoint-2"
+    assert checkpoints.resolve(tmp_path / "b", "latest").name == "checkpoint-2"
     with pytest.raises(TrainingError, match="already holds checkpoints"):
         Trainer(_config(task, tiny_ckpt, tmp_path / "b", **cfg))
     resumed = Trainer(_config(task, tiny_ckpt, tmp_path / "b", **cfg), "latest")
@@ -302,7 +302,7 @@ def test_interrupted_save_keeps_the_previous_checkpoint(task, tiny_ckpt, tmp_pat
     monkeypatch.setattr(torch, "save", failing)
     with pytest.raises(OSError, match="disk full"):
         trainer.train()
-    assert [p.name for p in ckpt_state.checkpoints(out)] == ["checkpoint-1"]
+    assert [p.name for p in checkpoints.complete(out)] == ["checkpoint-1"]
     assert (out / "latest").read_text().strip() == "checkpoint-1"
     assert not list(out.glob(".checkpoint-*")) and not (out / "checkpoint-2").exists()
     assert load_checkpoint(out / "checkpoint-1", device="cpu", dtype=torch.float32) is not None
@@ -321,7 +321,7 @@ def test_nan_reward_stops_without_touching_the_last_checkpoint(task, tiny_ckpt, 
         before = (out / "checkpoint-1" / "model.safetensors")
         with pytest.raises(TrainingError, match=r"step 2: the reward is nan.*checkpoint-1.*untouched"):
             trainer.train()
-        assert before.is_file() and [p.name for p in ckpt_state.checkpoints(out)] == ["checkpoint-1"]
+        assert before.is_file() and [p.name for p in checkpoints.complete(out)] == ["checkpoint-1"]
     finally:
         reward_registry.REWARD_FUNCS.pop("flaky")
 
@@ -369,7 +369,7 @@ def test_bad_entry_is_fatal_with_on_bad_clip_raise(task, tiny_ckpt, tmp_path):
                               max_steps=-1, num_train_epochs=1, per_device_train_batch_size=len(entries)))
     with pytest.raises(TrainingError, match=rf"entry {n - 4}: .*broken.mp4"):
         trainer.train()
-    assert not ckpt_state.checkpoints(tmp_path / "run2")
+    assert not checkpoints.complete(tmp_path / "run2")
 
 
 # --- SFT --------------------------------------------------------------------------------------------------------
@@ -447,7 +447,7 @@ def test_cli_train_runs_from_a_config_file(task, tiny_ckpt, tmp_path, capsys):
     (tmp_path / "run.json").write_text(json.dumps(cfg))
     assert main(["train", "--config", str(tmp_path / "run.json"), "--max_steps", "2", "--seed=3"]) == 0
     assert "trained 2 steps" in capsys.readouterr().out
-    assert ckpt_state.resolve(tmp_path / "cli", "latest").name == "checkpoint-2"
+    assert checkpoints.resolve(tmp_path / "cli", "latest").name == "checkpoint-2"
     assert main(["train", "--config", str(tmp_path / "run.json"), "--max_stepz", "2"]) == 2
     assert "did you mean 'max_steps'" in capsys.readouterr().err
     shutil.rmtree(tmp_path / "cli")

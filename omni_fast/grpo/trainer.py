@@ -46,7 +46,7 @@ import torch
 
 from omni_fast import distributed
 from omni_fast.config import GRPOConfig, LoaderConfig
-from omni_fast.grpo import state as ckpt
+from omni_fast.grpo import checkpoints
 from omni_fast.grpo.data import BadEntry, check_records, load_annotations
 from omni_fast.grpo.metrics import MetricsLog, Phases, make_logger
 from omni_fast.grpo.step import StepContext, build_context, check_config, grpo_step, sft_step, train_dtype
@@ -80,15 +80,15 @@ class Trainer:
         self.dist = distributed.init(cfg.device)  # torchrun's environment, or one process
         self.out = Path(cfg.output_dir).expanduser()
         self.out.mkdir(parents=True, exist_ok=True)
-        resume = ckpt.resolve(self.out, resume_from_checkpoint) if resume_from_checkpoint else None
-        if resume is None and ckpt.checkpoints(self.out):
+        resume = checkpoints.resolve(self.out, resume_from_checkpoint) if resume_from_checkpoint else None
+        if resume is None and checkpoints.complete(self.out):
             raise TrainingError(f"{self.out} already holds checkpoints; pass --resume_from_checkpoint latest to "
                                 "continue that run, or choose another output_dir (nothing was overwritten)")
         distributed.barrier(self.dist)  # every rank has looked before rank 0 tidies up
         if self.dist.is_main:
-            ckpt.clean_partial(self.out)
+            checkpoints.clean_partial(self.out)
         self.log = make_logger(self.out, self.dist.rank)
-        state = ckpt.load_trainer_state(resume) if resume else {}
+        state = checkpoints.load_trainer_state(resume) if resume else {}
         self.init_model_path = state.get("init_model_path", str(Path(cfg.model_path).expanduser().resolve()))
         self.device = self.dist.device
         self.loaded = load_checkpoint(resume or cfg.model_path, bert_path=None if resume else cfg.bert_path,
@@ -104,8 +104,8 @@ class Trainer:
         self.ctx.check_finite = self._check_finite
         self.pos = Position(**state["position"]) if resume else Position()
         if resume:
-            saved_world = ckpt.restore(resume, self.optimizer, [n for n, _ in self.trainable], self.dist.rank,
-                                       self.dist.world_size)
+            saved_world = checkpoints.restore(resume, self.optimizer, [n for n, _ in self.trainable],
+                                              self.dist.rank, self.dist.world_size)
             self.log.info(f"resumed from {resume} at step {self.pos.step}")
             if saved_world != self.dist.world_size:
                 self.log.warning(f"resuming a run saved by {saved_world} process(es) with {self.dist.world_size}: "
@@ -275,7 +275,7 @@ class Trainer:
                  "skipped": sorted(self.skipped.values(), key=lambda b: b["index"]),
                  "init_model_path": self.init_model_path, "total_steps": self.total_steps,
                  "config": self.cfg.to_dict()}
-        rng = distributed.all_gather_objects(self.dist, ckpt.rng_state())
+        rng = distributed.all_gather_objects(self.dist, checkpoints.rng_state())
         path = self.out / f"checkpoint-{self.pos.step}"
         names = [n for n, _ in self.trainable]
         optimizer = masters = None
@@ -283,7 +283,8 @@ class Trainer:
             optimizer = self.optimizer.state_dict(keep=self.dist.is_main)
             masters = self.optimizer.master_state(names, keep=self.dist.is_main)
         if self.dist.is_main:
-            ckpt.save(self.out, self.pos.step, self.loaded, optimizer, masters, state, rng, self.cfg.save_total_limit)
+            checkpoints.save(self.out, self.pos.step, self.loaded, optimizer, masters, state, rng,
+                             self.cfg.save_total_limit)
             self.log.info(f"saved {path}")
         distributed.barrier(self.dist)  # no rank goes on (or stops) before the checkpoint is whole
         self.last_checkpoint = path

@@ -53,7 +53,7 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def checkpoints(output_dir: Path) -> list[Path]:
+def complete(output_dir: Path) -> list[Path]:
     """Complete checkpoints (those with a trainer state), oldest first."""
     found = []
     for d in output_dir.glob("checkpoint-*") if output_dir.is_dir() else []:
@@ -100,7 +100,7 @@ def save(output_dir: Path, step: int, loaded, optimizer_state: dict, masters: di
         raise
     write_text(output_dir / LATEST, final.name + "\n")
     if total_limit is not None:
-        for stale in checkpoints(output_dir)[:-total_limit]:
+        for stale in complete(output_dir)[:-total_limit]:
             if stale != final:
                 shutil.rmtree(stale, ignore_errors=True)
     return final
@@ -115,7 +115,7 @@ def resolve(output_dir: Path, spec: str) -> Path:
             named = output_dir / pointer.read_text().strip()
             if (named / STATE_FILE).is_file():
                 return named
-        found = checkpoints(output_dir)
+        found = complete(output_dir)
         if not found:
             raise ResumeError(f"--resume_from_checkpoint latest: no complete checkpoint in {output_dir}")
         return found[-1]
