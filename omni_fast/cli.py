@@ -229,7 +229,7 @@ def _label_sets(spec: str):
 def cmd_eval(args: argparse.Namespace) -> int:
     from omni_fast import distributed
     from omni_fast.eval import evaluate, load_done, run_header, write_confusion_png, write_json
-    from omni_fast.grpo.data import load_annotations
+    from omni_fast.data import load_annotations
     from omni_fast.task import EVAL_QUESTION
 
     if args.limit is not None and args.limit < 1:

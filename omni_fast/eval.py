@@ -35,7 +35,7 @@ from typing import Iterable
 
 from omni_fast import task
 from omni_fast.atomic import atomic_write, write_text
-from omni_fast.grpo.data import Record
+from omni_fast.data import Record
 from omni_fast.task import LABEL_SETS
 
 log = logging.getLogger(__name__)

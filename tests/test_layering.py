@@ -32,8 +32,11 @@ FORBIDDEN = {
     "omni_fast.ops": ("omni_fast.model", "omni_fast.engine", "omni_fast.media", "omni_fast.grpo", "omni_fast.api",
                       "omni_fast.eval", "omni_fast.cli", "omni_fast.config", "omni_fast.distributed",
                       "omni_fast.testing", "omni_fast.toy"),
-    "omni_fast.api": ("omni_fast.grpo.trainer", "omni_fast.cli", "omni_fast.kernels"),
-    "omni_fast.eval": ("omni_fast.cli", "omni_fast.kernels"),
+    # inference and evaluation never reach into training
+    "omni_fast.api": ("omni_fast.grpo", "omni_fast.cli", "omni_fast.kernels"),
+    "omni_fast.eval": ("omni_fast.grpo", "omni_fast.cli", "omni_fast.kernels"),
+    "omni_fast.data": ("omni_fast.model", "omni_fast.engine", "omni_fast.media", "omni_fast.grpo", "omni_fast.api",
+                       "omni_fast.eval", "omni_fast.cli", "omni_fast.kernels", "omni_fast.ops"),
 }
 
 

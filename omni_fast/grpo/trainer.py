@@ -47,7 +47,7 @@ import torch
 from omni_fast import distributed
 from omni_fast.config import GRPOConfig, LoaderConfig
 from omni_fast.grpo import checkpoints
-from omni_fast.grpo.data import BadEntry, check_records, load_annotations
+from omni_fast.data import BadEntry, check_records, load_annotations
 from omni_fast.grpo.metrics import MetricsLog, Phases, make_logger
 from omni_fast.grpo.step import StepContext, build_context, check_config, grpo_step, sft_step, train_dtype
 from omni_fast.media.loader import MediaLoader

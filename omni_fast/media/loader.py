@@ -4,7 +4,7 @@
     for batch in loader:            # batch.frames (B, 8, 3, 224, 224), batch.mel (B, 128, 3000) on the device
         train_step(batch.frames, batch.mel, batch.records)
 
-records: anything with a `.video` path (and optionally `.audio`), e.g. omni_fast.grpo.data.Record, or plain
+records: anything with a `.video` path (and optionally `.audio`), e.g. omni_fast.data.Record, or plain
 paths. Batch k holds records [k*B, (k+1)*B) in order, less the clips that failed: with on_error="skip" each
 failure is logged (one line naming the file, logger omni_fast.media.loader) and listed in batch.failures;
 with "raise" the first one raises its MediaError. `prefetch` batches beyond the one being consumed are decoded
