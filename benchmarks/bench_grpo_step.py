@@ -2,13 +2,13 @@
 trainer path (OURS) against the reference trainer's mechanics composed from transformers classes (REFERENCE),
 same weights, same run.
 
-OURS (the project's code, as omni_fast/grpo/trainer.py runs a step):
+OURS: the trainer's step itself, omni_fast.grpo.step.grpo_step (grpo/trainer.py runs the same function):
   towers     grpo.inputs.tower_features, once per clip
-  rollout    grpo.rollout.rollout: prompt_embeddings (no grad) + engine.Engine.generate (n=8, top_k 50, T=1,
-             ignore_eos so every completion has exactly N tokens) + rewards + group advantages
-  reference  grpo.rollout.rollout_logprobs with a frozen deepcopy of the model (shared-prefix forward)
-  policy     prompt_embeddings with grad + completion_logprobs + grpo_loss + backward
-  optimizer  torch.optim.AdamW step (LLM, projectors, BERT, gate; towers frozen)
+  rollout    prompt embeddings (no grad) + engine.Engine.generate (n=8, top_k 50, T=1, ignore_eos so every
+             completion has exactly N tokens) + rewards + group advantages
+  reference  the frozen initial weights sharing the towers, shared-prefix forward (no grad)
+  policy     prompt embeddings with grad + completion_logprobs + grpo_loss + backward
+  optimizer  the trainer's: gradient-norm clip + AdamW over fp32 masters (LLM, projectors, BERT, gate; towers frozen)
 REFERENCE (humanOmni_grpo_trainer.py, research/r1omni.md §3.8, §5):
   towers     the towers once per clip for generate's prompt (the reference's generate encodes once)
   rollout    transformers' Qwen2ForCausalLM.generate(inputs_embeds=spliced prompt, do_sample, top_k 50,
@@ -38,17 +38,17 @@ import math
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 
 from common import emit
 from omni_fast.config import EngineConfig, GRPOConfig
-from omni_fast.engine.engine import Engine
-from omni_fast.grpo.inputs import grpo_bert_inputs, grpo_prompt_ids, prompt_embeddings, tower_features
-from omni_fast.grpo.logprobs import completion_logprobs
-from omni_fast.grpo.loss import grpo_loss
+from omni_fast.distributed import DistContext
+from omni_fast.grpo.inputs import grpo_bert_inputs, grpo_prompt_ids
 from omni_fast.grpo.rewards import compute_rewards
-from omni_fast.grpo.rollout import rollout, rollout_logprobs
+from omni_fast.grpo.step import build_context, check_config, grpo_step, train_dtype
 from omni_fast.model.checkpoint import load_checkpoint
 from omni_fast.task import EMOTION_LABELS, solution
 from omni_fast.testing import make_tiny_checkpoint, random_r1omni, transformers_twin
@@ -83,47 +83,28 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def trainable(module) -> list[torch.nn.Parameter]:
-    """GRPO trains everything but the towers (trainer._set_trainable)."""
-    return [p for n, p in module.named_parameters()
-            if not n.startswith(("model.vision_tower.", "model.audio_tower."))]
-
-
 # --- OURS ------------------------------------------------------------------------------------------------------
+@dataclass(slots=True)
+class Prompt:
+    label: str  # the clip's emotion, what the accuracy reward checks
+    index: int  # its entry in an annotation file: keys the rollout seeds
+
+
 class Ours:
-    def __init__(self, loaded, b: int, n: int, cfg: GRPOConfig):
-        self.model, self.cfg, self.loaded = loaded.model, cfg, loaded
-        self.tokenizer = loaded.tokenizer
-        for p in trainable(self.model):
-            p.requires_grad_(True)
-        towers = [self.model.model.vision_tower, self.model.model.audio_tower]
-        self.reference = copy.deepcopy(self.model, memo={id(t): t for t in towers}).requires_grad_(False).eval()
-        self.engine = Engine(self.model, EngineConfig(max_prompts=b, max_samples=b * cfg.num_generations),
-                             loaded.generation.eos_token_ids)
-        self.optimizer = torch.optim.AdamW(trainable(self.model), lr=1e-6)
+    """The trainer's own step (grpo/step.py's grpo_step, as grpo/trainer.py runs it), on one process."""
+
+    def __init__(self, loaded, b: int, cfg: GRPOConfig, device: torch.device, steps: int):
+        check_config(cfg)
+        reference = loaded.model.copy_sharing_towers()  # the frozen initial weights, as the trainer keeps them
+        self.ctx = build_context(cfg, loaded, DistContext(device=device), reference, steps,
+                                 EngineConfig(max_prompts=b, max_samples=b * cfg.num_generations))
+        self.ctx.ignore_eos = True  # every completion has exactly N tokens, as in the reference path
 
     def step(self, frames, mel, ids, bert, labels, step: int, phases: Timer) -> float:
-        cfg, g, model = self.cfg, self.cfg.num_generations, self.model
-        b = frames.shape[0]
-        with phases("towers"):
-            feats = tower_features(model, frames, mel)
-        with phases("rollout"):
-            ro = rollout(model, self.engine, self.tokenizer, feats, [ids] * b, bert, labels, list(range(b)), step,
-                         cfg, ignore_eos=True)
-        lengths = ro.lengths
-        assert int(lengths.min()) == int(lengths.max()) == cfg.max_completion_length, lengths
-        with phases("reference"), torch.no_grad():
-            ro.ref_logp = rollout_logprobs(self.reference, ro, bert, g, cfg.temperature)
-        with phases("policy"):
-            prefixes = prompt_embeddings(model, ro.prompt_ids, ro.features, bert)
-            logp = completion_logprobs(model, prefixes, ro.completions, ro.lengths, g, cfg.temperature)
-            out = grpo_loss(logp, ro.advantages, ro.mask, ref_logp=ro.ref_logp, beta=cfg.beta,
-                            loss_type=cfg.loss_type, max_completion_length=cfg.max_completion_length)
-            out.loss.backward()
-        with phases("optimizer"):
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        return float(out.loss.detach())
+        micro = [SimpleNamespace(frames=frames, mel=mel, records=[Prompt(l, i) for i, l in enumerate(labels)])]
+        (metrics,) = grpo_step(self.ctx, micro, step, phases)
+        assert metrics["completion_length"] == self.ctx.cfg.max_completion_length, metrics
+        return metrics["loss"]
 
 
 # --- REFERENCE -------------------------------------------------------------------------------------------------
@@ -132,11 +113,10 @@ class Reference:
     prompt repeated per completion, full logits and a per-row log_softmax loop."""
 
     def __init__(self, loaded, cfg: GRPOConfig, ref_tokens: int):
-        towers = [loaded.model.model.vision_tower, loaded.model.model.audio_tower]
         # multimodal side (towers shared and frozen; projectors, BERT, gate trainable) + a transformers LLM
-        self.mm = copy.deepcopy(loaded.model, memo={id(t): t for t in towers})
+        self.mm = loaded.model.copy_sharing_towers()
         self.llm = transformers_twin(loaded.model)
-        self.ref_mm = copy.deepcopy(self.mm, memo={id(t): t for t in towers}).requires_grad_(False).eval()
+        self.ref_mm = self.mm.copy_sharing_towers().requires_grad_(False).eval()
         self.ref_llm = copy.deepcopy(self.llm).requires_grad_(False).eval()
         self.mm.model.layers = torch.nn.ModuleList()  # the LLM lives in self.llm; drop the unused copy
         self.ref_mm.model.layers = torch.nn.ModuleList()
@@ -273,7 +253,9 @@ def main(argv=None) -> dict:
         notes.append("--quick: tiny checkpoint on the CPU; measures the algorithmic savings (towers once vs 17x, "
                      "prompt once vs 8x), not the kernels")
     tmp = None
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    # the trainer's settings but a constant learning rate (the reference path's AdamW has no schedule)
+    cfg = GRPOConfig(num_generations=8, max_completion_length=n, lr_scheduler_type="constant")
+    dtype = train_dtype(cfg, device)
     if args.model_path is not None:
         loaded = load_checkpoint(args.model_path, device=device, dtype=dtype)
     else:
@@ -286,11 +268,10 @@ def main(argv=None) -> dict:
             notes.append("no --model_path: random weights of the real R1-Omni-0.5B shape (omni_fast.testing."
                          "random_r1omni: Qwen2.5-0.5B, SigLIP-base, Whisper-large-v3, bert-base)")
     torch.manual_seed(0)
-    cfg = GRPOConfig(num_generations=8, max_completion_length=n)
     x_start_end = loaded.config.mm_use_x_start_end
     ids = torch.tensor(grpo_prompt_ids(loaded.tokenizer, cfg.max_prompt_length, cfg.prompt_template, x_start_end),
                        device=device)
-    bert = grpo_bert_inputs(loaded.bert_tokenizer, device, cfg.prompt_template, x_start_end)
+    bert = grpo_bert_inputs(loaded.model, loaded.bert_tokenizer, cfg.prompt_template, x_start_end)
     g = torch.Generator().manual_seed(0)
     frames = torch.randn(b, loaded.config.num_frames, 3, 224, 224, generator=g).to(device, dtype)
     mel = torch.randn(b, 128, 3000, generator=g).mul_(0.5).to(device, dtype)
@@ -298,7 +279,7 @@ def main(argv=None) -> dict:
     inputs = (frames, mel, ids, bert, labels)
 
     reference = Reference(loaded, cfg, ref_tokens)  # built before Ours touches requires_grad / the weights
-    ours = Ours(loaded, b, n, cfg)
+    ours = Ours(loaded, b, cfg, device, steps=1 + reps)
     r_ours = measure(ours, args, device, inputs, reps)
     del ours
     r_ref = measure(reference, args, device, inputs, reps)

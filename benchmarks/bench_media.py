@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from omni_fast.config import LoaderConfig
-from omni_fast.grpo.data import Record, with_sidecar_audio
+from omni_fast.data import Record, with_sidecar_audio
 from omni_fast.media import dali as mdali
 from omni_fast.media.loader import MediaLoader
 from omni_fast.media.pyav import frame_count

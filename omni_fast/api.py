@@ -31,7 +31,8 @@ from omni_fast.config import (AUDIO_TOKEN_INDEX, INFER_DTYPE, ON_ERROR, VIDEO_TO
 from omni_fast.engine.engine import Engine
 from omni_fast.engine.sequence import Completion
 from omni_fast.media.loader import MediaLoader
-from omni_fast.model.checkpoint import DTYPES, LoadedCheckpoint, load_checkpoint, resolve_device, save_checkpoint
+from omni_fast.devices import resolve_device, resolve_dtype
+from omni_fast.model.checkpoint import LoadedCheckpoint, load_checkpoint, save_checkpoint
 from omni_fast.model.prompt import MODALS, inference_prompt, tokenize_multimodal
 from omni_fast.task import DEFAULT_INSTRUCT, parse_response
 
@@ -88,14 +89,14 @@ DEFAULT_MEDIA = LoaderConfig(backend="pyav", workers=4, prefetch=1)
 def inference_dtype(device: torch.device) -> torch.dtype:
     """float16 on a GPU, as the reference's model_init loads the whole model (towers included) for inference;
     float32 on the CPU, where half precision is slow and inexact."""
-    return DTYPES[INFER_DTYPE] if device.type == "cuda" else torch.float32
+    return resolve_dtype(None, device, INFER_DTYPE)
 
 
 def load_settings(device: str | torch.device | None, dtype: torch.dtype | None) -> tuple[torch.device, torch.dtype]:
     """The device and dtype from_pretrained loads with: the given ones, else CUDA where present and
     inference_dtype there. Separate so an eval run can name them in its results header before loading."""
     device = resolve_device(device)
-    return device, dtype or inference_dtype(device)
+    return device, resolve_dtype(dtype, device, INFER_DTYPE)
 
 
 def _video_name(record) -> str:
@@ -139,39 +140,18 @@ class OmniModel:
         return self.model.lm_head_weight.device
 
     # --- inputs ------------------------------------------------------------------------------------------------
-    @property
-    def bert_max_length(self) -> int:
-        """Tokens the BERT gate reads: the tokenizer's model_max_length (the reference's truncation=True), capped
-        at the BERT model's positions."""
-        positions = self.model.towers.bert.max_position_embeddings
-        return min(positions, getattr(self.bert_tokenizer, "model_max_length", positions) or positions)
-
-    def _bert_inputs(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        limit = self.bert_max_length
-        enc = self.bert_tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=limit,
-                                  add_special_tokens=True)
-        for text in texts:
-            n = len(self.bert_tokenizer(text, add_special_tokens=True).input_ids)
-            if n > limit:
-                log.warning("instruct of %d BERT tokens truncated to %d for the gate (BERT's positions), as the "
-                            "reference's tokenizer call truncates it: %.60r...", n, limit, text)
-        return {k: v.to(self.device) for k, v in enc.items()}
-
     @torch.inference_mode()
-    def encode(self, frames: torch.Tensor | None, mel: torch.Tensor | None,
-               instructs: list[str]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """frames (B, 8, 3, 224, 224) / mel (B, 128, 3000) / one instruct per clip -> video (B, 392, H) and
-        audio (B, 500, H) embeddings (None where that input is None)."""
-        video = audio = None
-        if frames is not None:
-            unique = sorted(set(instructs))
-            weights = self.model.gate_weights(self._bert_inputs(unique))  # (U, 3)
-            rows = torch.tensor([unique.index(t) for t in instructs], device=self.device)
-            feats = self.model.vision_features(frames.to(self.device))
-            video = self.model.project_video(feats, weights[rows])
-        if mel is not None:
-            audio = self.model.project_audio(self.model.audio_features(mel.to(self.device)))
-        return video, audio
+    def encode(self, input_ids: list[torch.Tensor], frames: torch.Tensor | None, mel: torch.Tensor | None,
+               instructs: list[str]) -> list[torch.Tensor]:
+        """Per clip: prompt ids [T] (with -201 / -202), frames (B, 8, 3, 224, 224) / mel (B, 128, 3000) (None where
+        that input is absent) and its instruct -> the spliced prompt embeddings (T', H); the gate reads each
+        distinct instruct once."""
+        unique = sorted(set(instructs))
+        rows = torch.tensor([unique.index(t) for t in instructs], device=self.device)
+        vision = None if frames is None else self.model.vision_features(frames.to(self.device))
+        audio = None if mel is None else self.model.audio_features(mel.to(self.device))
+        bert = None if vision is None else self.model.bert_inputs(self.bert_tokenizer, unique)
+        return self.model.prompt_embeddings(input_ids, vision, audio, bert, rows)
 
     def prompt_ids(self, instruct: str, modal: str = "video_audio", system: str | None = None) -> list[int]:
         """The reference inference prompt, tokenised, with -201 / -202 placeholders (system: see inference_prompt)."""
@@ -193,11 +173,8 @@ class OmniModel:
         encoders' outputs spliced in: what the engine is given."""
         frames = frames if modal != "audio" else None
         mel = mel if modal != "video" else None
-        video, audio = self.encode(frames, mel, instructs)
         ids_of = {t: torch.tensor(self.prompt_ids(t, modal, system), device=self.device) for t in set(instructs)}
-        with torch.inference_mode():
-            return [self.model.splice(ids_of[t], None if video is None else video[i],
-                                      None if audio is None else audio[i]) for i, t in enumerate(instructs)]
+        return self.encode([ids_of[t] for t in instructs], frames, mel, instructs)
 
     def fit_positions(self, embeds: list[torch.Tensor], sampling: SamplingParams,
                       videos: list) -> list[SamplingParams]:
@@ -319,6 +296,5 @@ class OmniModel:
             raise ValueError("input_ids hold a video placeholder (-201) but frames is None")
         if mel is None and bool((ids == AUDIO_TOKEN_INDEX).any()):
             raise ValueError("input_ids hold an audio placeholder (-202) but mel is None")
-        video, audio = self.encode(frames, mel, [instruct])
-        embeds = self.model.splice(ids, None if video is None else video[0], None if audio is None else audio[0])
+        (embeds,) = self.encode([ids], frames, mel, [instruct])
         return self.model(embeds[None]).float()

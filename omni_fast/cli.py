@@ -22,13 +22,13 @@ from pathlib import Path
 
 DEMO_GRPO_STEPS = 30
 DEMO_SFT_STEPS = 40
-# --dtype's spellings -> omni_fast.model.checkpoint.DTYPES's names (kept torch-free so --help stays fast)
+# --dtype's spellings -> omni_fast.devices.DTYPES's names (kept torch-free so --help stays fast)
 DTYPE_NAMES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
                "float32": "float32", "fp32": "float32"}
 
 
 def _dtype(name: str | None):
-    from omni_fast.model.checkpoint import DTYPES
+    from omni_fast.devices import DTYPES
 
     return None if name is None else DTYPES[DTYPE_NAMES[name]]
 
@@ -248,7 +248,7 @@ def _infer_line(r, as_json: bool) -> str:
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
-    from omni_fast.model.checkpoint import resolve_device
+    from omni_fast.devices import resolve_device
     from omni_fast.task import DEFAULT_INSTRUCT
 
     resolve_device(args.device)
@@ -288,8 +288,7 @@ def _label_sets(spec: str):
 def cmd_eval(args: argparse.Namespace) -> int:
     from omni_fast import distributed
     from omni_fast.eval import evaluate, load_done, run_header, write_confusion_png, write_json
-    from omni_fast.grpo.data import load_annotations
-    from omni_fast.model.checkpoint import resolve_device
+    from omni_fast.data import load_annotations
     from omni_fast.task import EVAL_QUESTION
 
     if args.limit is not None and args.limit < 1:

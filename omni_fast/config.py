@@ -231,7 +231,6 @@ class LoaderConfig:
 
 # --- training -------------------------------------------------------------------------------------------------
 STAGES = ("sft", "grpo")
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")  # omni_fast.grpo.loss.NORMALIZERS
 SCHEDULERS = ("linear", "cosine", "constant")
 TRAIN_DTYPES = ("auto", "float32", "bfloat16")
 PROMPT_TEMPLATES = ("qwen2vl", "chat_template")  # omni_fast.grpo.inputs.grpo_prompt_ids
@@ -316,10 +315,10 @@ class GRPOConfig:
         self._check_numbers()
 
     def _check_choices(self) -> None:
-        choices = {"on_bad_clip": ON_ERROR, "loss_type": LOSS_TYPES, "lr_scheduler_type": SCHEDULERS,
-                   "dtype": TRAIN_DTYPES, "media_backend": LOADER_BACKENDS, "scale_rewards": ("group", "batch", "none"),
-                   "prompt_template": PROMPT_TEMPLATES,
-                   "parallelism": PARALLELISM}
+        # loss_type, scale_rewards and reward_funcs are checked where their choices live (the trainer's
+        # check_config), so that this module imports nothing of grpo/
+        choices = {"on_bad_clip": ON_ERROR, "lr_scheduler_type": SCHEDULERS, "dtype": TRAIN_DTYPES,
+                   "media_backend": LOADER_BACKENDS, "prompt_template": PROMPT_TEMPLATES, "parallelism": PARALLELISM}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} {getattr(self, name)!r}: expected one of {allowed}")

@@ -18,6 +18,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from omni_fast.devices import resolve_device
+
 
 @dataclass(slots=True)
 class DistContext:
@@ -40,14 +42,10 @@ def init(device: str | None = None, timeout_s: float = 600.0) -> DistContext:
     """The process group from torchrun's environment (once per process), or a single-process context."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    want_cuda = device != "cpu" and torch.cuda.is_available() and (device is None or device.startswith("cuda"))
-    if world > 1 and want_cuda:
+    target = resolve_device(device)
+    if world > 1 and target.type == "cuda":  # one GPU per local rank
         torch.cuda.set_device(local)
         target = torch.device("cuda", local)
-    elif want_cuda:
-        target = torch.device(device or "cuda")
-    else:
-        target = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if target.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
     return DistContext(rank=rank, world_size=world, local_rank=local, device=target, timeout_s=timeout_s)

@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Iterable
 
 from omni_fast import task
-from omni_fast.grpo.data import Record
+from omni_fast.atomic import atomic_write, write_text
+from omni_fast.data import Record
 from omni_fast.task import LABEL_SETS
 
 log = logging.getLogger(__name__)
@@ -314,13 +315,9 @@ def merge_results(results: Path, header: dict) -> list[dict]:
     file and a rename), the parts removed; returns its rows (one per clip, as merge_rows picks them)."""
     rows = merge_rows(read_results(path)[1] for path in [results, *part_paths(results)])
     merged = [rows[i] for i in sorted(rows)]
-    tmp = results.with_name(f".{results.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with atomic_write(results, "wb", fsync=True) as f:
         for row in [header, *merged]:
             f.write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, results)
     for part in part_paths(results):
         part.unlink()
     return merged
@@ -432,10 +429,7 @@ def write_json(path: str | Path, payload) -> Path:
     """Write JSON through a temporary file and a rename: a results file is never left half-written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False))
-    os.replace(tmp, path)
-    return path
+    return write_text(path, json.dumps(payload, indent=2, ensure_ascii=False))
 
 
 def write_confusion_png(confusion: dict, path: str | Path) -> Path | None:
@@ -462,8 +456,7 @@ def write_confusion_png(confusion: dict, path: str | Path) -> Path | None:
             ax.text(j, i, str(v), ha="center", va="center", color="white" if rates[i][j] > 0.5 else "black")
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
     return path

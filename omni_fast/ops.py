@@ -1,11 +1,14 @@
 """The one dispatch point per op: CUDA extension -> Triton -> torch reference.
 
-Every op the package runs through a fast kernel is a function here. Each names its implementations in
-`_IMPLS` as "module:function" strings (imported on first use, so `import omni_fast.ops` stays cheap) and
-the backend is picked by `_pick` from the device of the op's first tensor argument:
+Every op the package runs through a fast kernel is a function here, and one record in `OPS` says everything
+about it: where each implementation lives ("module:function" strings, imported on first use, so
+`import omni_fast.ops` stays cheap), what the native ones need, and whether the fast ones have a backward.
+The records are named after the kernels, and so are the functions, but for "group_advantage": its function is
+`advantages_from_rewards`, which grpo.advantage.group_advantages checks the arguments of and calls.
+The backend is picked by `_pick` from the device of the op's first tensor argument:
 
-    CUDA tensor: "cuda" (omni_fast._C built with CUDA, or flash-attn) > "triton" > "torch"
-    CPU tensor:  "cpu"  (omni_fast._C C++ CPU op, or a vectorised torch path in kernels/) > "torch"
+    CUDA tensor: "cuda" (omni_fast._C built with CUDA, or an optional package such as flash-attn) > "triton" > "torch"
+    CPU tensor:  "cpu"  (omni_fast._C's C++ op, or a vectorised torch path in kernels/) > "torch"
 
 Triton on CPU tensors (TRITON_INTERPRET=1) is only ever chosen through `force_backend`, which is how the
 tests run the kernels without a GPU. Ops whose fast kernels are forward-only fall back to the torch reference
@@ -18,36 +21,47 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 
-_IMPLS: dict[str, dict[str, str]] = {
-    "causal_attention": {"cuda": "omni_fast.kernels.causal_attention:causal_attention_flash",
-                         "torch": "omni_fast.kernels.causal_attention:causal_attention_ref"},
-    "add_rms_norm": {"triton": "omni_fast.kernels.rms_norm:add_rms_norm",
-                     "torch": "omni_fast.kernels.rms_norm:add_rms_norm_ref"},
-    "rope": {"triton": "omni_fast.kernels.rope:rope", "torch": "omni_fast.kernels.rope:rope_ref"},
-    "silu_mul": {"triton": "omni_fast.kernels.silu_mul:silu_mul", "torch": "omni_fast.kernels.silu_mul:silu_mul_ref"},
-    "cascade_attention": {"triton": "omni_fast.kernels.cascade_attention:cascade_attention",
-                          "cpu": "omni_fast.kernels.cascade_attention:cascade_attention_cpu",
-                          "torch": "omni_fast.kernels.cascade_attention:cascade_attention_ref"},
-    "sample": {"triton": "omni_fast.kernels.sampling:sample", "cpu": "omni_fast.kernels.sampling:sample_cpu",
-               "torch": "omni_fast.kernels.sampling:sample_ref"},
-    "selective_logprob": {"triton": "omni_fast.kernels.selective_logprob:selective_logprob",
-                          "cpu": "omni_fast.kernels.selective_logprob:selective_logprob_cpu",
-                          "torch": "omni_fast.kernels.selective_logprob:selective_logprob_torch"},
-    "group_advantage": {"cuda": "omni_fast.kernels.native:group_advantage",
-                        "cpu": "omni_fast.kernels.native:group_advantage",
-                        "triton": "omni_fast.kernels.group_advantage:group_advantage",
-                        "torch": "omni_fast.kernels.group_advantage:group_advantage_ref"},
+
+@dataclass(frozen=True, slots=True)
+class Op:
+    """One op: its implementations as "module:function" (None: the op has no such path) and what they need."""
+    torch: str  # the reference in plain torch: always there, the definition of correct
+    triton: str | None = None  # the Triton kernel (CUDA tensors; CPU tensors only through force_backend)
+    cuda: str | None = None  # a CUDA path that is not Triton: omni_fast._C's op, or `cuda_package`'s kernel
+    cpu: str | None = None  # a CPU path faster than the reference: omni_fast._C's C++ op, or vectorised torch
+    native: bool = False  # "cuda" / "cpu" are omni_fast._C's: there when it was built with <op>_cuda / <op>_cpu
+    cuda_package: str | None = None  # the optional package the "cuda" path imports (flash-attn)
+    forward_only: bool = False  # the fast paths have no backward: under autograd the reference runs
+
+
+OPS: dict[str, Op] = {
+    "causal_attention": Op(torch="omni_fast.kernels.causal_attention:causal_attention_ref",
+                           cuda="omni_fast.kernels.causal_attention:causal_attention_flash",
+                           cuda_package="flash_attn"),  # flash-attn has its backward
+    "add_rms_norm": Op(torch="omni_fast.kernels.rms_norm:add_rms_norm_ref",
+                       triton="omni_fast.kernels.rms_norm:add_rms_norm", forward_only=True),
+    "rope": Op(torch="omni_fast.kernels.rope:rope_ref", triton="omni_fast.kernels.rope:rope", forward_only=True),
+    "silu_mul": Op(torch="omni_fast.kernels.silu_mul:silu_mul_ref", triton="omni_fast.kernels.silu_mul:silu_mul",
+                   forward_only=True),
+    "cascade_attention": Op(torch="omni_fast.kernels.cascade_attention:cascade_attention_ref",
+                            triton="omni_fast.kernels.cascade_attention:cascade_attention",
+                            cpu="omni_fast.kernels.cascade_attention:cascade_attention_cpu", forward_only=True),
+    "sample": Op(torch="omni_fast.kernels.sampling:sample_ref", triton="omni_fast.kernels.sampling:sample",
+                 cpu="omni_fast.kernels.sampling:sample_cpu"),
+    "selective_logprob": Op(torch="omni_fast.kernels.selective_logprob:selective_logprob_torch",
+                            triton="omni_fast.kernels.selective_logprob:selective_logprob",
+                            cpu="omni_fast.kernels.selective_logprob:selective_logprob_cpu"),
+    "group_advantage": Op(torch="omni_fast.kernels.group_advantage:group_advantage_ref",
+                          triton="omni_fast.kernels.group_advantage:group_advantage",
+                          cuda="omni_fast.kernels.native:group_advantage",
+                          cpu="omni_fast.kernels.native:group_advantage", native=True),
 }
-# ops whose fast kernels are forward-only: when autograd needs their gradient they run the torch reference
-_FORWARD_ONLY = {"add_rms_norm", "rope", "silu_mul", "cascade_attention"}  # flash-attn has its backward
-# ops whose "cuda" implementation is an optional package's kernel rather than omni_fast._C's
-_REQUIRES: dict[str, str] = {"causal_attention": "flash_attn"}
-# ops whose "cpu" implementation is vectorised torch in kernels/ rather than omni_fast._C's C++ op (always there)
-_TORCH_CPU = {"cascade_attention", "sample", "selective_logprob"}
+BACKENDS = ("cuda", "triton", "cpu", "torch")  # the implementation fields of an Op
 _FORCED: dict[str, str] = {}
 _PICKED: dict[tuple[str, str, str | None, bool], Callable] = {}  # (op, device type, forced, needs_grad) -> impl
 _ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
@@ -81,15 +95,16 @@ def _has_module(name: str) -> bool:
         return False
 
 
-def _available(op: str, backend: str, device: torch.device) -> bool:
-    if backend not in _IMPLS[op]:
+def _available(name: str, backend: str, device: torch.device) -> bool:
+    op = OPS[name]
+    if getattr(op, backend) is None:
         return False
     if backend in ("cuda", "cpu"):
         if device.type != backend:
             return False
-        if backend == "cpu" and op in _TORCH_CPU:
-            return True
-        return _has_module(_REQUIRES[op]) if op in _REQUIRES else _has_native(f"{op}_{backend}")
+        if op.native:
+            return _has_native(f"{name}_{backend}")
+        return _has_module(op.cuda_package) if backend == "cuda" and op.cuda_package else True
     if backend == "triton":
         return device.type == "cuda" and _has_module("triton")  # triton is an optional dependency
     return True
@@ -107,10 +122,11 @@ def _needs_grad(tensors) -> bool:
 
 
 def _choose(op: str, device: torch.device, forced: str | None, needs_grad: bool) -> Callable:
-    backend = forced if forced in _IMPLS[op] else backends(op, device)[0]
-    if op in _FORWARD_ONLY and needs_grad:
+    record = OPS[op]
+    backend = forced if forced in BACKENDS and getattr(record, forced) is not None else backends(op, device)[0]
+    if record.forward_only and needs_grad:
         backend = "torch"
-    return _resolve(_IMPLS[op][backend])
+    return _resolve(getattr(record, backend))
 
 
 def _pick(op: str, device: torch.device, *tensors: torch.Tensor | None) -> Callable:
@@ -118,7 +134,7 @@ def _pick(op: str, device: torch.device, *tensors: torch.Tensor | None) -> Calla
     cached under everything it depends on (availability is fixed per process); keying by the forced backend
     rather than invalidating lets `force_backend` take effect at once."""
     forced = _FORCED.get(op) or _FORCED.get("*")
-    needs_grad = op in _FORWARD_ONLY and _needs_grad(tensors)
+    needs_grad = OPS[op].forward_only and _needs_grad(tensors)
     key = (op, device.type, forced, needs_grad)
     impl = _PICKED.get(key)
     if impl is None:
@@ -191,6 +207,12 @@ def cascade_splits(prefix_capacity: int) -> int:
     return _resolve("omni_fast.kernels.cascade_attention:num_splits")(prefix_capacity)
 
 
+def advantage_scales() -> tuple[str, ...]:
+    """The `scale`s group_advantage takes ("group", "batch", "none"), as kernels/group_advantage.py defines them
+    for every backend."""
+    return tuple(_resolve("omni_fast.kernels.group_advantage:SCALES"))
+
+
 def selective_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                       temperature: float = 1.0) -> torch.Tensor:
     """log_softmax(hidden @ weight.T / temperature)[targets] as float32, never forming the [N, V] logits.
@@ -201,7 +223,9 @@ def selective_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
     return _pick("selective_logprob", hidden.device)(hidden, weight, targets, temperature)
 
 
-def group_advantage(rewards: torch.Tensor, group_size: int, eps: float = 1e-4, scale: str = "group") -> torch.Tensor:
-    """rewards [K, B*G] (unit stride along B*G) -> advantages float32 [B*G]; see
-    omni_fast.grpo.advantage.group_advantages, the public entry point."""
+def advantages_from_rewards(rewards: torch.Tensor, group_size: int, eps: float = 1e-4,
+                            scale: str = "group") -> torch.Tensor:
+    """The op "group_advantage" (kernels/group_advantage.py, csrc/): rewards [K, B*G] (unit stride along B*G),
+    no checks -> advantages float32 [B*G]. omni_fast.grpo.advantage.group_advantages checks its arguments and
+    calls it."""
     return _pick("group_advantage", rewards.device)(rewards, group_size, eps, scale)

@@ -98,21 +98,21 @@ def toy_answers(checkpoint: str | Path, clips: list[Path], prompt_template: str 
 
     from omni_fast.config import LoaderConfig, SamplingParams
     from omni_fast.engine.engine import Engine
-    from omni_fast.grpo.inputs import grpo_bert_inputs, grpo_prompt_ids, prompt_embeddings, tower_features
+    from omni_fast.grpo.inputs import grpo_bert_inputs, grpo_prompt_ids, tower_features
     from omni_fast.media.loader import MediaLoader
     from omni_fast.model.checkpoint import load_checkpoint
 
     loaded = load_checkpoint(checkpoint, device="cpu", dtype=torch.float32)
     model, x_start_end = loaded.model, loaded.config.mm_use_x_start_end
     ids = torch.tensor(grpo_prompt_ids(loaded.tokenizer, 512, prompt_template, x_start_end))
-    bert = grpo_bert_inputs(loaded.bert_tokenizer, torch.device("cpu"), prompt_template, x_start_end)
+    bert = grpo_bert_inputs(model, loaded.bert_tokenizer, prompt_template, x_start_end)
     engine = Engine(model, stop_token_ids=loaded.generation.eos_token_ids)
     texts = []
     loader = MediaLoader(clips, LoaderConfig(batch_size=len(clips), backend="pyav", workers=2, aspect="pad"), "cpu")
     with torch.no_grad():
         for batch in loader:
-            prefixes = prompt_embeddings(model, [ids] * len(batch), tower_features(model, batch.frames, batch.mel),
-                                         bert)
+            feats = tower_features(model, batch.frames, batch.mel)
+            prefixes = model.prompt_embeddings([ids] * len(batch), feats.vision, feats.audio, bert)
             for group in engine.generate(prefixes, SamplingParams.greedy_params(max_tokens)):
                 texts.append(loaded.tokenizer.decode(group[0].token_ids, skip_special_tokens=True))
     return texts

@@ -262,9 +262,9 @@ def test_prompt_longer_than_the_positions_says_both_numbers(omni, tiny_ckpt, cli
 def test_instruct_longer_than_berts_positions_is_truncated_as_the_reference(omni, clips, caplog):
     long = DEFAULT_INSTRUCT + " really" * 200
     limit = omni.model.towers.bert.max_position_embeddings
-    assert omni.bert_max_length == limit == 128  # the tiny BERT's (bert-base-uncased: 512, its model_max_length)
-    with caplog.at_level("WARNING", logger="omni_fast.api"):
-        enc = omni._bert_inputs([long, "short"])
+    assert limit == 128 < omni.bert_tokenizer.model_max_length  # the tiny BERT's (bert-base-uncased: 512, its model_max_length)
+    with caplog.at_level("WARNING", logger="omni_fast.model"):
+        enc = omni.model.bert_inputs(omni.bert_tokenizer, [long, "short"])
     assert enc["input_ids"].shape == (2, limit) and f"truncated to {limit}" in caplog.text
     full = omni.bert_tokenizer([long], return_tensors="pt", truncation=True, max_length=limit)
     assert torch.equal(enc["input_ids"][0], full["input_ids"][0])  # the first 127 tokens and [SEP], as HF truncates

@@ -256,17 +256,6 @@ def test_permission_denied_on_a_real_file(ckpt):
         (ckpt / "model.safetensors").chmod(0o644)
 
 
-def test_devices_are_checked(monkeypatch):
-    with pytest.raises(ValueError, match="unknown device 'gpu0'"):
-        checkpoint.resolve_device("gpu0")
-    with pytest.raises(ValueError, match="'mps' is not supported"):
-        checkpoint.resolve_device("mps")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ValueError, match="torch sees no CUDA GPU"):
-        checkpoint.resolve_device("cuda")
-    assert checkpoint.resolve_device(None) == torch.device("cpu")
-
-
 def test_stop_ids_are_the_generation_config_eos_plus_the_tokenizer_eos(ckpt, tiny_ckpt):
     tok_eos = _load(tiny_ckpt).tokenizer.eos_token_id
     gen = json.loads((ckpt / "generation_config.json").read_text())
@@ -413,20 +402,20 @@ def test_clean_leftovers_removes_a_copy_aside_only_beside_a_complete_checkpoint(
 
 
 def test_clean_partial_restores_a_training_checkpoint_moved_aside(tmp_path):
-    from omni_fast.grpo import state
+    from omni_fast.grpo import checkpoints
 
     def checkpoint_dir(name, text):
         (tmp_path / name).mkdir()
-        (tmp_path / name / state.STATE_FILE).write_text(text)
+        (tmp_path / name / checkpoints.STATE_FILE).write_text(text)
     checkpoint_dir(".checkpoint-5.old-123", "step 5")  # checkpoint-5 was moved aside, its successor never came
     checkpoint_dir("checkpoint-7", "new 7")
     checkpoint_dir(".checkpoint-7.old-123", "old 7")  # the save of checkpoint-7 finished: the old copy goes
     checkpoint_dir(".checkpoint-9.partial-123", "partial")
     checkpoint_dir("..checkpoint-9.partial-123.old-123", "inner")
-    state.clean_partial(tmp_path)
+    checkpoints.clean_partial(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-5", "checkpoint-7"]
-    assert (tmp_path / "checkpoint-5" / state.STATE_FILE).read_text() == "step 5"
-    assert (tmp_path / "checkpoint-7" / state.STATE_FILE).read_text() == "new 7"
+    assert (tmp_path / "checkpoint-5" / checkpoints.STATE_FILE).read_text() == "step 5"
+    assert (tmp_path / "checkpoint-7" / checkpoints.STATE_FILE).read_text() == "new 7"
 
 
 # --- weights that went through float16 ---------------------------------------------------------------------------

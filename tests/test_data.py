@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from omni_fast.grpo.data import AnnotationError, Record, load_annotations, parse_entry, with_sidecar_audio
+from omni_fast.data import AnnotationError, Record, load_annotations, parse_entry, with_sidecar_audio
 
 
 def _conv(video, answer, question="<video>\n<audio>\nWhat emotion?"):

@@ -9,7 +9,7 @@ from omni_fast import cli
 from omni_fast.api import OmniModel
 from omni_fast.eval import confusion_matrix, ground_truth, label_sets_for, prediction, score, war_uar
 from omni_fast.task import LABEL_SETS
-from omni_fast.grpo.data import Record
+from omni_fast.data import Record
 
 
 def _reference_war_uar(y_true, y_pred):

@@ -193,12 +193,10 @@ def test_unknown_loss_type_is_rejected():
 
 
 @pytest.mark.parametrize("loss_type", sorted(NORMALIZERS))
-def test_accumulation_scale_makes_any_split_equal_the_whole_batch(loss_type):
-    """sum over micro-batches of accumulation_scale * grpo_loss(micro) == grpo_loss(whole step batch), for
+def test_step_totals_make_any_split_equal_the_whole_batch(loss_type):
+    """sum over micro-batches of grpo_loss(micro, the step's totals) == grpo_loss(whole step batch), for
     micro-batches of unequal sizes and token counts (what lets any per-device batch / accumulation split give
     the same update)."""
-    from omni_fast.grpo.loss import accumulation_scale
-
     logp, advantages, mask, ref, old = (x.double() for x in _batch(batch=7, length=9))
     mask[4, 3:] = 0                                                          # ragged token counts
     tokens = float(mask.sum())
@@ -206,6 +204,6 @@ def test_accumulation_scale_makes_any_split_equal_the_whole_batch(loss_type):
     whole = grpo_loss(logp, advantages, mask, ref_logp=ref, **kw).loss
     total = 0.0
     for lo, hi in ((0, 1), (1, 4), (4, 7)):
-        part = grpo_loss(logp[lo:hi], advantages[lo:hi], mask[lo:hi], ref_logp=ref[lo:hi], **kw).loss
-        total += accumulation_scale(loss_type, mask[lo:hi], 7, tokens) * part
+        total += grpo_loss(logp[lo:hi], advantages[lo:hi], mask[lo:hi], ref_logp=ref[lo:hi], num_sequences=7,
+                           **kw).loss
     assert float(total) == pytest.approx(float(whole), rel=1e-12)

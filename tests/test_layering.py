@@ -21,15 +21,22 @@ FORBIDDEN = {
     "omni_fast.engine": ("omni_fast.grpo", "omni_fast.media", "omni_fast.api", "omni_fast.cli", "omni_fast.kernels"),
     "omni_fast.grpo": ("omni_fast.api", "omni_fast.cli", "omni_fast.eval", "omni_fast.toy", "omni_fast.testing",
                        "omni_fast.kernels"),
-    "omni_fast.task": ("omni_fast",),  # the task's words and parsers import nothing of the package
+    # the ground floor's leaves import nothing of the package: the task's words and parsers, atomic writes,
+    # device and dtype resolution
+    "omni_fast.task": ("omni_fast",),
+    "omni_fast.atomic": ("omni_fast",),
+    "omni_fast.devices": ("omni_fast",),
     "omni_fast.config": ("omni_fast.model", "omni_fast.engine", "omni_fast.media", "omni_fast.grpo", "omni_fast.api",
                          "omni_fast.eval", "omni_fast.cli", "omni_fast.kernels", "omni_fast.ops"),
     # the ground floor reaches nothing above it: ops.py only the kernels (by name) and omni_fast._C
     "omni_fast.ops": ("omni_fast.model", "omni_fast.engine", "omni_fast.media", "omni_fast.grpo", "omni_fast.api",
                       "omni_fast.eval", "omni_fast.cli", "omni_fast.config", "omni_fast.distributed",
                       "omni_fast.testing", "omni_fast.toy"),
-    "omni_fast.api": ("omni_fast.grpo.trainer", "omni_fast.cli", "omni_fast.kernels", "omni_fast.serve"),
-    "omni_fast.eval": ("omni_fast.cli", "omni_fast.kernels", "omni_fast.serve"),
+    # inference and evaluation never reach into training
+    "omni_fast.api": ("omni_fast.grpo", "omni_fast.cli", "omni_fast.kernels", "omni_fast.serve"),
+    "omni_fast.eval": ("omni_fast.grpo", "omni_fast.cli", "omni_fast.kernels", "omni_fast.serve"),
+    "omni_fast.data": ("omni_fast.model", "omni_fast.engine", "omni_fast.media", "omni_fast.grpo", "omni_fast.api",
+                       "omni_fast.eval", "omni_fast.cli", "omni_fast.kernels", "omni_fast.ops", "omni_fast.serve"),
     # the server is a layer over OmniModel and its engine: nothing below it reaches up to it
     "omni_fast.serve": ("omni_fast.cli", "omni_fast.grpo", "omni_fast.eval", "omni_fast.kernels", "omni_fast.testing",
                         "omni_fast.toy"),

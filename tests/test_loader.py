@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from omni_fast.config import ConfigError, LoaderConfig
-from omni_fast.grpo.data import Record
+from omni_fast.data import Record
 from omni_fast.media import dali as mdali
 from omni_fast.media.audio import log_mel
 from omni_fast.media.loader import MediaLoader

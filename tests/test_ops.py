@@ -68,3 +68,17 @@ def test_torch_cpu_paths_need_no_extension(monkeypatch):
         assert ops.backends(op, "cpu") == ["cpu", "torch"], op
     assert ops.backends("group_advantage", "cpu") == ["torch"]
     assert "cpu" not in ops.backends("cascade_attention", "cuda")
+
+
+def test_every_op_record_names_importable_functions():
+    """Each implementation an Op record names imports and is callable (native ones where omni_fast._C is built),
+    and every backend of `backends` is one the record has."""
+    for name, op in ops.OPS.items():
+        for backend in ops.BACKENDS:
+            path = getattr(op, backend)
+            if path is None or (op.native and backend in ("cuda", "cpu") and ops._native() is None):
+                continue
+            assert callable(ops._resolve(path)), (name, backend, path)
+        for device in ("cpu",) + (("cuda",) if torch.cuda.is_available() else ()):
+            found = ops.backends(name, device)
+            assert found[-1] == "torch" and all(getattr(op, b) is not None for b in found), (name, found)

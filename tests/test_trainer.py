@@ -10,7 +10,7 @@ import torch
 
 from omni_fast.config import ConfigError, GRPOConfig
 from omni_fast.grpo import rewards as reward_registry
-from omni_fast.grpo import state as ckpt_state
+from omni_fast.grpo import checkpoints
 from omni_fast.grpo.inputs import sft_example, sft_user_text
 from omni_fast.grpo.logprobs import naive_completion_logprobs
 from omni_fast.grpo.metrics import read_metrics
@@ -67,16 +67,20 @@ def test_config_from_yaml_json_and_overrides(tmp_path):
 @pytest.mark.parametrize("raw,needle", [({"learnig_rate": 1}, "did you mean 'learning_rate'"),
                                         ({"max_steps": 2.5}, "max_steps"), ({"stage": "ppo"}, "stage"),
                                         ({"reward_funcs": []}, "reward_funcs"), ({"num_generations": 1}, "num_generations"),
-                                        ({"loss_type": "x"}, "loss_type"), ({"reward_weights": [1.0]}, "reward_weights")])
+                                        ({"reward_weights": [1.0]}, "reward_weights")])
 def test_config_errors_name_the_key(raw, needle):
     with pytest.raises(ConfigError, match=needle):
         GRPOConfig.from_dict(raw)
 
 
-def test_unknown_reward_is_named_before_anything_is_written(task, tiny_ckpt, tmp_path):
-    """Reward names are resolved by the trainer (the config imports no reward), first thing."""
-    with pytest.raises(ConfigError, match=r"reward_funcs .*\['nope'\]"):
-        Trainer(_config(task, tiny_ckpt, tmp_path / "run", reward_funcs=("format", "nope")))
+@pytest.mark.parametrize("raw,needle", [({"reward_funcs": ("format", "nope")}, r"reward_funcs .*\['nope'\]"),
+                                        ({"loss_type": "x"}, "loss_type 'x'.*'dapo'"),
+                                        ({"scale_rewards": "rank"}, "scale_rewards.*'none'")])
+def test_choices_of_grpo_code_are_named_before_anything_is_written(task, tiny_ckpt, tmp_path, raw, needle):
+    """Reward names, loss types and reward scales are checked by the trainer against the code that defines them
+    (the config imports none of grpo/), first thing."""
+    with pytest.raises(ConfigError, match=needle):
+        Trainer(_config(task, tiny_ckpt, tmp_path / "run", **raw))
     assert not (tmp_path / "run").exists()
 
 
@@ -146,12 +150,12 @@ def test_step_loss_and_gradient_equal_the_reference_formula(task, tiny_ckpt, tmp
     """Step 1 recomputed independently: naive per-row forward, (r - mean)/(std + 1e-4) advantages, k3 KL with
     beta, per-sequence masked mean then mean over sequences; the logged loss and the gradient must match. The
     reference model is perturbed so that the KL term is not 0 (at step 1 the policy equals its copy)."""
-    from omni_fast.grpo import trainer as trainer_module
-    from omni_fast.grpo.inputs import grpo_bert_inputs, prompt_embeddings
+    from omni_fast.grpo import step as step_module
+    from omni_fast.grpo.inputs import grpo_bert_inputs
 
     captured = []
-    real = trainer_module.rollout
-    monkeypatch.setattr(trainer_module, "rollout", lambda *a, **k: captured.append(real(*a, **k)) or captured[-1])
+    real = step_module.make_rollout
+    monkeypatch.setattr(step_module, "make_rollout", lambda *a, **k: captured.append(real(*a, **k)) or captured[-1])
     trainer = Trainer(_config(task, tiny_ckpt, tmp_path / "run", max_steps=1, beta=0.3, reward_weights=(1.0, 0.5),
                                 max_grad_norm=0.0))
     with torch.no_grad():
@@ -164,12 +168,13 @@ def test_step_loss_and_gradient_equal_the_reference_formula(task, tiny_ckpt, tmp
         {n: p.grad.clone() for n, p in trainer.trainable if p.grad is not None}) or real_apply())
     logged = trainer.train()[0]
     (ro,) = captured
-    bert = grpo_bert_inputs(trainer.bert_tokenizer, trainer.device, "chat_template")
-    logp = naive_completion_logprobs(policy0, prompt_embeddings(policy0, ro.prompt_ids, ro.features, bert),
+    bert = grpo_bert_inputs(trainer.model, trainer.bert_tokenizer, "chat_template")
+    feats = (ro.features.vision, ro.features.audio)
+    logp = naive_completion_logprobs(policy0, policy0.prompt_embeddings(ro.prompt_ids, *feats, bert),
                                      ro.completions, ro.lengths, 4)
     with torch.no_grad():
-        ref = naive_completion_logprobs(trainer.reference, prompt_embeddings(trainer.reference, ro.prompt_ids,
-                                        ro.features, bert), ro.completions, ro.lengths, 4)
+        ref = naive_completion_logprobs(trainer.reference, trainer.reference.prompt_embeddings(ro.prompt_ids, *feats,
+                                        bert), ro.completions, ro.lengths, 4)
     r = torch.tensor(ro.rewards["rewards/<lambda>"]) + torch.tensor(ro.rewards["rewards/format_reward"])
     assert float(r.std()) > 0.1  # the advantages are not all zero
     grouped = r.view(-1, 4)
@@ -211,11 +216,11 @@ def test_step_loss_and_gradient_equal_the_reference_formula(task, tiny_ckpt, tmp
 def test_clip_ratio_is_logged_over_the_step_tokens(task, tiny_ckpt, tmp_path, monkeypatch):
     """num_iterations 2: the second update of a rollout batch clips its ratio against the rollout policy; the
     logged clip_ratio is the clipped fraction of all the step's completion tokens (0 on the first update)."""
-    from omni_fast.grpo import trainer as trainer_module
+    from omni_fast.grpo import step as step_module
 
     outputs = []
-    real = trainer_module.grpo_loss
-    monkeypatch.setattr(trainer_module, "grpo_loss", lambda *a, **k: outputs.append((real(*a, **k), a[2])) or outputs[-1][0])
+    real = step_module.grpo_loss
+    monkeypatch.setattr(step_module, "grpo_loss", lambda *a, **k: outputs.append((real(*a, **k), a[2])) or outputs[-1][0])
     trainer = Trainer(_config(task, tiny_ckpt, tmp_path / "run", max_steps=2, num_iterations=2, epsilon=1e-3,
                               learning_rate=3e-3, gradient_accumulation_steps=2, per_device_train_batch_size=1))
     history = trainer.train()
@@ -260,7 +265,7 @@ def test_checkpoint_loads_and_resume_is_exact(task, tiny_ckpt, tmp_path):
             raise Kill
     with pytest.raises(Kill):
         Trainer(_config(task, tiny_ckpt, tmp_path / "b", **cfg), on_step=die).train()
-    assert ckpt_state.resolve(tmp_path / "b", "latest").name == "checkpoint-2"
+    assert checkpoints.resolve(tmp_path / "b", "latest").name == "checkpoint-2"
     with pytest.raises(TrainingError, match="already holds checkpoints"):
         Trainer(_config(task, tiny_ckpt, tmp_path / "b", **cfg))
     resumed = Trainer(_config(task, tiny_ckpt, tmp_path / "b", **cfg), "latest")
@@ -297,7 +302,7 @@ def test_interrupted_save_keeps_the_previous_checkpoint(task, tiny_ckpt, tmp_pat
     monkeypatch.setattr(torch, "save", failing)
     with pytest.raises(OSError, match="disk full"):
         trainer.train()
-    assert [p.name for p in ckpt_state.checkpoints(out)] == ["checkpoint-1"]
+    assert [p.name for p in checkpoints.complete(out)] == ["checkpoint-1"]
     assert (out / "latest").read_text().strip() == "checkpoint-1"
     assert not list(out.glob(".checkpoint-*")) and not (out / "checkpoint-2").exists()
     assert load_checkpoint(out / "checkpoint-1", device="cpu", dtype=torch.float32) is not None
@@ -316,7 +321,7 @@ def test_nan_reward_stops_without_touching_the_last_checkpoint(task, tiny_ckpt, 
         before = (out / "checkpoint-1" / "model.safetensors")
         with pytest.raises(TrainingError, match=r"step 2: the reward is nan.*checkpoint-1.*untouched"):
             trainer.train()
-        assert before.is_file() and [p.name for p in ckpt_state.checkpoints(out)] == ["checkpoint-1"]
+        assert before.is_file() and [p.name for p in checkpoints.complete(out)] == ["checkpoint-1"]
     finally:
         reward_registry.REWARD_FUNCS.pop("flaky")
 
@@ -364,7 +369,7 @@ def test_bad_entry_is_fatal_with_on_bad_clip_raise(task, tiny_ckpt, tmp_path):
                               max_steps=-1, num_train_epochs=1, per_device_train_batch_size=len(entries)))
     with pytest.raises(TrainingError, match=rf"entry {n - 4}: .*broken.mp4"):
         trainer.train()
-    assert not ckpt_state.checkpoints(tmp_path / "run2")
+    assert not checkpoints.complete(tmp_path / "run2")
 
 
 # --- SFT --------------------------------------------------------------------------------------------------------
@@ -385,12 +390,10 @@ def test_sft_trains_llm_projectors_and_gate_only(task, tiny_ckpt, tmp_path):
 def test_sft_loss_is_the_mean_cross_entropy_of_the_assistant_tokens(task, tiny_ckpt, tmp_path, monkeypatch):
     """Step 1's logged SFT loss recomputed independently: the naive forward over cat(prompt, target) per
     clip, -log p of every target token, averaged over all target tokens of the step (two micro-batches)."""
-    from omni_fast.grpo import trainer as trainer_module
-    from omni_fast.grpo.inputs import bert_inputs, prompt_embeddings
-
+    from omni_fast.grpo import step as step_module
     captured = []
-    real = trainer_module.sft_batch
-    monkeypatch.setattr(trainer_module, "sft_batch", lambda *a, **k: captured.append(real(*a, **k)) or captured[-1])
+    real = step_module.sft_batch
+    monkeypatch.setattr(step_module, "sft_batch", lambda *a, **k: captured.append(real(*a, **k)) or captured[-1])
     trainer = Trainer(_config(task, tiny_ckpt, tmp_path / "sft", "sft", max_steps=1, per_device_train_batch_size=2,
                               gradient_accumulation_steps=2))
     model0 = __import__("copy").deepcopy(trainer.model)
@@ -399,14 +402,42 @@ def test_sft_loss_is_the_mean_cross_entropy_of_the_assistant_tokens(task, tiny_c
     total, tokens = 0.0, 0
     with torch.no_grad():
         for b in captured:
-            bert = bert_inputs(trainer.bert_tokenizer, [e.bert_text for e in b.examples], trainer.device)
+            bert = model0.bert_inputs(trainer.bert_tokenizer, [e.bert_text for e in b.examples])
             ids = [torch.tensor(e.prompt_ids) for e in b.examples]
-            logp = naive_completion_logprobs(model0, prompt_embeddings(model0, ids, b.features, bert), b.targets,
-                                             b.lengths, 1)
+            prefixes = model0.prompt_embeddings(ids, b.features.vision, b.features.audio, bert)
+            logp = naive_completion_logprobs(model0, prefixes, b.targets, b.lengths, 1)
             total -= float(logp.sum())
             tokens += int(b.lengths.sum())
     assert logged["num_tokens"] == tokens
     assert logged["loss"] == pytest.approx(total / tokens, rel=1e-5)
+
+
+def test_a_question_longer_than_berts_positions_trains_with_the_gate_inputs_it_infers_with(task, tiny_ckpt, tmp_path,
+                                                                                          caplog, monkeypatch):
+    """The gate's BERT inputs are cut at BERT's positions for training as for inference (the tokenizer allows
+    512, the tiny BERT has 128 positions): the SFT step reads the same ids OmniModel does for that text."""
+    from omni_fast.api import OmniModel
+    from omni_fast.config import VIDEO_TOKEN_INDEX
+    from omni_fast.grpo.inputs import sft_bert_text, sft_user_text
+    from omni_fast.model.omni import HumanOmniForCausalLM
+
+    long = "<video>\n<audio>\n" + "really " * 300 + "which emotion is it?"
+    entries = json.loads(task.sft_annotations.read_text())[:2]
+    for e in entries:
+        e["conversations"][0]["value"] = long
+    (tmp_path / "long.json").write_text(json.dumps(entries))
+    seen = []
+    real = HumanOmniForCausalLM.gate_weights
+    monkeypatch.setattr(HumanOmniForCausalLM, "gate_weights", lambda m, bert: seen.append(bert["input_ids"]) or real(m, bert))
+    trainer = Trainer(_config(task, tiny_ckpt, tmp_path / "sft", "sft", train_annotations=str(tmp_path / "long.json"),
+                              max_steps=1, per_device_train_batch_size=2))
+    with caplog.at_level("WARNING", logger="omni_fast.model"):
+        trainer.train()
+    trained = seen[-1]
+    assert trained.shape == (2, 128) and "truncated to 128" in caplog.text
+    OmniModel(trainer.loaded).forward_logits(torch.tensor([[VIDEO_TOKEN_INDEX, 5]]), torch.zeros(8, 3, 224, 224),
+                                             instruct=sft_bert_text(sft_user_text(long)))
+    assert torch.equal(seen[-1][0], trained[0])
 
 
 def test_cli_train_runs_from_a_config_file(task, tiny_ckpt, tmp_path, capsys):
@@ -416,7 +447,7 @@ def test_cli_train_runs_from_a_config_file(task, tiny_ckpt, tmp_path, capsys):
     (tmp_path / "run.json").write_text(json.dumps(cfg))
     assert main(["train", "--config", str(tmp_path / "run.json"), "--max_steps", "2", "--seed=3"]) == 0
     assert "trained 2 steps" in capsys.readouterr().out
-    assert ckpt_state.resolve(tmp_path / "cli", "latest").name == "checkpoint-2"
+    assert checkpoints.resolve(tmp_path / "cli", "latest").name == "checkpoint-2"
     assert main(["train", "--config", str(tmp_path / "run.json"), "--max_stepz", "2"]) == 2
     assert "did you mean 'max_steps'" in capsys.readouterr().err
     shutil.rmtree(tmp_path / "cli")
@@ -469,15 +500,16 @@ def test_gpu_grpo_steps_in_bf16_with_cuda_graphs(task, tiny_ckpt, tmp_path):
         assert all(math.isfinite(m[k]) for k in ("loss", "reward", "kl", "grad_norm"))
     # a decode replayed from the graphs equals an eager decode with the updated weights
     from omni_fast.config import LoaderConfig, SamplingParams
-    from omni_fast.grpo.inputs import grpo_bert_inputs, grpo_prompt_ids, prompt_embeddings, tower_features
+    from omni_fast.grpo.inputs import grpo_bert_inputs, grpo_prompt_ids, tower_features
     from omni_fast.media.loader import MediaLoader
 
     loader = MediaLoader(task.clips["sad"][:1], LoaderConfig(batch_size=1, backend="pyav", aspect="pad"), "cuda")
     batch = next(iter(loader))
     ids = torch.tensor(grpo_prompt_ids(trainer.tokenizer, 512, "chat_template"), device="cuda")
-    bert = grpo_bert_inputs(trainer.bert_tokenizer, trainer.device, "chat_template")
+    bert = grpo_bert_inputs(trainer.model, trainer.bert_tokenizer, "chat_template")
     with torch.no_grad():
-        prefix = prompt_embeddings(trainer.model, [ids], tower_features(trainer.model, batch.frames, batch.mel), bert)
+        feats = tower_features(trainer.model, batch.frames, batch.mel)
+        prefix = trainer.model.prompt_embeddings([ids], feats.vision, feats.audio, bert)
     greedy = SamplingParams.greedy_params(6)
     graphed = trainer.engine.generate(prefix, greedy)[0][0].token_ids
     trainer.engine.config.cuda_graphs = False

@@ -5,7 +5,11 @@ import torch
 
 from omni_fast import ops
 
-SCALES = ("group", "batch", "none")
+
+def check_scale(scale: str) -> None:
+    """A ValueError unless `scale` is one the advantage kernels take (kernels/group_advantage.py defines them)."""
+    if scale not in ops.advantage_scales():
+        raise ValueError(f"scale must be one of {ops.advantage_scales()}, got {scale!r}")
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4, *,
@@ -31,9 +35,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4, 
         raise TypeError(f"rewards must be a float tensor, got {rewards.dtype}")
     if group_size < 2 or rewards.shape[-1] % group_size:
         raise ValueError(f"B*G={rewards.shape[-1]} must be a multiple of group_size={group_size} >= 2")
-    if scale not in SCALES:
-        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+    check_scale(scale)
     rewards2d = rewards.reshape(-1, rewards.shape[-1]) if rewards.ndim == 2 else rewards.unsqueeze(0)  # (K, B*G)
     if rewards2d.stride(-1) != 1:
         rewards2d = rewards2d.contiguous()
-    return ops.group_advantage(rewards2d, group_size, float(eps), scale).to(torch.float32)
+    return ops.advantages_from_rewards(rewards2d, group_size, float(eps), scale).to(torch.float32)

@@ -19,6 +19,10 @@ in backward), every computation on the sharded model runs inside `ModelCall.forw
 fn(model, *args) under the root unit. Gradients are reduce-scattered as sums (divide factor 1): the trainer's
 losses are already scaled by the global batch, as with DDP.
 
+Every forward and backward of a sharded model is a collective, so every rank must run as many of them per
+step: a rank with fewer micro-batches than the busiest one (the end of an epoch, bad clips) makes up the
+difference with pad passes whose loss is 0 x log-probs (`pad_rollouts`, `pad_sft_batches`).
+
 Checkpoints hold full tensors (the replica's weights, the optimizer state and masters gathered), so a run
 saved under FSDP resumes under any world size, or under DDP, and the other way round.
 """
@@ -29,7 +33,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from omni_fast import distributed
 from omni_fast.distributed import DistContext
+from omni_fast.grpo.inputs import ClipFeatures, tower_features
+from omni_fast.grpo.rollout import Rollout, make_rollout
+from omni_fast.grpo.sft import SFTBatch, sft_batch
 
 
 class ModelCall(nn.Module):
@@ -104,3 +112,42 @@ def sum_of_squares(grads: list[torch.Tensor]) -> torch.Tensor:
         dist.all_reduce(shards, op=dist.ReduceOp.SUM, group=sharded[0].device_mesh.get_group())
         total = total + shards.to(total.device)
     return total
+
+
+# --- pad passes: as many sharded passes on every rank -------------------------------------------------------------
+def missing_passes(ctx: DistContext, sharded: bool, mine: int) -> int:
+    """How many sharded passes this rank must add to match the busiest rank (0 unless the model is sharded)."""
+    return distributed.all_reduce_max(ctx, mine) - mine if sharded else 0
+
+
+def pad_features(model: nn.Module, feats: ClipFeatures | None) -> ClipFeatures:
+    """One clip's features for a pad pass: the first of `feats`, or the towers' output for a zero clip."""
+    if feats is not None:
+        return ClipFeatures(feats.vision[:1], feats.audio[:1])
+    device = model.lm_head_weight.device
+    frames = torch.zeros(1, model.config.num_frames, 3, 224, 224, device=device)
+    mel = torch.zeros(1, model.towers.audio.num_mel_bins, 3000, device=device)
+    return tower_features(model, frames, mel)
+
+
+def pad_rollouts(ctx: DistContext, sharded: bool, model: nn.Module, rollouts: list[Rollout],
+                 prompt_ids: torch.Tensor, group_size: int, pad_id: int) -> list[Rollout]:
+    """GRPO's pad passes for this rank: G one-token completions with zero advantages on its last micro-batch's
+    features (a zero clip's when it has none). Under DDP, or on the busiest rank, there are none."""
+    missing = missing_passes(ctx, sharded, len(rollouts))
+    if not missing:
+        return []
+    feats = pad_features(model, rollouts[-1].features if rollouts else None)
+    pad = make_rollout(feats, [prompt_ids], [[pad_id]] * group_size, [""] * group_size, {}, group_size, "group",
+                       pad_id)
+    return [pad] * missing
+
+
+def pad_sft_batches(ctx: DistContext, sharded: bool, model: nn.Module, tokenizer, batches: list[SFTBatch], record,
+                    max_length: int, use_x_start_end: bool, pad_id: int) -> list[SFTBatch]:
+    """SFT's pad passes for this rank: `record` on one clip's features (see pad_rollouts)."""
+    missing = missing_passes(ctx, sharded, len(batches))
+    if not missing:
+        return []
+    feats = pad_features(model, batches[-1].features if batches else None)
+    return [sft_batch(tokenizer, feats, [record], max_length, use_x_start_end, pad_id)] * missing

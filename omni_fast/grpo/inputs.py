@@ -1,8 +1,8 @@
-"""What the trainer feeds the model: tower features once per clip, prompt embeddings (with grad), prompt ids.
+"""What the trainer feeds the model: tower features once per clip, prompt ids, the gate's BERT inputs.
 
 The encode path is cut where the gradient stops (omni_fast/model/omni.py):
     frames, mel --SigLIP / Whisper (frozen, no grad, ONCE per clip per step)--> ClipFeatures
-    ClipFeatures --projectors + BERT gate (trainable)--> 392 video + 500 audio embeddings --splice--> prefix
+    ClipFeatures --model.prompt_embeddings: projectors + BERT gate (trainable), splice--> prefix
 so one step's rollout, reference pass and policy pass all start from the same ClipFeatures, and only the
 cheap trainable part runs again (the reference trainer re-runs both towers for each of the 8 completions).
 
@@ -40,25 +40,6 @@ def tower_features(model, frames: torch.Tensor, mel: torch.Tensor) -> ClipFeatur
     return ClipFeatures(vision=model.vision_features(frames), audio=model.audio_features(mel))
 
 
-def bert_inputs(tokenizer, texts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
-    """BERT's inputs for the gate, as the reference tokenises them (padding, truncation, special tokens)."""
-    enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, add_special_tokens=True)
-    return {k: v.to(device) for k, v in enc.items()}
-
-
-def prompt_embeddings(model, prompt_ids: list[torch.Tensor], feats: ClipFeatures,
-                      bert: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-    """Prompt ids [T_i] (with -201 / -202) + clip features + BERT inputs (one row per clip, or one row for all)
-    -> spliced prompt embeddings (T_i', H) per clip, differentiable through the projectors, BERT and gate
-    (whatever of them requires grad)."""
-    weights = model.gate_weights(bert)                                   # (B or 1, 3)
-    if weights.shape[0] == 1 and len(feats) > 1:
-        weights = weights.expand(len(feats), -1)
-    video = model.project_video(feats.vision, weights)                   # (B, 392, H)
-    audio = model.project_audio(feats.audio)                             # (B, 500, H)
-    return [model.splice(ids, video[i], audio[i]) for i, ids in enumerate(prompt_ids)]
-
-
 def grpo_prompt_ids(tokenizer, max_prompt_length: int, template: str = "qwen2vl",
                     use_x_start_end: bool = True) -> list[int]:
     """The GRPO prompt's ids, left-truncated to max_prompt_length as the reference truncates them (token ids,
@@ -72,11 +53,13 @@ def grpo_prompt_ids(tokenizer, max_prompt_length: int, template: str = "qwen2vl"
     return tokenize_multimodal(tokenizer, text)[-max_prompt_length:]
 
 
-def grpo_bert_inputs(tokenizer, device: torch.device, template: str = "qwen2vl",
+def grpo_bert_inputs(model, tokenizer, template: str = "qwen2vl",
                      use_x_start_end: bool = True) -> dict[str, torch.Tensor]:
+    """The gate's BERT inputs for the GRPO prompt (one row, the same for every clip), as model.bert_inputs makes
+    them for inference."""
     text = grpo_bert_text() if template == "qwen2vl" else sft_bert_text(sft_user_text(DEFAULT_SFT_QUESTION,
                                                                                       use_x_start_end))
-    return bert_inputs(tokenizer, [text], device)
+    return model.bert_inputs(tokenizer, [text])
 
 
 def sft_user_text(value: str, use_x_start_end: bool = True) -> str:

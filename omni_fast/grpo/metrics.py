@@ -14,10 +14,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 import time
 from pathlib import Path
+
+from omni_fast.atomic import write_text
 
 _BAR_KEYS = (("reward", "reward"), ("acc", "rewards/accuracy_reward"), ("fmt", "rewards/format_reward"),
              ("kl", "kl"), ("len", "completion_length"), ("loss", "loss"), ("tok/s", "tokens_per_s"))
@@ -106,9 +107,7 @@ def _truncate_after(path: Path, step: int) -> None:
         return
     kept = [line for line in path.read_text(encoding="utf-8").splitlines()
             if line.strip() and json.loads(line).get("step", 0) <= step]
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, "".join(line + "\n" for line in kept))
 
 
 def _tensorboard(directory: Path):

@@ -1,8 +1,10 @@
-"""The no-grad half of a GRPO micro-step: rollouts, rewards, advantages, reference log-probs.
+"""The no-grad half of a GRPO micro-step: completions, their rewards and advantages, and log-probs under a model.
 
     clip features --policy prefixes (no grad)--> engine: G completions per prompt, prefix prefilled once
-      --decode (skip_special_tokens=True, NOT stripped, as the reference scores them)--> rewards [K, B*G]
-      --group advantage kernel--> A [B*G];   reference model's shared-prefix pass --> ref_logp [B*G, C]
+      (sample_completions; seeds keyed by the run's seed, the optimizer step and the prompt's index)
+      --decode (skip_special_tokens=True, NOT stripped, as the reference scores them)--> texts
+      --score: each completion against its own prompt's label--> rewards [K, B*G]
+      --make_rollout: group advantage kernel, padded completions and their mask--> Rollout
 
 The completion mask comes from each completion's own length (its stop token included), whichever stop token
 ended it; the reference builds it from <|im_end|> alone and so also trains on the pad tail of a completion
@@ -18,14 +20,14 @@ from omni_fast import task
 from omni_fast.config import SamplingParams
 from omni_fast.engine.sequence import row_seed
 from omni_fast.grpo.advantage import group_advantages
-from omni_fast.grpo.inputs import ClipFeatures, pad_rows, prompt_embeddings
+from omni_fast.grpo.inputs import ClipFeatures, pad_rows
 from omni_fast.grpo.logprobs import completion_logprobs
 from omni_fast.grpo.rewards import compute_rewards
 
 
 @dataclass(slots=True)
 class Rollout:
-    """One micro-batch's rollouts, everything the policy pass needs."""
+    """One micro-batch's rollouts, everything the reference and policy passes need (filled by make_rollout)."""
     features: ClipFeatures  # the frozen towers' output, computed once
     prompt_ids: list[torch.Tensor]  # per prompt, ids with placeholders
     completions: torch.Tensor  # (B*G, C) int64, padded past `lengths`
@@ -35,8 +37,6 @@ class Rollout:
     rewards: dict[str, list[float]]  # "rewards/<name>" -> one weighted value per completion
     total_rewards: torch.Tensor  # (B*G,) float32, the sum of the weighted rewards
     texts: list[str]  # decoded completions
-    ref_logp: torch.Tensor | None  # (B*G, C) float32 reference-model log-probs, None when beta == 0
-    old_logp: torch.Tensor | None = None  # (B*G, C) the rollout policy's log-probs (num_iterations > 1)
 
 
 def rollout_seed(seed: int, step: int, index: int) -> int:
@@ -45,43 +45,55 @@ def rollout_seed(seed: int, step: int, index: int) -> int:
     return row_seed(row_seed(seed, step), index)
 
 
+@torch.no_grad()
+def sample_completions(model, engine, features: ClipFeatures, prompt_ids: list[torch.Tensor], bert: dict,
+                       indices: list[int], step: int, cfg, ignore_eos: bool = False) -> list[list[int]]:
+    """G completions (token ids, stop token included) of each of the B prompts, prompt-major (B*G lists), sampled
+    by the engine from the model's prompt embeddings; `indices` are the prompts' entries in the annotation file,
+    `step` the optimizer step the rollouts are for, cfg the GRPOConfig. ignore_eos forces every completion to
+    max_completion_length tokens (benchmarks)."""
+    prefixes = model.prompt_embeddings(prompt_ids, features.vision, features.audio, bert)
+    params = [SamplingParams(n=cfg.num_generations, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                             max_tokens=cfg.max_completion_length, seed=rollout_seed(cfg.seed, step, i),
+                             ignore_eos=ignore_eos)
+              for i in indices]
+    return [c.token_ids for group in engine.generate(prefixes, params) for c in group]
+
+
 def weighted_rewards(names, weights, texts: list[str], solutions: list[str]) -> dict[str, list[float]]:
     raw = compute_rewards(names, texts, solutions)
     weights = weights or [1.0] * len(raw)
     return {k: [w * v for v in values] for (k, values), w in zip(raw.items(), weights)}
 
 
-@torch.no_grad()
-def rollout(policy, engine, tokenizer, features: ClipFeatures, prompt_ids: list[torch.Tensor],
-            bert: dict, labels: list[str], indices: list[int], step: int, cfg, ignore_eos: bool = False) -> Rollout:
-    """G completions for each of the B prompts of a micro-batch, scored; cfg is the GRPOConfig. ignore_eos
-    forces every completion to max_completion_length tokens (benchmarks)."""
+def score(cfg, texts: list[str], labels: list[str]) -> dict[str, list[float]]:
+    """The weighted rewards of B*G decoded completions, prompt-major: completion r is scored against the
+    solution of prompt r // G's label."""
+    solutions = [task.solution(label) for label in labels for _ in range(cfg.num_generations)]
+    return weighted_rewards(cfg.reward_funcs, cfg.reward_weights, texts, solutions)
+
+
+def make_rollout(features: ClipFeatures, prompt_ids: list[torch.Tensor], token_ids: list[list[int]],
+                 texts: list[str], rewards: dict[str, list[float]], group_size: int, scale: str,
+                 pad_id: int) -> Rollout:
+    """The one place a Rollout is filled: the rewards [K, B*G] summed and normalised per group of G (the group
+    advantage kernel; no rewards: all zero), the completions padded with pad_id and their mask (1 at positions
+    t < each completion's length)."""
     device = features.vision.device
-    g = cfg.num_generations
-    prefixes = prompt_embeddings(policy, prompt_ids, features, bert)
-    params = [SamplingParams(n=g, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                             max_tokens=cfg.max_completion_length, seed=rollout_seed(cfg.seed, step, i),
-                             ignore_eos=ignore_eos)
-              for i in indices]
-    groups = engine.generate(prefixes, params)
-    token_ids = [c.token_ids for group in groups for c in group]           # B*G lists, prompt-major
-    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in token_ids]
-    rewards = weighted_rewards(cfg.reward_funcs, cfg.reward_weights, texts, [task.solution(l) for l in labels
-                                                                               for _ in range(g)])
-    stacked = torch.tensor(list(rewards.values()), dtype=torch.float32, device=device)   # (K, B*G)
-    advantages = group_advantages(stacked, g, scale=cfg.scale_rewards)
-    completions, lengths = pad_rows(token_ids, engine.default_stop[0], device)
+    values = list(rewards.values()) or [[0.0] * len(token_ids)]
+    stacked = torch.tensor(values, dtype=torch.float32, device=device)                  # (K, B*G)
+    completions, lengths = pad_rows(token_ids, pad_id, device)
     mask = (torch.arange(completions.shape[1], device=device)[None] < lengths[:, None]).float()
     return Rollout(features=features, prompt_ids=prompt_ids, completions=completions, lengths=lengths, mask=mask,
-                   advantages=advantages, rewards=rewards, total_rewards=stacked.sum(0), texts=texts,
-                   ref_logp=None)
+                   advantages=group_advantages(stacked, group_size, scale=scale), rewards=rewards,
+                   total_rewards=stacked.sum(0), texts=texts)
 
 
 def rollout_logprobs(model, ro: Rollout, bert: dict, group_size: int, temperature: float) -> torch.Tensor:
     """A model's log-probs (B*G, C) of the rollouts' completions, through its own projectors and gate on the
     rollouts' tower features, with the shared-prefix forward: the frozen reference model's pass (the caller
     disables grad) and the policy's."""
-    prefixes = prompt_embeddings(model, ro.prompt_ids, ro.features, bert)
+    prefixes = model.prompt_embeddings(ro.prompt_ids, ro.features.vision, ro.features.audio, bert)
     return completion_logprobs(model, prefixes, ro.completions, ro.lengths, group_size, temperature)
 
 

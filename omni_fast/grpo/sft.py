@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from omni_fast.grpo.inputs import ClipFeatures, SFTExample, bert_inputs, pad_rows, prompt_embeddings, sft_example
+from omni_fast.grpo.inputs import ClipFeatures, SFTExample, pad_rows, sft_example
 from omni_fast.grpo.logprobs import completion_logprobs
 
 
@@ -39,8 +39,8 @@ def sft_batch(tokenizer, features: ClipFeatures, records, max_length: int, use_x
 def sft_loss(model, bert_tokenizer, batch: SFTBatch, step_tokens: int) -> torch.Tensor:
     """-sum(log p(target tokens)) / step_tokens for one micro-batch (differentiable)."""
     device = batch.targets.device
-    bert = bert_inputs(bert_tokenizer, [e.bert_text for e in batch.examples], device)
+    bert = model.bert_inputs(bert_tokenizer, [e.bert_text for e in batch.examples])
     prompt_ids = [torch.tensor(e.prompt_ids, device=device) for e in batch.examples]
-    prefixes = prompt_embeddings(model, prompt_ids, batch.features, bert)
+    prefixes = model.prompt_embeddings(prompt_ids, batch.features.vision, batch.features.audio, bert)
     logp = completion_logprobs(model, prefixes, batch.targets, batch.lengths, 1)    # (B, C), 0 past lengths
     return -logp.sum() / step_tokens

@@ -5,17 +5,11 @@ rank of a torchrun job (omni_fast/distributed.py: data parallel, each rank with 
     trainer = Trainer(GRPOConfig(model_path=..., train_annotations=..., output_dir=...))
     trainer.train()                        # or: omni-fast train --config run.yaml
 
-One GRPO optimizer step (per_device_train_batch_size x gradient_accumulation_steps prompts per rank):
-  1. clips come decoded ahead from the MediaLoader (pad-to-square frames, as the reference trains);
-  2. per micro-batch: the frozen towers run ONCE per clip (no grad), the projectors + gate make the prompt
-     embeddings, the engine samples G completions with the policy's own weights (prefix prefilled once,
-     shared-prefix decode), rewards -> group advantages (one kernel), and the frozen reference model scores
-     the completions (shared-prefix forward, no grad);
-  3. per micro-batch again: the policy's prompt embeddings with grad, its shared-prefix log-probs through
-     ops.selective_logprob, the loss (grpo/loss.py) scaled by accumulation_scale, backward;
-  4. sum the gradients over ranks, clip their norm, AdamW (fp32 masters for bf16 weights), the schedule;
-     the parameters change in place, so the engine (and its CUDA graphs) decodes the next step with the new
-     weights, no copy.
+The trainer is the loop around the step: the data (annotations, bad entries, each epoch's order, this rank's
+share of each step's prompts, decoded ahead by the MediaLoader with pad-to-square frames, as the reference
+trains), checkpoints and resume, metrics. One optimizer step (per_device_train_batch_size x
+gradient_accumulation_steps prompts per rank) is grpo/step.py's `grpo_step` (or `sft_step`), the function
+benchmarks/bench_grpo_step.py times as well.
 
 Where it departs from the reference trainer (humanOmni_grpo_trainer.py) and why:
   * The towers run once per clip per step, not once per completion and pass (17x in the reference); they
@@ -43,7 +37,6 @@ Where it departs from the reference trainer (humanOmni_grpo_trainer.py) and why:
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -52,18 +45,11 @@ from pathlib import Path
 import torch
 
 from omni_fast import distributed
-from omni_fast.config import EngineConfig, GRPOConfig, LoaderConfig
-from omni_fast.engine.engine import Engine
-from omni_fast.grpo import fsdp
-from omni_fast.grpo import state as ckpt
-from omni_fast.grpo.data import BadEntry, check_records, load_annotations
-from omni_fast.grpo.inputs import ClipFeatures, grpo_bert_inputs, grpo_prompt_ids, tower_features
-from omni_fast.grpo.loss import accumulation_scale, grpo_loss
+from omni_fast.config import GRPOConfig, LoaderConfig
+from omni_fast.grpo import checkpoints
+from omni_fast.data import BadEntry, check_records, load_annotations
 from omni_fast.grpo.metrics import MetricsLog, Phases, make_logger
-from omni_fast.grpo.optim import MasterAdamW, lr_lambda
-from omni_fast.grpo.rewards import metric_name, resolve_rewards
-from omni_fast.grpo.rollout import Rollout, rollout, rollout_logprobs, rollout_sums
-from omni_fast.grpo.sft import sft_batch, sft_loss
+from omni_fast.grpo.step import StepContext, build_context, check_config, grpo_step, sft_step, train_dtype
 from omni_fast.media.loader import MediaLoader
 from omni_fast.media.pyav import MediaError
 from omni_fast.model.checkpoint import load_checkpoint
@@ -88,50 +74,38 @@ class Trainer:
             raise TrainingError("model_path and train_annotations must be set (in the config file or as "
                                 "--model_path / --train_annotations)")
         self.cfg = cfg = config
-        resolve_rewards(cfg.reward_funcs)  # an unknown reward name stops here, before anything is loaded or written
+        check_config(cfg)  # what the config cannot check without importing grpo/: before anything is loaded
         self.on_step = on_step  # called with each step's metrics (the demo prints its reward curve)
         self.history: list[dict] = []
-        self._prompt = None  # GRPO prompt ids + BERT inputs, tokenised at the first step
         self.dist = distributed.init(cfg.device)  # torchrun's environment, or one process
         self.out = Path(cfg.output_dir).expanduser()
         self.out.mkdir(parents=True, exist_ok=True)
-        resume = ckpt.resolve(self.out, resume_from_checkpoint) if resume_from_checkpoint else None
-        if resume is None and ckpt.checkpoints(self.out):
+        resume = checkpoints.resolve(self.out, resume_from_checkpoint) if resume_from_checkpoint else None
+        if resume is None and checkpoints.complete(self.out):
             raise TrainingError(f"{self.out} already holds checkpoints; pass --resume_from_checkpoint latest to "
                                 "continue that run, or choose another output_dir (nothing was overwritten)")
         distributed.barrier(self.dist)  # every rank has looked before rank 0 tidies up
         if self.dist.is_main:
-            ckpt.clean_partial(self.out)
+            checkpoints.clean_partial(self.out)
         self.log = make_logger(self.out, self.dist.rank)
-        state = ckpt.load_trainer_state(resume) if resume else {}
+        state = checkpoints.load_trainer_state(resume) if resume else {}
         self.init_model_path = state.get("init_model_path", str(Path(cfg.model_path).expanduser().resolve()))
-        device = self.dist.device
-        dtype = torch.float32 if cfg.dtype == "float32" or (cfg.dtype == "auto" and device.type == "cpu") \
-            else torch.bfloat16
+        self.device = self.dist.device
         self.loaded = load_checkpoint(resume or cfg.model_path, bert_path=None if resume else cfg.bert_path,
-                                      device=device, dtype=dtype)
-        self.model, self.device = self.loaded.model, device
-        self.tokenizer, self.bert_tokenizer = self.loaded.tokenizer, self.loaded.bert_tokenizer
-        self.model.eval()  # no dropout anywhere (see the module docstring)
-        self._set_trainable()
-        self.reference = self._reference(resume) if cfg.stage == "grpo" and cfg.beta > 0 else None
-        self.plain = self.model  # full weights on this rank: towers, rollouts (the engine), checkpoints
-        self.policy, self.ref_call = self._parallelize()
-        self.sharded = self.model is not self.plain  # FSDP2 over more than one rank
-        self.engine = Engine(self.plain, EngineConfig(), self.loaded.generation.eos_token_ids)
+                                      device=self.device, dtype=train_dtype(cfg, self.device))
+        self.loaded.model.eval()  # no dropout anywhere (see the module docstring)
+        reference = self._reference(resume) if cfg.stage == "grpo" and cfg.beta > 0 else None
         self.records, self.skipped = self._records(state)
         self.step_prompts = cfg.prompts_per_step * self.dist.world_size  # the global batch of one step
         rollouts_per_epoch = math.ceil(len(self.records) / self.step_prompts)
         self.total_steps = cfg.max_steps if cfg.max_steps > 0 else rollouts_per_epoch * cfg.num_train_epochs \
             * cfg.num_iterations
-        self.optimizer = MasterAdamW(
-            [p for _, p in self.trainable], lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-            eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay,
-            schedule=lr_lambda(cfg.lr_scheduler_type, self.total_steps, math.ceil(cfg.warmup_ratio * self.total_steps)))
+        self.ctx: StepContext = build_context(cfg, self.loaded, self.dist, reference, self.total_steps, log=self.log)
+        self.ctx.check_finite = self._check_finite
         self.pos = Position(**state["position"]) if resume else Position()
         if resume:
-            saved_world = ckpt.restore(resume, self.optimizer, [n for n, _ in self.trainable], self.dist.rank,
-                                       self.dist.world_size)
+            saved_world = checkpoints.restore(resume, self.optimizer, [n for n, _ in self.trainable],
+                                              self.dist.rank, self.dist.world_size)
             self.log.info(f"resumed from {resume} at step {self.pos.step}")
             if saved_world != self.dist.world_size:
                 self.log.warning(f"resuming a run saved by {saved_world} process(es) with {self.dist.world_size}: "
@@ -142,43 +116,28 @@ class Trainer:
         self.last_checkpoint = resume
         self.log.info(f"config: {cfg.to_dict()}")
 
-    # --- setup ---------------------------------------------------------------------------------------------
-    def _set_trainable(self) -> None:
-        """GRPO trains the LLM, projectors, BERT and gate (the reference freezes only the towers); SFT also
-        freezes BERT (train_humanomni.py)."""
-        frozen = ["model.vision_tower.", "model.audio_tower."]
-        if self.cfg.stage == "sft":
-            frozen.append("model.bert_model.")
-        self.trainable = []
-        for name, p in self.model.named_parameters():
-            p.requires_grad_(not any(name.startswith(f) for f in frozen))
-            if p.requires_grad:
-                self.trainable.append((name, p))
+    # --- what the step context holds, under the names callers use ---------------------------------------------
+    model = property(lambda self: self.ctx.trained, doc="the model the optimizer updates (the rollout model, or "
+                                                        "its FSDP2-sharded copy)")
+    rollout_model = property(lambda self: self.ctx.rollout_model, doc="full weights: towers, engine, checkpoints")
+    reference = property(lambda self: self.ctx.reference, doc="the frozen initial weights (None: beta 0, SFT)")
+    trainable = property(lambda self: self.ctx.trainable, doc="(name, parameter) pairs the optimizer steps")
+    optimizer = property(lambda self: self.ctx.optimizer)
+    engine = property(lambda self: self.ctx.engine)
+    tokenizer = property(lambda self: self.ctx.tokenizer)
+    bert_tokenizer = property(lambda self: self.ctx.bert_tokenizer)
 
+    # --- setup ---------------------------------------------------------------------------------------------
     def _reference(self, resume: Path | None):
         """A frozen copy of the initial weights sharing the policy's (frozen) towers."""
-        towers = [self.model.model.vision_tower, self.model.model.audio_tower]
+        model = self.loaded.model
         if resume is None:
-            ref = copy.deepcopy(self.model, memo={id(t): t for t in towers})
+            ref = model.copy_sharing_towers()
         else:  # the initial weights are the run's model_path, not the checkpoint being resumed
             ref = load_checkpoint(self.init_model_path, bert_path=self.cfg.bert_path, device=self.device,
-                                  dtype=next(self.model.parameters()).dtype).model
-            ref.model.vision_tower, ref.model.audio_tower = towers
+                                  dtype=next(model.parameters()).dtype).model
+            ref.model.vision_tower, ref.model.audio_tower = model.model.vision_tower, model.model.audio_tower
         return ref.requires_grad_(False).eval()
-
-    def _parallelize(self) -> tuple[fsdp.ModelCall, fsdp.ModelCall | None]:
-        """The callables the policy and reference passes run through: the models themselves (DDP: gradients
-        all-reduced after backward), or FSDP2 roots over sharded copies (grpo/fsdp.py; self.plain then stays a
-        full replica for the engine, refreshed after each optimizer step)."""
-        if self.cfg.parallelism == "fsdp" and not self.dist.enabled:
-            self.log.info("parallelism fsdp in one process: nothing to shard, the model stays whole")
-        if self.cfg.parallelism == "ddp" or not self.dist.enabled:
-            return fsdp.ModelCall(self.model), None if self.reference is None else fsdp.ModelCall(self.reference)
-        towers = [self.model.model.vision_tower, self.model.model.audio_tower]
-        self.model = copy.deepcopy(self.plain, memo={id(t): t for t in towers})
-        policy = fsdp.shard(self.model, self.dist)
-        self.trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        return policy, None if self.reference is None else fsdp.shard(self.reference, self.dist)
 
     def _records(self, state: dict):
         bad: list[BadEntry] = []
@@ -241,7 +200,7 @@ class Trainer:
         loader_cfg = LoaderConfig(batch_size=cfg.per_device_train_batch_size, backend=cfg.media_backend,
                                   workers=cfg.media_workers, prefetch=2, on_error=cfg.on_bad_clip, aspect="pad",
                                   num_frames=self.loaded.config.num_frames,
-                                  n_mels=self.plain.towers.audio.num_mel_bins)
+                                  n_mels=self.rollout_model.towers.audio.num_mel_bins)
         with contextlib.closing(iter(MediaLoader(mine, loader_cfg, device=self.device))) as batches:
             while self.pos.step < self.total_steps and self.pos.consumed < len(order):
                 phases, t0 = Phases(), time.perf_counter()
@@ -250,7 +209,9 @@ class Trainer:
                 self._share_skipped()
                 if not int(distributed.all_reduce_sum(self.dist, torch.tensor([sum(len(b) for b in micro)]))):
                     continue  # every clip of this step was bad, on every rank
-                for metrics in (self._grpo_step if cfg.stage == "grpo" else self._sft_step)(micro, phases):
+                steps = grpo_step(self.ctx, micro, self.pos.step + 1, phases) if cfg.stage == "grpo" else \
+                    sft_step(self.ctx, micro, phases, pad_record=self.records[0])
+                for metrics in steps:
                     metrics.update(epoch=self.pos.epoch + self.pos.consumed / len(order),
                                    skipped_clips=len(self.skipped), **phases.as_metrics())
                     metrics["tokens_per_s"] = metrics.pop("_tokens") / max(time.perf_counter() - t0, 1e-9)
@@ -299,155 +260,7 @@ class Trainer:
         if self.pos.step % self.cfg.save_steps == 0:
             self.save()
 
-    # --- GRPO ------------------------------------------------------------------------------------------------
-    def _grpo_prompt(self) -> tuple[torch.Tensor, dict]:
-        """The GRPO prompt's ids and the gate's BERT inputs, the same for every clip (tokenised once)."""
-        if self._prompt is None:
-            cfg, x_start_end = self.cfg, self.loaded.config.mm_use_x_start_end
-            ids = grpo_prompt_ids(self.tokenizer, cfg.max_prompt_length, cfg.prompt_template, x_start_end)
-            self._prompt = (torch.tensor(ids, device=self.device),
-                            grpo_bert_inputs(self.bert_tokenizer, self.device, cfg.prompt_template, x_start_end))
-        return self._prompt
-
-    def _grpo_step(self, micro: list, phases: Phases):
-        cfg, g = self.cfg, self.cfg.num_generations
-        ids, bert = self._grpo_prompt()
-        rollouts: list[Rollout] = []
-        for batch in micro:
-            with phases("towers"):
-                feats = tower_features(self.plain, batch.frames, batch.mel)
-            with phases("rollout"):
-                ro = rollout(self.plain, self.engine, self.tokenizer, feats, [ids] * len(batch), bert,
-                             [r.label for r in batch.records], [r.index for r in batch.records],
-                             self.pos.step + 1, cfg)
-            self._check_finite(ro.total_rewards, "reward")
-            rollouts.append(ro)
-        pads = self._pad_rollouts(rollouts, ids)  # FSDP: as many sharded passes as the busiest rank
-        if self.reference is not None:
-            with phases("reference"), torch.no_grad():
-                for ro in rollouts + pads:
-                    ro.ref_logp = self.ref_call(rollout_logprobs, ro, bert, g, cfg.temperature)
-        counts = torch.tensor([sum(r.mask.shape[0] for r in rollouts), sum(float(r.mask.sum()) for r in rollouts)],
-                              dtype=torch.float64)
-        sequences, tokens = distributed.all_reduce_sum(self.dist, counts).tolist()  # the global batch's
-        for iteration in range(cfg.num_iterations):
-            loss = kl = clipped = 0.0
-            for ro in rollouts:
-                with phases("policy"):
-                    logp = self.policy(rollout_logprobs, ro, bert, g, cfg.temperature)
-                    out = grpo_loss(logp, ro.advantages, ro.mask, ref_logp=ro.ref_logp, old_logp=ro.old_logp,
-                                    beta=cfg.beta, eps_low=cfg.epsilon, eps_high=cfg.epsilon_high or cfg.epsilon,
-                                    loss_type=cfg.loss_type, max_completion_length=cfg.max_completion_length,
-                                    num_items_in_batch=tokens)
-                    scaled = out.loss * accumulation_scale(cfg.loss_type, ro.mask, int(sequences), tokens)
-                    self._check_finite(scaled, "loss")
-                    scaled.backward()
-                    if cfg.num_iterations > 1 and iteration == 0:
-                        ro.old_logp = logp.detach()
-                loss += float(scaled.detach())
-                kl += float(out.kl) * ro.mask.shape[0]
-                clipped += float(out.clip_ratio) * float(ro.mask.sum())
-            for pad in pads:
-                with phases("policy"):
-                    (self.policy(rollout_logprobs, pad, bert, g, cfg.temperature).sum() * 0.0).backward()
-            with phases("optimizer"):
-                grad_norm = self._optimizer_step()
-            yield self._grpo_metrics(rollouts, loss, kl, clipped, grad_norm)
-
-    def _pad_rollouts(self, rollouts: list[Rollout], ids: torch.Tensor) -> list[Rollout]:
-        """Under FSDP2 every forward and backward of the sharded models is a collective, so a rank with fewer
-        micro-batches than the busiest one (the end of an epoch, bad clips) makes up the difference with passes
-        whose loss is 0 x log-probs: one completion token per row, on its last micro-batch's features (zero
-        features when it has none). Under DDP there are none."""
-        missing = self._missing_passes(len(rollouts))
-        if not missing:
-            return []
-        g = self.cfg.num_generations
-        feats = self._pad_features(rollouts[-1].features if rollouts else None)
-        zeros = torch.zeros(g, 1, dtype=torch.long, device=self.device)
-        pad = Rollout(features=feats, prompt_ids=[ids], completions=zeros, lengths=torch.ones(g, dtype=torch.long,
-                      device=self.device), mask=zeros.float(), advantages=zeros[:, 0].float(), rewards={},
-                      total_rewards=zeros[:, 0].float(), texts=[""] * g, ref_logp=None)
-        return [pad] * missing
-
-    def _missing_passes(self, mine: int) -> int:
-        """How many sharded passes this rank must add to match the busiest rank (0 unless sharded)."""
-        return distributed.all_reduce_max(self.dist, mine) - mine if self.sharded else 0
-
-    def _pad_features(self, feats: ClipFeatures | None) -> ClipFeatures:
-        """One clip's features for a pad pass: the first of `feats`, or the towers' output for a zero clip."""
-        if feats is not None:
-            return ClipFeatures(feats.vision[:1], feats.audio[:1])
-        cfg = self.loaded.config
-        frames = torch.zeros(1, cfg.num_frames, 3, 224, 224, device=self.device)
-        mel = torch.zeros(1, self.plain.towers.audio.num_mel_bins, 3000, device=self.device)
-        return tower_features(self.plain, frames, mel)
-
-    def _grpo_metrics(self, rollouts: list[Rollout], loss: float, kl: float, clipped: float, grad_norm: float) -> dict:
-        """The step's metrics over every rank's rollouts (clipped: completion tokens whose ratio was clipped)."""
-        keys = [metric_name(n) for n in self.cfg.reward_funcs]
-        sums = rollout_sums(rollouts, keys, self.cfg.num_generations)
-        sums.update(loss=loss, kl=kl, clipped=clipped)
-        names = sorted(sums)
-        total = dict(zip(names, distributed.all_reduce_sum(
-            self.dist, torch.tensor([sums[k] for k in names], dtype=torch.float64)).tolist()))
-        n = max(total["sequences"], 1.0)
-        return {"loss": total["loss"], "reward": total["reward"] / n,
-                "reward_std": total["reward_std"] / max(total["groups"], 1.0), **{k: total[k] / n for k in keys},
-                "kl": total["kl"] / n if self.reference is not None else math.nan,
-                "completion_length": total["completion_length"] / n,
-                "clip_ratio": total["clipped"] / max(total["completion_length"], 1.0), "grad_norm": grad_norm,
-                "learning_rate": self._lr_used, "_tokens": total["completion_length"]}
-
-    # --- SFT -------------------------------------------------------------------------------------------------
-    def _sft_step(self, micro: list, phases: Phases):
-        cfg, pad = self.cfg, self.engine.default_stop[0]
-        batches = []
-        for batch in micro:
-            with phases("towers"):
-                feats = tower_features(self.plain, batch.frames, batch.mel)
-            batches.append(sft_batch(self.tokenizer, feats, batch.records, cfg.max_length,
-                                     self.loaded.config.mm_use_x_start_end, pad))
-        tokens = int(distributed.all_reduce_sum(self.dist, torch.tensor([sum(b.num_tokens for b in batches)])))
-        pads = self._pad_sft(batches, pad)  # FSDP: as many sharded passes as the busiest rank (_pad_rollouts)
-        loss = 0.0
-        for b in batches:
-            with phases("policy"):
-                scaled = self.policy(sft_loss, self.bert_tokenizer, b, tokens)
-                self._check_finite(scaled, "loss")
-                scaled.backward()
-            loss += float(scaled.detach())
-        for b in pads:
-            with phases("policy"):
-                (self.policy(sft_loss, self.bert_tokenizer, b, tokens) * 0.0).backward()
-        with phases("optimizer"):
-            grad_norm = self._optimizer_step()
-        loss = float(distributed.all_reduce_sum(self.dist, torch.tensor([loss], dtype=torch.float64)))
-        yield {"loss": loss, "num_tokens": tokens, "grad_norm": grad_norm, "learning_rate": self._lr_used,
-               "_tokens": float(tokens)}
-
-    def _pad_sft(self, batches: list, pad_id: int) -> list:
-        """SFT's pad passes (see _pad_rollouts): one record on one clip's features."""
-        missing = self._missing_passes(len(batches))
-        if not missing:
-            return []
-        feats = self._pad_features(batches[-1].features if batches else None)
-        one = sft_batch(self.tokenizer, feats, [self.records[0]], self.cfg.max_length,
-                        self.loaded.config.mm_use_x_start_end, pad_id)
-        return [one] * missing
-
-    # --- shared ----------------------------------------------------------------------------------------------
-    def _optimizer_step(self) -> float:
-        self._lr_used = self.optimizer.lr
-        if not self.sharded:  # FSDP2 has reduce-scattered them during backward
-            distributed.all_reduce_grads(self.dist, self.optimizer.params)
-        norm = self.optimizer.clip(self.cfg.max_grad_norm)
-        self._check_finite(norm, "gradient norm")
-        self.optimizer.apply()
-        if self.sharded:
-            fsdp.gather_into(self.model, self.plain)  # the engine decodes the next step with the new weights
-        return float(norm)
-
+    # --- stopping and saving ----------------------------------------------------------------------------------
     def _check_finite(self, value: torch.Tensor, what: str) -> None:
         if not bool(torch.isfinite(value).all()):
             self.optimizer.zero_grad()
@@ -462,7 +275,7 @@ class Trainer:
                  "skipped": sorted(self.skipped.values(), key=lambda b: b["index"]),
                  "init_model_path": self.init_model_path, "total_steps": self.total_steps,
                  "config": self.cfg.to_dict()}
-        rng = distributed.all_gather_objects(self.dist, ckpt.rng_state())
+        rng = distributed.all_gather_objects(self.dist, checkpoints.rng_state())
         path = self.out / f"checkpoint-{self.pos.step}"
         names = [n for n, _ in self.trainable]
         optimizer = masters = None
@@ -470,7 +283,8 @@ class Trainer:
             optimizer = self.optimizer.state_dict(keep=self.dist.is_main)
             masters = self.optimizer.master_state(names, keep=self.dist.is_main)
         if self.dist.is_main:
-            ckpt.save(self.out, self.pos.step, self.loaded, optimizer, masters, state, rng, self.cfg.save_total_limit)
+            checkpoints.save(self.out, self.pos.step, self.loaded, optimizer, masters, state, rng,
+                             self.cfg.save_total_limit)
             self.log.info(f"saved {path}")
         distributed.barrier(self.dist)  # no rank goes on (or stops) before the checkpoint is whole
         self.last_checkpoint = path

@@ -4,7 +4,7 @@
     for batch in loader:            # batch.frames (B, 8, 3, 224, 224), batch.mel (B, 128, 3000) on the device
         train_step(batch.frames, batch.mel, batch.records)
 
-records: anything with a `.video` path (and optionally `.audio`), e.g. omni_fast.grpo.data.Record, or plain
+records: anything with a `.video` path (and optionally `.audio`), e.g. omni_fast.data.Record, or plain
 paths. Batch k holds records [k*B, (k+1)*B) in order, less the clips that failed: with on_error="skip" each
 failure is logged (one line naming the file, logger omni_fast.media.loader) and listed in batch.failures;
 with "raise" the first one raises its MediaError. `prefetch` batches beyond the one being consumed are decoded
@@ -33,6 +33,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from omni_fast.config import LoaderConfig
+from omni_fast.devices import resolve_device
 from omni_fast.media import dali as mdali
 from omni_fast.media.pyav import Clip, DecodedClip, MediaError, decode_clip, or_error, preprocess_clip
 
@@ -79,7 +80,7 @@ class MediaLoader:
                  device: torch.device | str | None = None):
         self.records = list(records)
         self.config = config or LoaderConfig()
-        self.device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+        self.device = resolve_device(device)
         self.backend = self._pick_backend()
 
     def _pick_backend(self) -> str:

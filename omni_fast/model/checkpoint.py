@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import BertConfig, GenerationConfig, SiglipVisionConfig, WhisperConfig
 
+from omni_fast.atomic import sibling
 from omni_fast.config import ConfigError, ModelConfig
+from omni_fast.devices import DTYPES, resolve_device, resolve_dtype
 from omni_fast.model.omni import HumanOmniForCausalLM, TowerConfigs
 from omni_fast.model.towers import SIGLIP_BASE_PATCH16_224, WHISPER_LARGE_V3
 
@@ -42,7 +43,6 @@ AUDIO_PREFIX = "model.audio_tower.audio_tower."
 BERT_FILES = ("config.json", "vocab.txt", "tokenizer_config.json", "tokenizer.json", "special_tokens_map.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "added_tokens.json",
                    "special_tokens_map.json", "chat_template.jinja")
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # Files that make a directory a checkpoint save_checkpoint(overwrite=True) may replace.
 CHECKPOINT_MARKERS = ("config.json",)
 WEIGHT_MARKERS = ("model.safetensors", "model.safetensors.index.json")
@@ -290,27 +290,6 @@ def load_tokenizer(directory: Path):
         raise CheckpointError(f"{directory}: cannot load the tokenizer ({e})") from None
 
 
-def resolve_device(spec: str | torch.device | None) -> torch.device:
-    """"cpu", "cuda" or "cuda:N" (None: CUDA where present) -> the device, or a ValueError saying what is wrong
-    (an unknown name, or CUDA asked for where torch sees no GPU)."""
-    if spec is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"unknown device {str(spec)!r}: expected cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {str(spec)!r} is not supported: expected cpu, cuda or cuda:N")
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ValueError(f"device {str(spec)!r}: torch sees no CUDA GPU here (torch.cuda.is_available() is "
-                             "False); use --device cpu, or a CUDA build of torch on a machine with a GPU")
-        if device.index is not None and device.index >= count:
-            raise ValueError(f"device {str(spec)!r}: only {count} CUDA GPU(s) are visible")
-    return device
-
-
 def _tower_hint(fallbacks: list[str]) -> str:
     if not fallbacks:
         return ""
@@ -335,7 +314,7 @@ def load_checkpoint(path: str | Path, *, bert_path: str | Path | None = None,
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
     device = resolve_device(device)
-    dtype = dtype or (DTYPES[cfg.torch_dtype] if device.type == "cuda" else torch.float32)
+    dtype = resolve_dtype(dtype, device, cfg.torch_dtype)
     files = weight_files(root)
 
     vision_dir = resolve_dir(vision_tower, cfg.mm_vision_tower, root)
@@ -541,7 +520,7 @@ def save_checkpoint(loaded: LoadedCheckpoint, directory: str | Path, *,
     _check_target(target, overwrite)
     state = saved_state(loaded)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    tmp = sibling(target)
     tmp.mkdir()
     try:
         write_safetensors(state, tmp, shards, max_shard_size=None if shards > 1 else max_shard_size)
@@ -565,7 +544,7 @@ def save_checkpoint(loaded: LoadedCheckpoint, directory: str | Path, *,
 
 
 def _aside(target: Path) -> Path:
-    return target.parent / f".{target.name}.old-{os.getpid()}"
+    return sibling(target, "old")
 
 
 def move_into_place(tmp: Path, target: Path) -> None:

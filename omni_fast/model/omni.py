@@ -11,13 +11,14 @@ clip and run only the trainable part per step:
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 from transformers import BertConfig, BertModel, SiglipVisionConfig, WhisperConfig
 
 from omni_fast.config import AUDIO_TOKEN_INDEX, VIDEO_TOKEN_INDEX, ModelConfig
-from omni_fast.model.fusion import branch_weights, build_bert_gate, fuse_branches
+from omni_fast.model.fusion import branch_weights, build_bert_gate, fuse_branches, gate_inputs
 from omni_fast.model.projector import AllInOneSmall, mlp2x_gelu
 from omni_fast.model.qwen2 import Qwen2Decoder, Qwen2LM
 from omni_fast.model.towers import SiglipTower, WhisperTower
@@ -69,6 +70,12 @@ class HumanOmniForCausalLM(Qwen2LM):
         feats = self.model.vision_tower(frames.flatten(0, 1))  # (B*T, 196, mm_hidden)
         return feats.view(b, t, *feats.shape[1:])
 
+    def bert_inputs(self, tokenizer, texts: list[str]) -> dict[str, torch.Tensor]:
+        """The gate's BERT inputs for instruct texts, one row each, never longer than this BERT's positions
+        (fusion.gate_inputs), on the model's device."""
+        positions, device = self.towers.bert.max_position_embeddings, self.model.embed_tokens.weight.device
+        return gate_inputs(tokenizer, texts, positions, device)
+
     def gate_weights(self, bert_inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Tokenised instruct texts -> branch weights (B, 3)."""
         return branch_weights(self.model.bert_model, self.model.bert_gate, bert_inputs)
@@ -86,6 +93,34 @@ class HumanOmniForCausalLM(Qwen2LM):
 
     def project_audio(self, feats: torch.Tensor) -> torch.Tensor:
         return self.model.audio_projector(feats.to(self.model.embed_tokens.weight.dtype))
+
+    # --- the prompt ----------------------------------------------------------------------------------------
+    def prompt_embeddings(self, prompt_ids: list[torch.Tensor], vision: torch.Tensor | None,
+                          audio: torch.Tensor | None, bert_inputs: dict[str, torch.Tensor] | None = None,
+                          rows: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Prompt ids [T_i] (with -201 / -202) + the frozen towers' features of B clips (vision (B, T, 196, mm)
+        and / or audio (B, 500, audio_hidden); None: that input is absent) -> spliced embeddings (T_i', H) per
+        clip, differentiable through the projectors, BERT and gate (whatever of them requires grad). bert_inputs
+        (for the video branch): one row per clip, one row for all, or one row per distinct instruct with `rows`
+        (B,) naming each clip's."""
+        video = aud = None
+        if vision is not None:
+            weights = self.gate_weights(bert_inputs)                     # (rows of bert_inputs, 3)
+            if rows is not None:
+                weights = weights[rows]
+            elif weights.shape[0] == 1 and vision.shape[0] > 1:
+                weights = weights.expand(vision.shape[0], -1)
+            video = self.project_video(vision, weights)                  # (B, 392, H)
+        if audio is not None:
+            aud = self.project_audio(audio)                              # (B, 500, H)
+        return [self.splice(ids, None if video is None else video[i], None if aud is None else aud[i])
+                for i, ids in enumerate(prompt_ids)]
+
+    def copy_sharing_towers(self) -> HumanOmniForCausalLM:
+        """A deep copy that shares this model's (frozen) towers rather than copying them: the reference model
+        and the sharded policy cost no second SigLIP and Whisper."""
+        towers = (self.model.vision_tower, self.model.audio_tower)
+        return copy.deepcopy(self, memo={id(t): t for t in towers})
 
     # --- splicing ----------------------------------------------------------------------------------------
     def splice(self, input_ids: torch.Tensor, video: torch.Tensor | None = None,

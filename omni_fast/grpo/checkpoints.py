@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
 import re
 import shutil
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from omni_fast.atomic import sibling, write_text
 from omni_fast.model.checkpoint import move_into_place, save_checkpoint
 
 STATE_FILE = "trainer_state.json"
@@ -53,13 +53,7 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def checkpoints(output_dir: Path) -> list[Path]:
+def complete(output_dir: Path) -> list[Path]:
     """Complete checkpoints (those with a trainer state), oldest first."""
     found = []
     for d in output_dir.glob("checkpoint-*") if output_dir.is_dir() else []:
@@ -89,7 +83,7 @@ def save(output_dir: Path, step: int, loaded, optimizer_state: dict, masters: di
     optimizer_state and masters are MasterAdamW.state_dict() / master_state() (full tensors, whatever the
     sharding)."""
     final = output_dir / f"checkpoint-{step}"
-    partial = output_dir / f".checkpoint-{step}.partial-{os.getpid()}"
+    partial = sibling(final, "partial")
     shutil.rmtree(partial, ignore_errors=True)
     dtype = next(loaded.model.parameters()).dtype
     config = dataclasses.replace(loaded.config, torch_dtype=str(dtype).removeprefix("torch."))
@@ -104,9 +98,9 @@ def save(output_dir: Path, step: int, loaded, optimizer_state: dict, masters: di
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    _write_atomic(output_dir / LATEST, final.name + "\n")
+    write_text(output_dir / LATEST, final.name + "\n")
     if total_limit is not None:
-        for stale in checkpoints(output_dir)[:-total_limit]:
+        for stale in complete(output_dir)[:-total_limit]:
             if stale != final:
                 shutil.rmtree(stale, ignore_errors=True)
     return final
@@ -121,7 +115,7 @@ def resolve(output_dir: Path, spec: str) -> Path:
             named = output_dir / pointer.read_text().strip()
             if (named / STATE_FILE).is_file():
                 return named
-        found = checkpoints(output_dir)
+        found = complete(output_dir)
         if not found:
             raise ResumeError(f"--resume_from_checkpoint latest: no complete checkpoint in {output_dir}")
         return found[-1]
