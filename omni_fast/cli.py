@@ -200,8 +200,9 @@ def _config_fields() -> str:
     return "\n".join(lines)
 
 
-def parse_overrides(extra: list[str]) -> dict[str, str]:
-    """["--key", "value", "--flag=value", ...] -> {"key": "value", ...}; a bare --flag means "true"."""
+def parse_overrides(extra: list[str]) -> dict[str, str | None]:
+    """["--key", "value", "--flag=value", ...] -> {"key": "value", ...}; a bare --flag gives None (true for a
+    bool field, an error naming the flag for any other)."""
     out, i = {}, 0
     while i < len(extra):
         arg = extra[i]
@@ -213,34 +214,64 @@ def parse_overrides(extra: list[str]) -> dict[str, str]:
             if i + 1 < len(extra) and not extra[i + 1].startswith("--"):
                 value, i = extra[i + 1], i + 1
             else:
-                value = "true"
+                value = None
         out[key] = value
         i += 1
     return out
 
 
-def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
+def cmd_train(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
     from omni_fast.config import GRPOConfig
     from omni_fast.grpo.trainer import Trainer
+    from omni_fast.interrupt import signal_name
 
     from omni_fast import distributed
 
     config = GRPOConfig.from_file(args.config, parse_overrides(extra))
     trainer = Trainer(config, args.resume_from_checkpoint)
+    start = trainer.pos.step
     history = trainer.train()
     distributed.shutdown(trainer.dist)
     if not trainer.dist.is_main:
+        return 128 + trainer.stop_signal if trainer.stop_signal else 0
+    if trainer.pos.step == start:
+        print(f"nothing to train: the run is complete at step {trainer.pos.step} of {trainer.total_steps}; "
+              f"checkpoint: {trainer.last_checkpoint}")
         return 0
     last = history[-1] if history else {}
     shown = ", ".join(f"{k} {last[k]:.4g}" for k in ("loss", "reward", "rewards/accuracy_reward") if k in last)
+    if trainer.stop_signal:
+        print(f"omni-fast train: stopped by {signal_name(trainer.stop_signal)} after step {trainer.pos.step} of "
+              f"{trainer.total_steps}; checkpoint: {trainer.last_checkpoint}; resume with: {resume_command(argv)}",
+              file=sys.stderr)
+        return 128 + trainer.stop_signal
     print(f"trained {trainer.pos.step} steps ({shown}); checkpoint: {trainer.last_checkpoint}; "
           f"metrics: {trainer.out / 'metrics.jsonl'}")
     return 0
 
 
+def resume_command(argv: list[str]) -> str:
+    """The train command line that continues this run: the same arguments, resuming from the latest checkpoint."""
+    import shlex
+
+    args, i = [], 0
+    while i < len(argv):
+        key = argv[i].split("=", 1)[0].replace("-", "_")
+        if key == "__resume_from_checkpoint":
+            i += 1 if "=" in argv[i] else 2
+            continue
+        args.append(argv[i])
+        i += 1
+    return shlex.join(["omni-fast", *args, "--resume_from_checkpoint", "latest"])
+
+
 def _infer_line(r, as_json: bool) -> str:
-    """What infer prints for one clip: the text, as the reference does, or one JSON object with its timings."""
+    """What infer prints for one clip: the text, as the reference does (for a skipped clip, one line saying so,
+    so that the n-th answer stays the n-th clip's), or one JSON object with its timings."""
     if not as_json:
+        if r.error is not None:  # a media error's message usually starts with the clip's path already
+            said = " ".join(r.error.split())
+            return f"[skipped {said if said.startswith(str(r.video)) else f'{r.video}: {said}'}]"
         return r.text
     return json.dumps({"video": r.video, "text": r.text, "reasoning": r.reasoning, "emotion": r.emotion,
                        "num_tokens": len(r.token_ids), "finish_reason": r.finish_reason, "error": r.error,
@@ -251,6 +282,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     from omni_fast.devices import resolve_device
     from omni_fast.task import DEFAULT_INSTRUCT
 
+    _check_counts(args)
     resolve_device(args.device)
     if args.on_error == "raise":
         for v in args.video_path:
@@ -262,8 +294,6 @@ def cmd_infer(args: argparse.Namespace) -> int:
     instruct = args.instruct if args.instruct is not None else DEFAULT_INSTRUCT
     for r in model.recognize_iter(args.video_path, instruct, args.modal, args.max_new_tokens, args.batch_size,
                                   on_error=args.on_error):
-        if r.error is not None and not args.json:
-            continue  # the media loader has logged the skipped clip (one line naming it)
         print(_infer_line(r, args.json), flush=True)
     return 0
 
@@ -286,21 +316,46 @@ def _label_sets(spec: str):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    """Checks, the --out lock (one eval per results file: a second is refused at once, naming the first), the
+    evaluation; Ctrl-C / SIGTERM keep every finished result and say how to resume."""
+    from omni_fast import distributed
+    from omni_fast.api import load_settings
+    from omni_fast.interrupt import exit_status
+    from omni_fast.runlock import RunLock, lock_path
+
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit {args.limit}: expected a number of clips >= 1")
+    _check_counts(args)
+    device, dtype = load_settings(args.device, _dtype(args.dtype))
+    label_sets = _label_sets(args.label_set)
+    paths = eval_paths(Path(args.out)) if args.out else None
+    lock = None
+    if paths:
+        for path in paths:
+            _check_writable(path, inputs=[Path(args.annotations)])
+    ctx = distributed.init(args.device)  # under torchrun each rank recognises a shard; rank 0 scores
+    if paths and ctx.is_main:  # rank 0 holds the lock for the whole job
+        try:
+            lock = RunLock(lock_path(paths[1]), "--out", paths[0]).acquire()
+        except OSError as e:
+            raise PermissionError(f"--out {paths[0]}: cannot write there ({e.strerror or e})") from None
+    try:
+        return _eval(args, paths, device, dtype, label_sets, ctx)
+    except KeyboardInterrupt as e:
+        kept = f"; the finished results are in {paths[1]}: run the same command again to resume" if paths else ""
+        print(f"omni-fast eval: interrupted{kept}", file=sys.stderr)
+        return exit_status(e)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _eval(args: argparse.Namespace, paths: tuple[Path, Path, Path] | None, device, dtype, label_sets, ctx) -> int:
     from omni_fast import distributed
     from omni_fast.eval import evaluate, load_done, run_header, write_confusion_png, write_json
     from omni_fast.data import load_annotations
     from omni_fast.task import EVAL_QUESTION
 
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit {args.limit}: expected a number of clips >= 1")
-    from omni_fast.api import load_settings
-
-    device, dtype = load_settings(args.device, _dtype(args.dtype))
-    label_sets = _label_sets(args.label_set)
-    paths = eval_paths(Path(args.out)) if args.out else None
-    if paths:
-        for path in paths:
-            _check_writable(path, inputs=[Path(args.annotations)])
     records = load_annotations(args.annotations, args.data_root)[: args.limit]
     instruct = args.instruct if args.instruct is not None else EVAL_QUESTION
     header = run_header(args.model_path, args.annotations, instruct, args.max_new_tokens, args.modal, dtype=dtype,
@@ -311,16 +366,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not paths:
         print("omni-fast eval: no --out, so results are not saved and an interrupted run cannot resume",
               file=sys.stderr)
-    ctx = distributed.init(args.device)  # under torchrun each rank recognises a shard; rank 0 scores
     model = _load_model(args, ctx.device)
-    try:
-        report = evaluate(model, records, instruct, args.max_new_tokens, args.batch_size, ctx,
-                          results=paths[1] if paths else None, header=header, overwrite=args.overwrite,
-                          modal=args.modal, progress=not args.no_progress, label_sets=label_sets)
-    except KeyboardInterrupt:
-        kept = f"; the finished results are in {paths[1]}: run the same command again to resume" if paths else ""
-        print(f"omni-fast eval: interrupted{kept}", file=sys.stderr)
-        return 130
+    report = evaluate(model, records, instruct, args.max_new_tokens, args.batch_size, ctx,
+                      results=paths[1] if paths else None, header=header, overwrite=args.overwrite,
+                      modal=args.modal, progress=not args.no_progress, label_sets=label_sets)
     distributed.shutdown(ctx)
     if report is None:
         return 0
@@ -333,6 +382,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         shown = write_confusion_png(report.confusion, png)
         print(f"scores: {summary}; per-clip results: {results}" + (f"; confusion matrix: {shown}" if shown else ""))
     return 0
+
+
+def _check_counts(args: argparse.Namespace) -> None:
+    """infer / eval: the counts that must be >= 1, before anything loads."""
+    for name in ("max_new_tokens", "batch_size", "media_workers", "max_samples"):
+        value = getattr(args, name)
+        if value < 1:
+            raise ValueError(f"--{name} {value}: expected an integer >= 1")
 
 
 def _print_report(report) -> None:
@@ -428,24 +485,33 @@ def _demo_training(root: Path, ckpt: Path, sft_steps: int, grpo_steps: int) -> N
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "train":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     warnings.filterwarnings("ignore", category=FutureWarning)
     _log_to_stderr()
+    from omni_fast.diskerrors import describe
     from omni_fast.grpo.trainer import TrainingError
+    from omni_fast.interrupt import exit_status, sigterm_interrupts
+    from omni_fast.runlock import LockedError
 
+    sigterm_interrupts()  # SIGTERM as Ctrl-C: what is written is kept, and said (exit 143)
     try:
         if args.command == "train":
-            return cmd_train(args, extra)
+            return cmd_train(args, extra, argv)
         return {"infer": cmd_infer, "eval": cmd_eval, "serve": cmd_serve, "demo": cmd_demo}[args.command](args)
-    except (FileNotFoundError, FileExistsError, IsADirectoryError, PermissionError, ValueError, TrainingError) as e:
+    except (FileNotFoundError, FileExistsError, IsADirectoryError, PermissionError, ValueError, TrainingError,
+            LockedError) as e:
         print(f"omni-fast {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except OSError as e:  # a full disk, a read-only file system: one line naming the path
+        print(f"omni-fast {args.command}: error: {describe(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
         print(f"omni-fast {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return exit_status(e)
 
 
 class _StderrLog(logging.Handler):

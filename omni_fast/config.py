@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -331,6 +332,11 @@ class GRPOConfig:
             raise ConfigError("label_set must name at least one label")
 
     def _check_numbers(self) -> None:
+        for f in fields(self):  # inf passes every range check below (and NaN fails them with a muddled message)
+            values = getattr(self, f.name)
+            for v in values if isinstance(values, tuple) else (values,):
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise ConfigError(f"{f.name} must be a finite number, got {values!r}")
         at_least = {"per_device_train_batch_size": 1, "gradient_accumulation_steps": 1, "num_train_epochs": 1,
                     "max_prompt_length": 1, "max_completion_length": 1, "max_length": 2, "save_steps": 1,
                     "logging_steps": 1, "num_iterations": 1, "media_workers": 1,
@@ -378,36 +384,149 @@ class GRPOConfig:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> GRPOConfig:
+    def from_dict(cls, raw: dict[str, Any], source: str = "config",
+                  command_line: frozenset[str] = frozenset()) -> GRPOConfig:
+        """Fields from a mapping; an error names `source` (the config file), or "command line" and the --key for
+        the keys in `command_line` (given as --key value overrides)."""
         names = {f.name: f for f in fields(cls)}
         unknown = [k for k in raw if k not in names]
         if unknown:
             import difflib
 
             hints = {k: difflib.get_close_matches(k, names, 1) for k in unknown}
-            said = ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
-            raise ConfigError(f"{source}: unknown key(s) {said}")
+            said = ", ".join(_key(k, k in command_line) + (f" (did you mean {_key(h[0], k in command_line)}?)"
+                                                            if h else "") for k, h in hints.items())
+            where = "command line" if set(unknown) <= command_line else source
+            raise ConfigError(f"{where}: unknown {'option' if where == 'command line' else 'key'}(s) {said}")
+        values = {k: _coerce(k, v, names[k].type, "command line" if k in command_line else source,
+                             k in command_line) for k, v in raw.items()}
         try:
-            return cls(**{k: _coerce(k, v, names[k].type, source) for k, v in raw.items()})
+            return cls(**values)
         except ConfigError as e:
-            if str(e).startswith(source):
+            said = str(e)
+            if said.startswith(source):
                 raise
-            raise ConfigError(f"{source}: {e}") from None
+            first = said.split(" ", 1)[0]
+            if first in command_line:
+                raise ConfigError(f"command line: --{said}") from None
+            raise ConfigError(f"{source}: {said}") from None
 
     @classmethod
-    def from_file(cls, path: str | Path | None, overrides: dict[str, str] | None = None) -> GRPOConfig:
-        """A YAML or JSON file (or none), then `--key value` overrides (strings, parsed as YAML scalars/lists)."""
+    def from_file(cls, path: str | Path | None, overrides: dict[str, str | None] | None = None) -> GRPOConfig:
+        """A YAML or JSON file (or none), then `--key value` overrides (strings, parsed as YAML scalars/lists; None
+        for a bare --key, which only a bool field takes, as true)."""
         raw: dict[str, Any] = {}
         if path is not None:
             raw = _read_config_file(Path(path))
+        bools = {f.name for f in fields(cls) if str(f.type) == "bool"}
         for key, text in (overrides or {}).items():
             import yaml
 
+            if text is None:
+                if key in bools:
+                    raw[key] = True
+                    continue
+                if key in {f.name for f in fields(cls)}:
+                    raise ConfigError(f"command line: --{key} needs a value (--{key} VALUE or --{key}=VALUE)")
+                text = "true"  # an unknown key: from_dict names it
             try:
                 raw[key] = yaml.safe_load(text) if text != "" else ""
             except yaml.YAMLError:
                 raw[key] = text
-        return cls.from_dict(raw, source=str(path) if path is not None else "arguments")
+        return cls.from_dict(raw, source=str(path) if path is not None else "arguments",
+                             command_line=frozenset(overrides or ()))
+
+    # --- resuming -------------------------------------------------------------------------------------------------
+    def resume_changes(self, saved: dict[str, Any], checkpoint: str = "the checkpoint") -> list[tuple[str, Any, Any]]:
+        """(field, checkpoint's value, this value) for each field that differs from `saved` (the config a checkpoint
+        was written with) and may change on resume (RESUME_RULES); a ConfigError naming every field that may not,
+        with both values and why. Fields the checkpoint does not record are not compared."""
+        mine = self.to_dict()
+        changed, refused = [], []
+        for name, value in mine.items():
+            if name not in saved or _same_value(name, saved[name], value):
+                continue
+            rule, why = RESUME_RULES[name]
+            if rule == RESUME_FIXED:
+                refused.append(f"{name} {saved[name]!r} -> {value!r} ({why})")
+            else:
+                changed.append((name, saved[name], value))
+        if refused:
+            raise ConfigError(f"{checkpoint} was trained with other values that cannot change on resume: "
+                              f"{'; '.join(refused)}; give the checkpoint's values, or start a new run in another "
+                              "output_dir")
+        return changed
+
+
+# What --resume_from_checkpoint does with a field whose value differs from the one the checkpoint was written with
+# (GRPOConfig.resume_changes; tests check that every field has a rule):
+#   free      used from the resumed step on: nothing the checkpoint holds depends on it;
+#   schedule  the learning-rate schedule is rebuilt from it: every later step k runs at learning_rate x factor(k) of
+#             the new schedule, the rate a run started with the new values has at step k (AdamW's moments kept);
+#   fixed     the checkpoint's state depends on it (data order and position, optimizer state, the weights it
+#             started from): refused with the field, both values and the reason.
+RESUME_FREE, RESUME_SCHEDULE, RESUME_FIXED = "free", "schedule", "fixed"
+_DATA = "the saved data position indexes the entries it selects"
+_ADAM = "kept in optimizer.pt with AdamW's moments"
+RESUME_RULES: dict[str, tuple[str, str]] = {
+    "model_path": (RESUME_FIXED, "the run's initial weights: its reference model"),
+    "train_annotations": (RESUME_FIXED, _DATA),
+    "video_root": (RESUME_FIXED, _DATA),
+    "bert_path": (RESUME_FIXED, "the reference model's BERT config and tokenizer"),
+    "output_dir": (RESUME_FREE, ""),
+    "stage": (RESUME_FIXED, "the objective, and which weights are trained"),
+    "label_set": (RESUME_FIXED, _DATA),
+    "on_bad_clip": (RESUME_FREE, ""),
+    "num_generations": (RESUME_FIXED, "the group size of the rollouts and their seeds"),
+    "beta": (RESUME_FREE, ""),
+    "loss_type": (RESUME_FREE, ""),
+    "num_iterations": (RESUME_FIXED, "optimizer steps per rollout batch: the saved step count depends on it"),
+    "epsilon": (RESUME_FREE, ""),
+    "epsilon_high": (RESUME_FREE, ""),
+    "scale_rewards": (RESUME_FREE, ""),
+    "reward_funcs": (RESUME_FREE, ""),
+    "reward_weights": (RESUME_FREE, ""),
+    "prompt_template": (RESUME_FREE, ""),
+    "temperature": (RESUME_FREE, ""),
+    "top_k": (RESUME_FREE, ""),
+    "top_p": (RESUME_FREE, ""),
+    "max_prompt_length": (RESUME_FREE, ""),
+    "max_completion_length": (RESUME_FREE, ""),
+    "max_length": (RESUME_FREE, ""),
+    "learning_rate": (RESUME_SCHEDULE, ""),
+    "lr_scheduler_type": (RESUME_SCHEDULE, ""),
+    "warmup_ratio": (RESUME_SCHEDULE, ""),
+    "weight_decay": (RESUME_FIXED, _ADAM),
+    "adam_beta1": (RESUME_FIXED, _ADAM),
+    "adam_beta2": (RESUME_FIXED, _ADAM),
+    "adam_epsilon": (RESUME_FIXED, _ADAM),
+    "max_grad_norm": (RESUME_FREE, ""),
+    "per_device_train_batch_size": (RESUME_FIXED, "the saved data position counts prompts per step"),
+    "gradient_accumulation_steps": (RESUME_FIXED, "the saved data position counts prompts per step"),
+    "num_train_epochs": (RESUME_SCHEDULE, ""),
+    "max_steps": (RESUME_SCHEDULE, ""),
+    "save_steps": (RESUME_FREE, ""),
+    "save_total_limit": (RESUME_FREE, ""),
+    "logging_steps": (RESUME_FREE, ""),
+    "seed": (RESUME_FIXED, "the data order and the rollout seeds"),
+    "device": (RESUME_FREE, ""),
+    "dtype": (RESUME_FIXED, "the parameters' precision, and whether fp32 master weights were saved"),
+    "parallelism": (RESUME_FREE, ""),
+    "media_backend": (RESUME_FREE, ""),
+    "media_workers": (RESUME_FREE, ""),
+    "progress": (RESUME_FREE, ""),
+}
+_PATH_FIELDS = ("model_path", "train_annotations", "video_root", "bert_path")
+
+
+def _same_value(name: str, old: Any, new: Any) -> bool:
+    if name in _PATH_FIELDS and isinstance(old, str) and isinstance(new, str):
+        return os.path.realpath(os.path.expanduser(old)) == os.path.realpath(os.path.expanduser(new))
+    return old == new
+
+
+def _key(name: str, command_line: bool) -> str:
+    return f"--{name}" if command_line else repr(name)
 
 
 def _read_config_file(path: Path) -> dict[str, Any]:
@@ -430,8 +549,9 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     return raw
 
 
-def _coerce(name: str, value: Any, annotation: str, source: str) -> Any:
-    """A YAML/JSON value -> the field's type (int, float, str, bool, tuple), or ConfigError naming the key."""
+def _coerce(name: str, value: Any, annotation: str, source: str, command_line: bool = False) -> Any:
+    """A YAML/JSON value -> the field's type (int, float, str, bool, tuple), or ConfigError naming the key (as
+    `--name` for a command-line value)."""
     kinds = [a.strip() for a in str(annotation).split("|")]
     if value is None and "None" in kinds:
         return None
@@ -458,5 +578,6 @@ def _coerce(name: str, value: Any, annotation: str, source: str) -> Any:
                 raise ValueError
             return float(value)
         return str(value) if value is not None else value
-    except (TypeError, ValueError):
-        raise ConfigError(f"{source}: {name} = {value!r} is not a valid {annotation}") from None
+    except (TypeError, ValueError, OverflowError):
+        where = f"--{name} {value!r}" if command_line else f"{name} = {value!r}"
+        raise ConfigError(f"{source}: {where} is not a valid {annotation}") from None

@@ -22,6 +22,7 @@ from typing import Any
 
 from omni_fast import task
 SIDECAR_AUDIO = (".wav", ".flac", ".ogg")  # formats DALI's audio decoder reads
+NO_SUCH_CLIP = "no such clip"  # the end of a BadEntry's reason when its clip does not exist
 
 
 class AnnotationError(ValueError):
@@ -67,6 +68,19 @@ class BadEntry:
     reason: str  # what is wrong with it
 
 
+def missing_clips_hint(bad: list[BadEntry], total: int, data_root: str | Path | None,
+                       annotations: str | Path) -> str | None:
+    """The likely cause when most entries name clips that do not exist: a wrong data root (video_root). None
+    when fewer than half of the `total` entries do."""
+    missing = [b for b in bad if b.reason.endswith(NO_SUCH_CLIP)]
+    if not missing or 2 * len(missing) < total:
+        return None
+    root = f"video_root {data_root}" if data_root is not None else \
+        f"the annotation file's folder {Path(annotations).parent} (video_root is not set)"
+    return (f"{len(missing)} of {total} entries name clips that do not exist (e.g. {missing[0].path}); relative "
+            f"clip paths are resolved against {root}: is that where the clips are?")
+
+
 def check_records(records: list[Record], label_set: tuple[str, ...] | None = None,
                   need_target: bool = False) -> tuple[list[Record], list[BadEntry]]:
     """Split records into usable ones and BadEntry's: a clip file that does not exist, a label outside
@@ -77,7 +91,7 @@ def check_records(records: list[Record], label_set: tuple[str, ...] | None = Non
     for r in records:
         reason = None
         if not r.video.is_file():
-            reason = f"{r.video}: no such clip"
+            reason = f"{r.video}: {NO_SUCH_CLIP}"
         elif r.audio is not None and not r.audio.is_file():
             reason = f"{r.audio}: no such audio file"
         elif allowed is not None and r.label not in allowed:

@@ -282,16 +282,17 @@ def load_done(results: Path, header: dict, records: list[Record]) -> dict[int, d
 
 
 class ResultsWriter:
-    """Appends one JSON line per clip, flushed and fsynced, so a crash or Ctrl-C loses no finished result; a
-    half-written last line left by an earlier crash is cut off before the first append."""
+    """Appends one JSON line per clip (the file is opened for appending), flushed and fsynced, so a crash or
+    Ctrl-C loses no finished result; a half-written last line left by an earlier crash is cut off before the
+    first append."""
 
     def __init__(self, path: Path, header: dict):
         self.path = path
         found, _, end = read_results(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(path, "r+b" if path.exists() else "wb")
-        self.file.truncate(end)
-        self.file.seek(end)
+        if path.exists() and path.stat().st_size > end:
+            os.truncate(path, end)
+        self.file = open(path, "ab")
         if found is None:
             self.write(header)
 

@@ -62,9 +62,13 @@ def test_cli_on_error_skip_names_the_clip_and_goes_on(tiny_ckpt, clips, tmp_path
             "--max_new_tokens", "3", "--device", "cpu"]
     assert cli.main(argv) == 2
     assert "missing.mp4" in capsys.readouterr().err
+    assert cli.main(argv[:4] + argv[5:]) == 0  # the good clip alone
+    alone = capsys.readouterr().out
     assert cli.main(argv + ["--on_error", "skip"]) == 0
     out, err = capsys.readouterr()
-    assert len(out.splitlines()) == 1 and "Traceback" not in err
+    # a line for the skipped clip, so that each clip's answer stays on its own line, in order
+    assert out.splitlines()[0] == f"[skipped {missing}: no such file]" and out.splitlines()[1:] == alone.splitlines()
+    assert "Traceback" not in err
     assert len([line for line in err.splitlines() if str(missing) in line]) == 1  # named once, on one line
     assert cli.main(argv + ["--on-error", "skip", "--json"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]

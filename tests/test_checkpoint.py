@@ -203,7 +203,10 @@ def test_save_round_trip(tiny_ckpt, tmp_path):
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
             "merges.txt", "generation_config.json"} <= names
-    assert json.loads((out / "config.json").read_text()) == json.loads((tiny_ckpt / "config.json").read_text())
+    saved, source = json.loads((out / "config.json").read_text()), json.loads((tiny_ckpt / "config.json").read_text())
+    towers = {"mm_vision_tower": str(out.resolve() / "siglip-base-patch16-224"),
+              "mm_audio_tower": str(out.resolve() / "whisper-large-v3")}
+    assert saved == {**source, **towers}  # the towers are the checkpoint's own folders now
     with safe_open(str(out / "model-00001-of-00002.safetensors"), framework="pt") as f:
         assert f.get_tensor(next(iter(f.keys()))).dtype == torch.bfloat16  # the config's torch_dtype
     again = _load(out).model.state_dict()
@@ -282,7 +285,50 @@ def test_saved_checkpoint_does_not_need_the_source_tower_directories(tiny_ckpt, 
     before = loaded.model.state_dict()
     assert all(torch.equal(again.model.state_dict()[k], before[k].bfloat16().float()) for k in before)
     assert again.model.towers.vision.hidden_size == loaded.model.towers.vision.hidden_size
-    assert json.loads((out / "config.json").read_text())["mm_vision_tower"] == str(src / "siglip-base-patch16-224")
+    assert json.loads((out / "config.json").read_text())["mm_vision_tower"] == str(out / "siglip-base-patch16-224")
+    moved = tmp_path / "moved"  # a moved checkpoint finds its tower folders by name
+    out.rename(moved)
+    assert _load(moved).model.towers.audio.d_model == loaded.model.towers.audio.d_model
+
+
+def test_a_model_assembled_in_memory_saves_its_own_tower_and_bert_configs(tiny_ckpt, tmp_path):
+    """A model built in memory with towers and a BERT of other sizes than the checkpoint its tokenizers came
+    from (as testing.random_r1omni builds the real shape): the saved checkpoint describes that model, not the
+    source's directories, and loads back with every tensor."""
+    import dataclasses
+
+    from transformers import BertConfig, SiglipVisionConfig, WhisperConfig
+
+    from omni_fast.model.omni import HumanOmniForCausalLM, TowerConfigs
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_ckpt, src)
+    _edit_config(src, mm_vision_tower=str(src / "siglip-base-patch16-224"),
+                 mm_audio_tower=str(src / "whisper-large-v3"))
+    tiny = _load(src)
+    vision = SiglipVisionConfig(**{**tiny.model.towers.vision.to_dict(), "hidden_size": 48, "intermediate_size": 96,
+                                   "num_attention_heads": 4})
+    audio = WhisperConfig(**{**tiny.model.towers.audio.to_dict(), "d_model": 40, "encoder_attention_heads": 4,
+                             "encoder_ffn_dim": 80, "encoder_layers": 1})
+    bert = BertConfig(**{**tiny.model.towers.bert.to_dict(), "hidden_size": 24, "num_attention_heads": 2,
+                         "intermediate_size": 48, "num_hidden_layers": 1})
+    cfg = dataclasses.replace(tiny.config, mm_hidden_size=48, audio_hidden_size=40, torch_dtype="float32")
+    torch.manual_seed(3)
+    model = HumanOmniForCausalLM(cfg, TowerConfigs(vision=vision, audio=audio, bert=bert)).eval()
+    assembled = dataclasses.replace(tiny, model=model, config=cfg)  # .towers still holds the tiny source's
+    out = save_checkpoint(assembled, tmp_path / "saved")
+    shutil.rmtree(src)  # nothing of the source is needed any more
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["mm_vision_tower"], saved["mm_audio_tower"]) == (str(out.resolve() / "siglip-base-patch16-224"),
+                                                                   str(out.resolve() / "whisper-large-v3"))
+    assert json.loads((out / "siglip-base-patch16-224" / "config.json").read_text())["hidden_size"] == 48
+    assert json.loads((out / "whisper-large-v3" / "config.json").read_text())["d_model"] == 40
+    assert json.loads((out / "bert-base-uncased" / "config.json").read_text())["hidden_size"] == 24
+    again = _load(out)
+    assert (again.model.towers.vision.hidden_size, again.model.towers.audio.d_model,
+            again.model.towers.bert.hidden_size, again.model.towers.audio.encoder_layers) == (48, 40, 24, 1)
+    before, after = model.state_dict(), again.model.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
 
 
 def test_overwrite_replaces_only_a_checkpoint_and_cleans_leftovers(tiny_ckpt, tmp_path):

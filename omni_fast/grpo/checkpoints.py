@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from omni_fast.atomic import sibling, write_text
+from omni_fast.diskerrors import os_error
 from omni_fast.model.checkpoint import move_into_place, save_checkpoint
 
 STATE_FILE = "trainer_state.json"
@@ -51,6 +52,12 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _torch_save(obj, path: Path) -> None:
+    """torch.save through a Python file object, so that a failed write carries its OSError (diskerrors)."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def complete(output_dir: Path) -> list[Path]:
@@ -87,23 +94,51 @@ def save(output_dir: Path, step: int, loaded, optimizer_state: dict, masters: di
     shutil.rmtree(partial, ignore_errors=True)
     dtype = next(loaded.model.parameters()).dtype
     config = dataclasses.replace(loaded.config, torch_dtype=str(dtype).removeprefix("torch."))
-    save_checkpoint(dataclasses.replace(loaded, config=config), partial)
     try:
-        torch.save(optimizer_state, partial / "optimizer.pt")
-        torch.save({"world_size": len(rng_states), "ranks": rng_states}, partial / "rng_state.pt")
+        save_checkpoint(dataclasses.replace(loaded, config=config), partial)
+        _torch_save(optimizer_state, partial / "optimizer.pt")
+        _torch_save({"world_size": len(rng_states), "ranks": rng_states}, partial / "rng_state.pt")
         if masters:
             save_file({k: v.contiguous() for k, v in masters.items()}, str(partial / "master_weights.safetensors"))
         (partial / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
         move_into_place(partial, final)
-    except BaseException:
+        write_text(output_dir / LATEST, final.name + "\n")
+    except BaseException as e:
         shutil.rmtree(partial, ignore_errors=True)
-        raise
-    write_text(output_dir / LATEST, final.name + "\n")
+        err = os_error(e, output_dir) if isinstance(e, Exception) else None
+        if err is None:
+            raise
+        raise OSError(err.errno, err.strerror or str(err), str(final)) from e  # one line naming the checkpoint
     if total_limit is not None:
         for stale in complete(output_dir)[:-total_limit]:
             if stale != final:
                 shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def nonfinite(trainable: list[tuple[str, torch.Tensor]], optimizer, dist=None) -> str:
+    """"" when every trained weight, fp32 master weight and AdamW moment is finite (on every rank); else what is
+    not, for a message: "3 of 40 tensors of the weights and optimizer state (first: <name>)"."""
+    from omni_fast import distributed
+
+    def local(t: torch.Tensor) -> torch.Tensor:
+        return t.to_local() if hasattr(t, "to_local") else t
+
+    tensors = []
+    for (name, p), m in zip(trainable, optimizer.masters):
+        tensors.append((name, p))
+        if m is not p:
+            tensors.append((f"{name} (fp32 master)", m))
+        for key, v in optimizer.optimizer.state.get(m, {}).items():
+            if torch.is_tensor(v) and v.is_floating_point():
+                tensors.append((f"{name} (AdamW {key})", v))
+    bad = [name for name, t in tensors if not bool(torch.isfinite(local(t.detach())).all())]
+    # FSDP: each rank checks its shards (and every rank must agree whether to save)
+    n_bad = distributed.all_reduce_max(dist, len(bad)) if dist is not None else len(bad)
+    if not n_bad:
+        return ""
+    first = f" (first: {bad[0]})" if bad else ""
+    return f"{n_bad} of {len(tensors)} tensors of the weights and optimizer state{first}"
 
 
 def resolve(output_dir: Path, spec: str) -> Path:
@@ -126,10 +161,33 @@ def resolve(output_dir: Path, spec: str) -> Path:
 
 
 def load_trainer_state(path: Path) -> dict:
+    """The trainer state of a checkpoint, checked: a position, and (for a checkpoint-<step> directory) that
+    step."""
     try:
-        return json.loads((path / STATE_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ResumeError(f"{path / STATE_FILE}: cannot read the trainer state ({e})") from None
+        state = json.loads((path / STATE_FILE).read_text())
+        step = state["position"]["step"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ResumeError(f"{path / STATE_FILE}: cannot read the trainer state ({type(e).__name__}: {e})") from None
+    named = _CHECKPOINT.match(path.name)
+    if named and int(named.group(1)) != step:
+        raise ResumeError(f"{path / STATE_FILE}: says step {step}, but the directory is {path.name}: the checkpoint "
+                          "is inconsistent (copied over another?); resume from another checkpoint")
+    return state
+
+
+def step_of(path: Path) -> int | None:
+    """The step of a checkpoint-<step> directory (None for another name)."""
+    named = _CHECKPOINT.match(path.name)
+    return int(named.group(1)) if named else None
+
+
+def _load(path: Path):
+    """torch.load of a checkpoint file, or a ResumeError naming it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - a truncated zip, a pickle error, an I/O error: all mean "cannot read"
+        raise ResumeError(f"{path}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                          "the checkpoint is damaged: resume from an earlier one") from None
 
 
 def restore(path: Path, optimizer, param_names: list[str], rank: int = 0, world_size: int = 1) -> int:
@@ -141,13 +199,23 @@ def restore(path: Path, optimizer, param_names: list[str], rank: int = 0, world_
             raise ResumeError(f"{path}: {name} is missing; the checkpoint cannot be resumed exactly")
     # on the CPU first: the file holds full tensors saved from rank 0's device, and AdamW's load moves each
     # entry to its parameter's device (and cuts it to this rank's shard under FSDP)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
+    try:
+        optimizer.load_state_dict(_load(path / "optimizer.pt"))
+    except (KeyError, ValueError, RuntimeError) as e:
+        if isinstance(e, ResumeError):
+            raise
+        raise ResumeError(f"{path / 'optimizer.pt'}: does not fit this run's trained parameters ({e})") from None
     if optimizer.has_copies:
         masters = path / "master_weights.safetensors"
         if not masters.is_file():
             raise ResumeError(f"{path}: master_weights.safetensors is missing (the run had bf16 parameters)")
-        optimizer.load_master_state(param_names, load_file(str(masters)))
-    rng = torch.load(path / "rng_state.pt", map_location="cpu", weights_only=False)
+        try:
+            tensors = load_file(str(masters))
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for a damaged file
+            raise ResumeError(f"{masters}: cannot be read ({e}); the checkpoint is damaged: resume from an earlier "
+                              "one") from None
+        optimizer.load_master_state(param_names, tensors)
+    rng = _load(path / "rng_state.pt")
     saved_world = rng["world_size"]
     set_rng_state(rng["ranks"][rank if saved_world == world_size else 0])
     return saved_world

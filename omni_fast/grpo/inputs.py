@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from omni_fast.config import ConfigError
 from omni_fast.model.prompt import PLACEHOLDERS, WRAPPERS, grpo_bert_text, grpo_prompt, tokenize_multimodal
 from omni_fast.task import DEFAULT_SFT_QUESTION
 
@@ -47,10 +48,21 @@ def grpo_prompt_ids(tokenizer, max_prompt_length: int, template: str = "qwen2vl"
     template text, prompt.grpo_prompt); "chat_template" renders the same question as the SFT stage does (the
     checkpoint tokenizer's own template over DEFAULT_SFT_QUESTION), for a policy cold-started on that prompt."""
     if template == "qwen2vl":
-        return tokenize_multimodal(tokenizer, grpo_prompt())[-max_prompt_length:]
+        return keep_placeholders(tokenize_multimodal(tokenizer, grpo_prompt()), max_prompt_length)
     user = sft_user_text(DEFAULT_SFT_QUESTION, use_x_start_end)
     text = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
-    return tokenize_multimodal(tokenizer, text)[-max_prompt_length:]
+    return keep_placeholders(tokenize_multimodal(tokenizer, text), max_prompt_length)
+
+
+def keep_placeholders(ids: list[int], max_prompt_length: int) -> list[int]:
+    """ids left-truncated to max_prompt_length, or a ConfigError when that would cut a <video> / <audio>
+    placeholder (GRPO would then train on a prompt without the clip)."""
+    first = next((i for i, t in enumerate(ids) if t in PLACEHOLDERS.values()), len(ids))
+    if len(ids) - first > max_prompt_length:
+        raise ConfigError(f"max_prompt_length {max_prompt_length} would cut the <video> / <audio> placeholders off "
+                          f"the GRPO prompt ({len(ids)} tokens, the first placeholder at token {first + 1}): use "
+                          f"max_prompt_length >= {len(ids) - first}")
+    return ids[-max_prompt_length:]
 
 
 def grpo_bert_inputs(model, tokenizer, template: str = "qwen2vl",

@@ -7,19 +7,23 @@ name; 0 unless num_iterations > 1), `step`, `epoch`, `skipped_clips`, `tokens_pe
 of the step's wall time; SFT: target tokens) and the seconds of each phase
 (`time/media`, `time/towers`, `time/rollout`, `time/reference`, `time/policy`, `time/optimizer`). On resume the
 lines past the checkpoint's step (written by the run that was interrupted) are dropped, so the file reads as
-one run. A value that is not a number (`kl` without a reference model, beta = 0) is written as null.
+one run; a half-written last line (a crash or a full disk during a write) is dropped with a warning, and any
+other line that is not JSON is an error naming the file and the line. A value that is not a number (`kl`
+without a reference model, beta = 0) is written as null.
 """
 from __future__ import annotations
 
 import json
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
 
 from omni_fast.atomic import write_text
 
+log = logging.getLogger(__name__)
 _BAR_KEYS = (("reward", "reward"), ("acc", "rewards/accuracy_reward"), ("fmt", "rewards/format_reward"),
              ("kl", "kl"), ("len", "completion_length"), ("loss", "loss"), ("tok/s", "tokens_per_s"))
 
@@ -57,12 +61,23 @@ def make_logger(output_dir: Path, rank: int = 0) -> logging.Logger:
     err = logging.StreamHandler(sys.stderr)
     err.setLevel(logging.WARNING if rank == 0 else logging.ERROR)
     if rank == 0:
-        file = logging.FileHandler(output_dir / "train.log", encoding="utf-8")
+        file = _LogFile(output_dir / "train.log", encoding="utf-8")
         file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         logger.addHandler(file)
     err.setFormatter(logging.Formatter("omni-fast train: %(levelname)s: %(message)s"))
     logger.addHandler(err)
     return logger
+
+
+class _LogFile(logging.FileHandler):
+    """train.log; a write it cannot make (a full disk) is said once on stderr, not as a traceback per line."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not getattr(self, "_failed", False):
+            self._failed = True
+            error = sys.exc_info()[1]
+            print(f"omni-fast train: WARNING: {self.baseFilename}: {getattr(error, 'strerror', None) or error}; "
+                  "train.log is missing lines from here on", file=sys.stderr)
 
 
 class MetricsLog:
@@ -80,8 +95,11 @@ class MetricsLog:
 
     def write(self, metrics: dict) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
-        self.file.write(json.dumps(clean) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(clean) + "\n")
+            self.file.flush()
+        except OSError as e:  # a full disk: one line naming the file
+            raise OSError(e.errno, e.strerror, str(self.path)) from None
         if self.tensorboard is not None:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and k != "step":
@@ -102,12 +120,50 @@ class MetricsLog:
             self.tensorboard.close()
 
 
+def _read_lines(path: Path) -> tuple[list[tuple[dict, int]], int]:
+    """The JSON lines of a metrics file, each with the byte offset where it ends, and the byte length of a torn
+    tail (the last line cut short by a crash or a full disk: without its newline, or not JSON), which is left
+    out with a warning; any other line that is not JSON is a ValueError naming the file and the line."""
+    data = path.read_bytes()
+    rows, offset = [], 0
+    lines = data.split(b"\n")
+    ends_with_newline = lines[-1] == b""
+    if ends_with_newline:
+        lines.pop()
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    for number, line in enumerate(lines, 1):
+        start, offset = offset, offset + len(line) + 1
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if number - 1 == last and not ends_with_newline:
+                raise ValueError("no newline")
+            rows.append((row, min(offset, len(data))))
+        except ValueError as e:
+            if number - 1 == last:
+                log.warning("%s: dropping a half-written last line (%d bytes) left by an interrupted write", path,
+                            len(data) - start)
+                return rows, len(data) - start
+            raise ValueError(f"{path} line {number}: not a JSON object ({e}); the file is damaged: remove that "
+                             "line to go on") from None
+    return rows, 0
+
+
 def _truncate_after(path: Path, step: int) -> None:
+    """Drop the lines past `step` (written after the checkpoint being resumed) and a torn last line: cut off
+    in place when they are the file's end, as they are when one run wrote it (a full disk has room for that),
+    else rewritten through a temporary file."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
-    write_text(path, "".join(line + "\n" for line in kept))
+    rows, torn = _read_lines(path)
+    kept = [end for row, end in rows if row.get("step", 0) <= step]
+    if len(kept) == len(rows) and not torn:
+        return
+    if kept == [end for _, end in rows[:len(kept)]]:  # the dropped lines all come after the kept ones
+        os.truncate(path, kept[-1] if kept else 0)
+        return
+    write_text(path, "".join(json.dumps(row) + "\n" for row, _ in rows if row.get("step", 0) <= step))
 
 
 def _tensorboard(directory: Path):
@@ -119,5 +175,5 @@ def _tensorboard(directory: Path):
 
 
 def read_metrics(output_dir: str | Path) -> list[dict]:
-    path = Path(output_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    """The rows of output_dir/metrics.jsonl (a torn last line left out, with a warning)."""
+    return [row for row, _ in _read_lines(Path(output_dir) / "metrics.jsonl")[0]]

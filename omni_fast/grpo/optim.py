@@ -55,6 +55,17 @@ class MasterAdamW:
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
+    def rebase_schedule(self, lr: float) -> None:
+        """After load_state_dict: `lr` is the schedule's peak and the next step's rate is this schedule's at the
+        saved step, as in a run started with it (the loaded rate is the saved run's schedule's, which a changed
+        learning_rate or length would otherwise keep for one step)."""
+        step = self.scheduler.last_epoch
+        self.scheduler.base_lrs = [lr for _ in self.optimizer.param_groups]
+        for group, factor in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas):
+            group["initial_lr"] = lr
+            group["lr"] = lr * factor(step)
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
     def zero_grad(self) -> None:
         for p in self.params:
             p.grad = None

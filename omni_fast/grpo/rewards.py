@@ -37,6 +37,10 @@ def format_reward(completions: list[str]) -> list[float]:
 # one per completion) and returns one float per completion. GRPOConfig.reward_funcs names entries of this
 # registry; the metric of each is logged as "rewards/<function name>", as the reference trainer logs it.
 RewardFn = Callable[..., list[float]]
+
+
+class RewardError(ValueError):
+    """A reward function that raised or returned the wrong number of values; the message names it."""
 REWARD_FUNCS: dict[str, RewardFn] = {"accuracy": accuracy_reward, "format": format_reward}
 
 
@@ -54,11 +58,9 @@ def resolve_reward(name: str) -> RewardFn:
     """The reward registered under `name`; a "package.module:function" name is imported and registered on
     first use, so a config file can name a user's reward without code that registers it."""
     if name not in REWARD_FUNCS and ":" in name:
-        import importlib
-
         module, _, attr = name.partition(":")
         try:
-            register_reward(name, getattr(importlib.import_module(module), attr))
+            register_reward(name, getattr(_import_from_cwd(module), attr))
         except (ImportError, AttributeError) as e:
             raise KeyError(f"reward {name!r}: cannot import it ({e})") from None
     if name not in REWARD_FUNCS:
@@ -81,6 +83,24 @@ def resolve_rewards(names: tuple[str, ...] | list[str]) -> list[RewardFn]:
     return found
 
 
+def _import_from_cwd(module: str):
+    """import `module`; one the installed packages do not hold is looked for in the working directory too, as
+    `python script.py` would find it (the `omni-fast` command's sys.path does not hold the working directory)."""
+    import importlib
+    import os
+    import sys
+
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        cwd = os.getcwd()
+        if e.name != module.split(".")[0] or cwd in sys.path:
+            raise
+    sys.path.append(cwd)  # after everything installed: a folder here never shadows an installed package
+    importlib.invalidate_caches()
+    return importlib.import_module(module)
+
+
 def _takes_solutions(fn: RewardFn) -> bool:
     params = [p for p in inspect.signature(fn).parameters.values()
               if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
@@ -98,9 +118,12 @@ def compute_rewards(names: tuple[str, ...] | list[str], completions: list[str],
     out = {}
     for name in names:
         fn = resolve_reward(name)
-        values = fn(completions, solutions) if _takes_solutions(fn) else fn(completions)
-        values = [float(v) for v in values]
+        try:
+            values = fn(completions, solutions) if _takes_solutions(fn) else fn(completions)
+            values = [float(v) for v in values]
+        except Exception as e:  # noqa: BLE001 - a user's function: whatever it raises is reported with its name
+            raise RewardError(f"reward {name!r} raised {type(e).__name__}: {e}") from e
         if len(values) != len(completions):
-            raise ValueError(f"reward {name!r} returned {len(values)} values for {len(completions)} completions")
+            raise RewardError(f"reward {name!r} returned {len(values)} values for {len(completions)} completions")
         out[metric_name(name)] = values
     return out

@@ -126,8 +126,13 @@ def build_context(cfg: GRPOConfig, loaded, dist: DistContext, reference: nn.Modu
         schedule=lr_lambda(cfg.lr_scheduler_type, total_steps, math.ceil(cfg.warmup_ratio * total_steps)))
     return StepContext(cfg=cfg, dist=dist, rollout_model=model, trained=trained, trainable=trainable, policy=policy,
                        reference=reference, reference_call=reference_call,
-                       engine=Engine(model, engine_config or EngineConfig(), loaded.generation.eos_token_ids),
+                       engine=Engine(model, engine_config or engine_for(cfg), loaded.generation.eos_token_ids),
                        tokenizer=loaded.tokenizer, bert_tokenizer=loaded.bert_tokenizer, optimizer=optimizer)
+
+
+def engine_for(cfg: GRPOConfig) -> EngineConfig:
+    """The rollout engine's config: the defaults, with room for a whole group of G completions at once."""
+    return EngineConfig(max_samples=max(EngineConfig().max_samples, cfg.num_generations))
 
 
 def grpo_prompt(ctx: StepContext) -> tuple[torch.Tensor, dict]:

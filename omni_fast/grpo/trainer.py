@@ -46,13 +46,22 @@ import torch
 
 from omni_fast import distributed
 from omni_fast.config import GRPOConfig, LoaderConfig
+from omni_fast.data import BadEntry, check_records, load_annotations, missing_clips_hint
+from omni_fast.devices import resolve_device
+from omni_fast.diskerrors import describe
 from omni_fast.grpo import checkpoints
-from omni_fast.data import BadEntry, check_records, load_annotations
 from omni_fast.grpo.metrics import MetricsLog, Phases, make_logger
-from omni_fast.grpo.step import StepContext, build_context, check_config, grpo_step, sft_step, train_dtype
+from omni_fast.grpo.resume import check_resume
+from omni_fast.grpo.rewards import RewardError
+from omni_fast.grpo.rundir import RunDir
+from omni_fast.grpo.step import (StepContext, build_context, check_config, grpo_prompt, grpo_step, sft_step,
+                                 train_dtype)
+from omni_fast.interrupt import StopRequests
 from omni_fast.media.loader import MediaLoader
 from omni_fast.media.pyav import MediaError
 from omni_fast.model.checkpoint import load_checkpoint
+
+SHOWN_BAD_ENTRIES = 5  # bad entries named on stderr one by one at the start (train.log lists every one)
 
 
 class TrainingError(RuntimeError):
@@ -70,25 +79,39 @@ class Position:
 
 class Trainer:
     def __init__(self, config: GRPOConfig, resume_from_checkpoint: str | None = None, on_step=None):
+        """Checks, then claims output_dir (RunDir: created, locked against a second run) and starts: the model,
+        the data, the resume. A start that fails leaves output_dir as it found it and releases it."""
         if config.model_path is None or config.train_annotations is None:
             raise TrainingError("model_path and train_annotations must be set (in the config file or as "
                                 "--model_path / --train_annotations)")
+        check_config(config)  # what the config cannot check without importing grpo/: before anything is loaded
+        if config.device is not None:
+            resolve_device(config.device)  # "cuda" without a GPU is an error, never a silent CPU run
+        self.dist = distributed.init(config.device)  # torchrun's environment, or one process
+        self.out = Path(config.output_dir).expanduser()
+        self.run_dir = RunDir(self.out, self.dist.is_main).claim()
+        try:
+            self._start(config, resume_from_checkpoint, on_step)
+        except BaseException:
+            self.run_dir.abandon(getattr(self, "log", None))
+            raise
+
+    def _start(self, config: GRPOConfig, resume_from_checkpoint: str | None, on_step) -> None:
         self.cfg = cfg = config
-        check_config(cfg)  # what the config cannot check without importing grpo/: before anything is loaded
         self.on_step = on_step  # called with each step's metrics (the demo prints its reward curve)
         self.history: list[dict] = []
-        self.dist = distributed.init(cfg.device)  # torchrun's environment, or one process
-        self.out = Path(cfg.output_dir).expanduser()
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.stop_signal = 0  # the signal that asked the run to stop (interrupt.StopRequests), 0: none
+        self._stop = StopRequests()  # entered by train()
         resume = checkpoints.resolve(self.out, resume_from_checkpoint) if resume_from_checkpoint else None
         if resume is None and checkpoints.complete(self.out):
             raise TrainingError(f"{self.out} already holds checkpoints; pass --resume_from_checkpoint latest to "
                                 "continue that run, or choose another output_dir (nothing was overwritten)")
+        state = checkpoints.load_trainer_state(resume) if resume else {}
+        changes = check_resume(cfg, resume, state, self.out) if resume else []
         distributed.barrier(self.dist)  # every rank has looked before rank 0 tidies up
         if self.dist.is_main:
             checkpoints.clean_partial(self.out)
         self.log = make_logger(self.out, self.dist.rank)
-        state = checkpoints.load_trainer_state(resume) if resume else {}
         self.init_model_path = state.get("init_model_path", str(Path(cfg.model_path).expanduser().resolve()))
         self.device = self.dist.device
         self.loaded = load_checkpoint(resume or cfg.model_path, bert_path=None if resume else cfg.bert_path,
@@ -102,10 +125,13 @@ class Trainer:
             * cfg.num_iterations
         self.ctx: StepContext = build_context(cfg, self.loaded, self.dist, reference, self.total_steps, log=self.log)
         self.ctx.check_finite = self._check_finite
+        if cfg.stage == "grpo":
+            grpo_prompt(self.ctx)  # a max_prompt_length that cuts the placeholders is refused here, before training
         self.pos = Position(**state["position"]) if resume else Position()
         if resume:
             saved_world = checkpoints.restore(resume, self.optimizer, [n for n, _ in self.trainable],
                                               self.dist.rank, self.dist.world_size)
+            self.optimizer.rebase_schedule(cfg.learning_rate)  # this config's schedule (RESUME_RULES)
             self.log.info(f"resumed from {resume} at step {self.pos.step}")
             if saved_world != self.dist.world_size:
                 self.log.warning(f"resuming a run saved by {saved_world} process(es) with {self.dist.world_size}: "
@@ -114,6 +140,8 @@ class Trainer:
         else:
             torch.manual_seed(cfg.seed)
         self.last_checkpoint = resume
+        for line in changes:  # only once the start has succeeded: train.log records what the run uses
+            self.log.info(line)
         self.log.info(f"config: {cfg.to_dict()}")
 
     # --- what the step context holds, under the names callers use ---------------------------------------------
@@ -144,36 +172,59 @@ class Trainer:
         records = load_annotations(self.cfg.train_annotations, self.cfg.video_root, errors=bad)
         good, unusable = check_records(records, self.cfg.label_set, need_target=self.cfg.stage == "sft")
         skipped = {b["index"]: b for b in state.get("skipped", [])}
-        for b in sorted(bad + unusable, key=lambda b: b.index):
-            self._bad(b.index, b.path, b.reason, skipped)
+        every = sorted(bad + unusable, key=lambda b: b.index)
+        for i, b in enumerate(every):  # on stderr the first few, in train.log all of them
+            self._bad(b.index, b.path, b.reason, skipped, shown=i < SHOWN_BAD_ENTRIES)
+        cause = missing_clips_hint(every, len(records) + len(bad), self.cfg.video_root, self.cfg.train_annotations)
         if not good:
-            raise TrainingError(f"{self.cfg.train_annotations}: no usable entry ({len(skipped)} skipped)")
+            raise TrainingError(f"{self.cfg.train_annotations}: no usable entry ({len(skipped)} skipped)"
+                                + (f"; {cause}" if cause else ""))
+        if len(every) > SHOWN_BAD_ENTRIES or cause:
+            self.log.warning(f"{len(every)} of {len(records) + len(bad)} entries skipped (all listed in train.log)"
+                             + (f"; {cause}" if cause else ""))
         return good, skipped
 
-    def _bad(self, index: int, path: str, reason: str, skipped: dict | None = None) -> None:
+    def _bad(self, index: int, path: str, reason: str, skipped: dict | None = None, shown: bool = True) -> None:
         message = f"entry {index} ({path}): {reason}"
         if self.cfg.on_bad_clip == "raise":
             raise TrainingError(f"{self.cfg.train_annotations}: {message}")
         skipped = self.skipped if skipped is None else skipped
         if index not in skipped:
-            self.log.warning(f"skipping {message}")
+            (self.log.warning if shown else self.log.info)(f"skipping {message}")
             skipped[index] = {"index": index, "path": path, "reason": reason}
 
     # --- the loop ------------------------------------------------------------------------------------------
+    @property
+    def complete(self) -> bool:
+        """The run has done its total_steps (a resumed one may have nothing left to do)."""
+        return self.pos.step >= self.total_steps
+
     def train(self) -> list[dict]:
-        """Run to total_steps; returns the logged metrics. Saves every save_steps and at the end."""
-        metrics_log = MetricsLog(self.out, self.total_steps, self.pos.step, self.cfg.progress) \
-            if self.dist.is_main else None
-        history = self.history
+        """Run to total_steps; returns the logged metrics. Saves every save_steps and at the end. A SIGINT or
+        SIGTERM ends the run after the step in flight, with a checkpoint (stop_signal says which; a second
+        signal stops at once). Releases output_dir at the end."""
+        history, start = self.history, self.pos.step
         try:
-            while self.pos.step < self.total_steps:
-                if not self._epoch(metrics_log, history):
-                    break
-            if self.last_checkpoint is None or self.last_checkpoint.name != f"checkpoint-{self.pos.step}":
-                self.save()
+            if self.complete:
+                self.log.warning(f"the run is complete: {self.last_checkpoint} is at step {self.pos.step} of "
+                                 f"{self.total_steps}; nothing to train (raise max_steps or num_train_epochs to "
+                                 "go on)")
+                return history
+            metrics_log = MetricsLog(self.out, self.total_steps, self.pos.step, self.cfg.progress) \
+                if self.dist.is_main else None
+            try:
+                with StopRequests("stopping after the step in flight, with a checkpoint") as self._stop:
+                    while self.pos.step < self.total_steps and not self.stop_signal:
+                        if not self._epoch(metrics_log, history):
+                            break
+                    if self.pos.step > start and (self.last_checkpoint is None or
+                                                  self.last_checkpoint.name != f"checkpoint-{self.pos.step}"):
+                        self.save()
+            finally:
+                if metrics_log is not None:
+                    metrics_log.close()
         finally:
-            if metrics_log is not None:
-                metrics_log.close()
+            self.run_dir.release()
         return history
 
     def _epoch_order(self) -> list:
@@ -202,21 +253,30 @@ class Trainer:
                                   num_frames=self.loaded.config.num_frames,
                                   n_mels=self.rollout_model.towers.audio.num_mel_bins)
         with contextlib.closing(iter(MediaLoader(mine, loader_cfg, device=self.device))) as batches:
-            while self.pos.step < self.total_steps and self.pos.consumed < len(order):
+            while self.pos.step < self.total_steps and self.pos.consumed < len(order) and not self.stop_signal:
                 phases, t0 = Phases(), time.perf_counter()
                 micro = self._next_batches(batches, mine, phases)
                 self.pos.consumed = min(len(order), self.pos.consumed + self.step_prompts)
                 self._share_skipped()
                 if not int(distributed.all_reduce_sum(self.dist, torch.tensor([sum(len(b) for b in micro)]))):
                     continue  # every clip of this step was bad, on every rank
-                steps = grpo_step(self.ctx, micro, self.pos.step + 1, phases) if cfg.stage == "grpo" else \
-                    sft_step(self.ctx, micro, phases, pad_record=self.records[0])
-                for metrics in steps:
+                for metrics in self._run_step(micro, phases):
                     metrics.update(epoch=self.pos.epoch + self.pos.consumed / len(order),
                                    skipped_clips=len(self.skipped), **phases.as_metrics())
                     metrics["tokens_per_s"] = metrics.pop("_tokens") / max(time.perf_counter() - t0, 1e-9)
                     self._after_step(metrics, metrics_log, history)
         return True
+
+    def _run_step(self, micro: list, phases: Phases):
+        """The stage's step (its metrics per optimizer step); a reward function that raises names the step."""
+        try:
+            if self.cfg.stage == "grpo":
+                yield from grpo_step(self.ctx, micro, self.pos.step + 1, phases)
+            else:
+                yield from sft_step(self.ctx, micro, phases, pad_record=self.records[0])
+        except RewardError as e:
+            self.optimizer.zero_grad()
+            raise TrainingError(f"step {self.pos.step + 1}: {e}; stopping ({self._kept()})") from None
 
     def _next_batches(self, batches, mine: list, phases: Phases) -> list:
         """This rank's next gradient_accumulation_steps micro-batches (fewer, or none, at the end of the
@@ -257,19 +317,28 @@ class Trainer:
             metrics_log.advance(metrics)
         if self.on_step is not None and self.dist.is_main:
             self.on_step(metrics)
-        if self.pos.step % self.cfg.save_steps == 0:
+        self.stop_signal = distributed.all_reduce_max(self.dist, self._stop.signum or 0)  # every rank stops together
+        if self.pos.step % self.cfg.save_steps == 0 or self.stop_signal:
             self.save()
 
     # --- stopping and saving ----------------------------------------------------------------------------------
+    def _kept(self) -> str:
+        return f"the last good checkpoint, {self.last_checkpoint}, is untouched" if self.last_checkpoint \
+            else "no checkpoint was written"
+
     def _check_finite(self, value: torch.Tensor, what: str) -> None:
         if not bool(torch.isfinite(value).all()):
             self.optimizer.zero_grad()
-            kept = f"the last good checkpoint, {self.last_checkpoint}, is untouched" if self.last_checkpoint \
-                else "no checkpoint was written"
             shown = value.flatten()[~torch.isfinite(value.flatten())][0].item()
-            raise TrainingError(f"step {self.pos.step + 1}: the {what} is {shown}; stopping ({kept})")
+            raise TrainingError(f"step {self.pos.step + 1}: the {what} is {shown}; stopping ({self._kept()})")
 
     def save(self) -> Path:
+        """checkpoint-<step> (every rank calls it); refused when the weights or the optimizer state hold inf/NaN,
+        and one line naming the checkpoint when the disk refuses it (the last good checkpoint stays whole)."""
+        bad = checkpoints.nonfinite(self.trainable, self.optimizer, self.dist)
+        if bad:
+            raise TrainingError(f"step {self.pos.step}: {bad} hold inf/NaN after the optimizer step; "
+                                f"checkpoint-{self.pos.step} was not written ({self._kept()})")
         state = {"position": {"step": self.pos.step, "epoch": self.pos.epoch, "consumed": self.pos.consumed,
                               "excluded": self.pos.excluded},
                  "skipped": sorted(self.skipped.values(), key=lambda b: b["index"]),
@@ -283,8 +352,12 @@ class Trainer:
             optimizer = self.optimizer.state_dict(keep=self.dist.is_main)
             masters = self.optimizer.master_state(names, keep=self.dist.is_main)
         if self.dist.is_main:
-            checkpoints.save(self.out, self.pos.step, self.loaded, optimizer, masters, state, rng,
-                             self.cfg.save_total_limit)
+            try:
+                checkpoints.save(self.out, self.pos.step, self.loaded, optimizer, masters, state, rng,
+                                 self.cfg.save_total_limit)
+            except OSError as e:
+                raise TrainingError(f"step {self.pos.step}: cannot save {describe(e, path)}; "
+                                    f"{self._kept()}") from None
             self.log.info(f"saved {path}")
         distributed.barrier(self.dist)  # no rank goes on (or stops) before the checkpoint is whole
         self.last_checkpoint = path

@@ -439,15 +439,20 @@ def clean_leftovers(target: Path) -> None:
         restore_aside(aside, target)
 
 
-def _write_tower_configs(loaded: LoadedCheckpoint, tmp: Path) -> None:
-    """The tower configs inside the checkpoint (under the names config.json gives the tower directories), so the
-    saved checkpoint, which holds the tower weights, loads after the source's tower directories are gone."""
-    towers = loaded.towers or loaded.model.towers
+def _write_tower_configs(loaded: LoadedCheckpoint, tmp: Path, target: Path) -> dict[str, str]:
+    """The configs of the towers the model is built with (not those of the directories it was loaded from: a
+    model assembled in memory has others) in folders of the checkpoint named as config.json's tower directories;
+    returns config.json's mm_vision_tower / mm_audio_tower pointing at those folders, so the saved checkpoint,
+    which holds the tower weights, loads as it is, wherever the source's directories are."""
+    towers = loaded.model.towers
+    paths = {}
     for key, tower_cfg in (("mm_vision_tower", towers.vision), ("mm_audio_tower", towers.audio)):
         configured = getattr(loaded.config, key)
         name = Path(configured).name if configured else key.removeprefix("mm_")
         (tmp / name).mkdir(exist_ok=True)
         tower_cfg.to_json_file(str(tmp / name / "config.json"))
+        paths[key] = str(target.resolve() / name)  # a moved checkpoint finds it by name (resolve_dir)
+    return paths
 
 
 def _source_tensor(root: Path, name: str) -> torch.Tensor | None:
@@ -509,7 +514,9 @@ def save_checkpoint(loaded: LoadedCheckpoint, directory: str | Path, *,
     the config's torch_dtype (lm_head omitted when tied; sharded by bytes above max_shard_size, or into `shards`
     files), the source's tokenizer files, generation_config.json (through transformers' GenerationConfig), the
     tower configs, and bert-base-uncased/ with the BERT config and tokenizer (its weights are in the checkpoint),
-    so the result loads without a bert_path and without the source's tower directories.
+    so the result loads without a bert_path and without the source's tower directories. The tower and BERT
+    configs written are those of the model being saved, and config.json's tower paths point at the checkpoint's
+    own tower folders.
 
     The directory is assembled beside the target and moved into place at the end, so an interrupted save never
     leaves a half-written checkpoint nor loses the one it replaces (move_into_place; a copy it had to leave aside
@@ -524,17 +531,20 @@ def save_checkpoint(loaded: LoadedCheckpoint, directory: str | Path, *,
     tmp.mkdir()
     try:
         write_safetensors(state, tmp, shards, max_shard_size=None if shards > 1 else max_shard_size)
-        (tmp / "config.json").write_text(json.dumps(loaded.config.to_dict(), indent=2, sort_keys=True))
+        tower_dirs = _write_tower_configs(loaded, tmp, target)
+        config = {**loaded.config.to_dict(), **tower_dirs}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         for name in TOKENIZER_FILES:
             if (loaded.source / name).is_file():
                 shutil.copy2(loaded.source / name, tmp / name)
         if loaded.generation.config is not None:
             loaded.generation.config.save_pretrained(str(tmp))
-        _write_tower_configs(loaded, tmp)
-        (tmp / "bert-base-uncased").mkdir()  # the gate's tokenizer and config travel with the checkpoint
+        bert = tmp / "bert-base-uncased"  # the gate's tokenizer and config travel with the checkpoint
+        bert.mkdir()
         for name in BERT_FILES:
-            if (loaded.bert_dir / name).is_file():
-                shutil.copy2(loaded.bert_dir / name, tmp / "bert-base-uncased" / name)
+            if name != "config.json" and (loaded.bert_dir / name).is_file():
+                shutil.copy2(loaded.bert_dir / name, bert / name)
+        loaded.model.towers.bert.to_json_file(str(bert / "config.json"))  # the BERT the model has
         move_into_place(tmp, target)
     except BaseException:
         if target.exists() or not _aside(target).exists():  # never drop the new copy while the old is only aside
