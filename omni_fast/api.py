@@ -161,7 +161,9 @@ class OmniModel:
     def _media(self, videos: list, modal: str, aspect: str, batch_size: int, on_error: str) -> MediaLoader:
         """Clips decoded `batch_size` at a time, the next batch while the current one is encoded and generated;
         a bad clip raises its MediaError (on_error="raise") or comes back in the batch's failures ("skip")."""
-        config = dataclasses.replace(self.loader_config, batch_size=max(1, batch_size), on_error=on_error,
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+        config = dataclasses.replace(self.loader_config, batch_size=batch_size, on_error=on_error,
                                      aspect=aspect, num_frames=self.config.num_frames,
                                      n_mels=self.model.towers.audio.num_mel_bins, audio=modal != "video")
         return MediaLoader(videos, config, device=self.device)

@@ -88,6 +88,23 @@ def test_cli_device_errors_are_one_line(tiny_ckpt, clips, capsys, monkeypatch):
         assert "torch sees no CUDA GPU" in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("extra,said", [(["--max_new_tokens", "0"], "--max_new_tokens 0"),
+                                        (["--batch_size", "0"], "--batch_size 0"),
+                                        (["--batch_size", "-3"], "--batch_size -3"),
+                                        (["--max_samples", "0"], "--max_samples 0")])
+def test_cli_infer_refuses_counts_below_one_before_loading(tiny_ckpt, clips, capsys, monkeypatch, extra, said):
+    from omni_fast.api import OmniModel
+
+    monkeypatch.setattr(OmniModel, "from_pretrained", classmethod(lambda *a, **k: pytest.fail("model loaded")))
+    assert cli.main(["infer", "--model_path", str(tiny_ckpt), "--video_path", str(clips["mp4"]), *extra]) == 2
+    assert capsys.readouterr().err == f"omni-fast infer: error: {said}: expected an integer >= 1\n"
+
+
+def test_batch_size_below_one_is_refused_by_the_api(omni, clips):
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        omni.recognize(clips["mp4"], max_new_tokens=2, batch_size=0)
+
+
 def test_cli_ctrl_c_exits_130_without_a_traceback(tiny_ckpt, clips, capsys, monkeypatch):
     from omni_fast.api import OmniModel
 

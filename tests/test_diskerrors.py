@@ -14,7 +14,7 @@ import torch
 
 from omni_fast.cli import main
 from omni_fast.diskerrors import describe, os_error
-from omni_fast.grpo import state as ckpt_state
+from omni_fast.grpo import checkpoints
 from omni_fast.grpo.trainer import Trainer, TrainingError
 from omni_fast.model.checkpoint import load_checkpoint
 from omni_fast.toy import make_toy_task
@@ -85,7 +85,7 @@ def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_last_checkpoint(tas
         trainer.train()
     assert str(e.value) == (f"step 2: cannot save {out / 'checkpoint-2'}: {FULL}; the last good checkpoint, "
                             f"{out / 'checkpoint-1'}, is untouched")
-    assert [p.name for p in ckpt_state.checkpoints(out)] == ["checkpoint-1"]
+    assert [p.name for p in checkpoints.complete(out)] == ["checkpoint-1"]
     assert (out / "latest").read_text() == "checkpoint-1\n"
     assert not _empty_or_temporary(out)
     after = _tree(out)
@@ -123,7 +123,7 @@ def test_a_real_full_disk_during_training_and_resume(task, tiny_ckpt, tmp_path, 
         err = capsys.readouterr().err
         assert err == (f"omni-fast train: error: step 2: cannot save {out / 'checkpoint-2'}: {FULL}; the last good "
                        f"checkpoint, {out / 'checkpoint-1'}, is untouched\n")
-        assert [p.name for p in ckpt_state.checkpoints(out)] == ["checkpoint-1"]
+        assert [p.name for p in checkpoints.complete(out)] == ["checkpoint-1"]
         assert not _empty_or_temporary(out)
         kept = _tree(out / "checkpoint-1")
         with open(disk / "filler", "wb") as f:  # the disk stays full

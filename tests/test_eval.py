@@ -230,6 +230,60 @@ def test_eval_ctrl_c_keeps_finished_results_and_exits_130(tiny_ckpt, annotations
     assert [r["index"] for r in _lines(out.with_suffix(".jsonl"))[1:]] == [0, 1, 2, 3]
 
 
+def test_eval_sigterm_keeps_finished_results_and_exits_143(tiny_ckpt, annotations, tmp_path, capsys, monkeypatch):
+    """A real SIGTERM to this process mid-run (a scheduler's stop): the same as Ctrl-C, with its own status."""
+    import os
+    import signal
+
+    real = OmniModel.recognize_iter
+    before = signal.getsignal(signal.SIGTERM)
+
+    def terminated(self, videos, *a, **k):
+        for i, r in enumerate(real(self, videos, *a, **k)):
+            if i == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield r
+    monkeypatch.setattr(OmniModel, "recognize_iter", terminated)
+    out = tmp_path / "eval.json"
+    try:
+        assert _eval(tiny_ckpt, annotations, out) == 143
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    err = capsys.readouterr().err
+    assert "interrupted" in err and str(out.with_suffix(".jsonl")) in err and "Traceback" not in err
+    assert [r["index"] for r in _lines(out.with_suffix(".jsonl"))[1:]] == [0]
+    assert not (tmp_path / ".eval.jsonl.lock").exists()  # released
+
+
+def test_eval_refuses_an_out_another_eval_is_writing_before_loading(tiny_ckpt, annotations, tmp_path, capsys,
+                                                                   monkeypatch):
+    """Another process holds --out (started as `omni-fast eval` takes it): refused at once, naming --out and the
+    process; its results file is not touched."""
+    import subprocess
+    import sys
+
+    from omni_fast.runlock import lock_path
+
+    out = tmp_path / "eval.json"
+    results = out.with_suffix(".jsonl")
+    results.write_text('{"omni_fast_eval": 1}\n')
+    hold = ("import sys, time\nfrom omni_fast.runlock import RunLock\nlock = RunLock(sys.argv[1], '--out', sys.argv[2])"
+            ".acquire()\nprint('held', flush=True)\ntime.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(lock_path(results)), str(out)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        monkeypatch.setattr(OmniModel, "from_pretrained", classmethod(lambda *a, **k: pytest.fail("model loaded")))
+        assert _eval(tiny_ckpt, annotations, out) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"omni-fast eval: error: --out {out} is in use by another omni-fast run: pid "
+                              f"{holder.pid} on ") and err.count("\n") == 1
+        assert results.read_text() == '{"omni_fast_eval": 1}\n'
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_eval_refuses_a_results_file_of_another_run_before_loading(tiny_ckpt, annotations, tmp_path, capsys,
                                                                     monkeypatch):
     out = tmp_path / "eval.json"
@@ -280,10 +334,15 @@ def test_eval_refuses_bad_out_and_limit_before_loading(tiny_ckpt, tmp_path, caps
     (tmp_path / "adir").mkdir()
     cases = [(["--out", str(ann)], "is one of the inputs"), (["--out", str(tmp_path / "adir")], "is a directory"),
              (["--limit", "0"], "--limit 0"), (["--limit", "-1"], "--limit -1"),
-             (["--device", "tpu"], "unknown device 'tpu'"), (["--label_set", ","], "--label_set")]
+             (["--device", "tpu"], "unknown device 'tpu'"), (["--label_set", ","], "--label_set"),
+             (["--max_new_tokens", "0"], "--max_new_tokens 0: expected an integer >= 1"),
+             (["--batch_size", "0"], "--batch_size 0: expected an integer >= 1"),
+             (["--batch_size", "-3"], "--batch_size -3: expected an integer >= 1"),
+             (["--media_workers", "0"], "--media_workers 0: expected an integer >= 1")]
     for extra, message in cases:
         assert cli.main(base + extra) == 2
-        assert message in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
     # the results stream to --out's .jsonl twin: an annotation file of that name is refused too
     assert cli.main(["eval", "--model_path", str(tiny_ckpt), "--annotations", str(jsonl), "--out",
                      str(tmp_path / "val.json")]) == 2
@@ -344,7 +403,8 @@ def test_progress_bar_counts_clips_and_shows_the_running_war(omni, clips, monkey
 @pytest.mark.slow
 def test_eval_sigint_in_a_real_process_keeps_whole_lines(tiny_ckpt, clips, tmp_path):
     """Ctrl-C as a user sends it: SIGINT to a running `omni-fast eval`, which exits 130 without a traceback and
-    leaves only whole result lines; the same command then finishes the rest."""
+    leaves only whole result lines (a second eval on the same --out meanwhile is refused at once); the same command
+    then finishes the rest."""
     import signal
     import subprocess
     import sys
@@ -361,6 +421,15 @@ def test_eval_sigint_in_a_real_process_keeps_whole_lines(tiny_ckpt, clips, tmp_p
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and (not results.exists() or results.read_text().count("\n") < 3):
         time.sleep(0.05)
+    # a second eval with the same --out meanwhile (the first paused, so that it is surely still running): refused
+    # at once, naming the first (both used to write the file)
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        second = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    assert second.returncode == 2 and second.stderr.startswith(
+        f"omni-fast eval: error: --out {out} is in use by another omni-fast run: pid {proc.pid} on "), second.stderr
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err[-2000:]

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from omni_fast.grpo import state as ckpt_state
+from omni_fast.grpo import checkpoints
 from omni_fast.grpo.metrics import read_metrics
 from omni_fast.grpo.trainer import Trainer
 from omni_fast.interrupt import Interrupted
@@ -39,8 +39,8 @@ def test_a_signal_saves_the_step_in_flight_and_stops(task, tiny_ckpt, tmp_path, 
     trainer = Trainer(run_config(task, tiny_ckpt, out, max_steps=50, save_steps=1000), on_step=_send(2, signum))
     history = trainer.train()
     assert trainer.stop_signal == signum and trainer.pos.step == 2 and len(history) == 2
-    assert ckpt_state.resolve(out, "latest").name == "checkpoint-2"  # saved although save_steps is 1000
-    assert [p.name for p in ckpt_state.checkpoints(out)] == ["checkpoint-2"]
+    assert checkpoints.resolve(out, "latest").name == "checkpoint-2"  # saved although save_steps is 1000
+    assert [p.name for p in checkpoints.complete(out)] == ["checkpoint-2"]
     assert [m["step"] for m in read_metrics(out)] == [1, 2]
     assert not lock_path(out).exists() and signal.getsignal(signum) is before  # released, handler restored
     resumed = Trainer(run_config(task, tiny_ckpt, out, max_steps=3, save_steps=1000), "latest")
@@ -56,7 +56,7 @@ def test_a_second_signal_stops_at_once_keeping_the_last_whole_checkpoint(task, t
     with pytest.raises(Interrupted):
         trainer.train()
     assert trainer.pos.step == 3
-    assert [p.name for p in ckpt_state.checkpoints(out)] == ["checkpoint-2"]  # step 3 was not saved
+    assert [p.name for p in checkpoints.complete(out)] == ["checkpoint-2"]  # step 3 was not saved
     assert (out / "latest").read_text().strip() == "checkpoint-2"
     assert not list(out.glob(".checkpoint-*")) and not lock_path(out).exists()
 
@@ -87,7 +87,7 @@ def test_signals_to_a_training_process(task, tiny_ckpt, tmp_path):
         assert err.splitlines()[-1] == (f"omni-fast train: stopped by {name} after step {step} of 500; checkpoint: "
                                         f"{out / f'checkpoint-{step}'}; resume with: {resume}")
         assert f"omni-fast: {name} received: stopping after the step in flight" in err
-        assert ckpt_state.resolve(out, "latest").name == f"checkpoint-{step}"
+        assert checkpoints.resolve(out, "latest").name == f"checkpoint-{step}"
         assert not list(out.glob(".checkpoint-*")) and not lock_path(out).exists()
     # the printed command resumes (one step more: --max_steps is free to change on resume)
     again = [sys.executable, "-m", "omni_fast.cli", *shlex.split(resume)[1:], "--max_steps", str(step + 1)]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from omni_fast.cli import main
-from omni_fast.grpo import state as ckpt_state
+from omni_fast.grpo import checkpoints
 from omni_fast.grpo.rundir import OutputDirError
 from omni_fast.grpo.trainer import Trainer
 from omni_fast.runlock import LockedError, lock_path
@@ -98,7 +98,7 @@ def test_a_group_larger_than_the_engine_default_trains(task, tiny_ckpt, tmp_path
                                  per_device_train_batch_size=1, max_completion_length=2))
     assert trainer.engine.config.max_samples == 300
     history = trainer.train()
-    assert len(history) == 1 and ckpt_state.resolve(tmp_path / "run", "latest").name == "checkpoint-1"
+    assert len(history) == 1 and checkpoints.resolve(tmp_path / "run", "latest").name == "checkpoint-1"
 
 
 def test_the_lock_is_released_at_the_end_and_after_a_failure(task, tiny_ckpt, tmp_path):

@@ -81,6 +81,45 @@ def test_choices_of_grpo_code_are_named_before_anything_is_written(task, tiny_ck
     (the config imports none of grpo/), first thing."""
     with pytest.raises(ConfigError, match=needle):
         Trainer(_config(task, tiny_ckpt, tmp_path / "run", **raw))
+
+
+@pytest.mark.parametrize("text", [".inf", "-.inf", ".nan", "1e999"])
+@pytest.mark.parametrize("name", ["learning_rate", "beta", "max_grad_norm", "warmup_ratio", "temperature"])
+def test_non_finite_numbers_are_refused(tmp_path, name, text):
+    (tmp_path / "run.yaml").write_text(f"{name}: {text}\n")
+    with pytest.raises(ConfigError, match=rf"^{tmp_path / 'run.yaml'}: {name} must be a finite number, got "):
+        GRPOConfig.from_file(tmp_path / "run.yaml")
+    with pytest.raises(ConfigError, match=rf"^command line: --{name} must be a finite number, got "):
+        GRPOConfig.from_file(None, {name: text})
+    with pytest.raises(ConfigError, match="reward_weights must be a finite number"):
+        GRPOConfig(reward_funcs=("format",), reward_weights=(float(text.replace(".", "", 1)),))
+
+
+@pytest.mark.parametrize("argv,said", [
+    (["--learnig_rate", "1e-6"], "command line: unknown option(s) --learnig_rate (did you mean --learning_rate?)"),
+    (["--max_steps", "abc"], "command line: --max_steps 'abc' is not a valid int"),
+    (["--learning_rate"], "command line: --learning_rate needs a value (--learning_rate VALUE or "
+                          "--learning_rate=VALUE)"),
+    (["--learning_rate", "--max_steps", "3"], "command line: --learning_rate needs a value"),
+    (["--max_steps", "0"], "command line: --max_steps must be -1 (use num_train_epochs) or >= 1, got 0"),
+    (["--learning_rate=-1"], "command line: --learning_rate must be > 0, got -1.0"),
+])
+def test_command_line_mistakes_are_blamed_on_the_command_line(tmp_path, capsys, argv, said):
+    from omni_fast.cli import main
+
+    (tmp_path / "run.yaml").write_text("max_steps: 3\nlearning_rate: 1.0e-6\n")
+    assert main(["train", "--config", str(tmp_path / "run.yaml"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"omni-fast train: error: {said}") and err.count("\n") == 1
+    assert str(tmp_path / "run.yaml") not in err  # the file is right; the command line is not
+
+
+def test_file_mistakes_are_still_blamed_on_the_file_and_bare_bool_flags_are_true(tmp_path):
+    (tmp_path / "run.yaml").write_text("max_steps: abc\n")
+    with pytest.raises(ConfigError, match=rf"^{tmp_path / 'run.yaml'}: max_steps = 'abc' is not a valid int"):
+        GRPOConfig.from_file(tmp_path / "run.yaml", {"learning_rate": "1e-6"})
+    (tmp_path / "run.yaml").write_text("progress: false\n")
+    assert GRPOConfig.from_file(tmp_path / "run.yaml", {"progress": None}).progress is True
     assert not (tmp_path / "run").exists()
 
 

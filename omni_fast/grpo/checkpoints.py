@@ -130,7 +130,7 @@ def nonfinite(trainable: list[tuple[str, torch.Tensor]], optimizer, dist=None) -
         if m is not p:
             tensors.append((f"{name} (fp32 master)", m))
         for key, v in optimizer.optimizer.state.get(m, {}).items():
-            if torch.is_tensor(v) and v.is_floating_point():
+            if key != "step" and torch.is_tensor(v) and v.is_floating_point():
                 tensors.append((f"{name} (AdamW {key})", v))
     bad = [name for name, t in tensors if not bool(torch.isfinite(local(t.detach())).all())]
     # FSDP: each rank checks its shards (and every rank must agree whether to save)
