@@ -276,12 +276,15 @@ def _materialize_buffers(model: torch.nn.Module, device: torch.device) -> None:
 
 
 def load_tokenizer(directory: Path):
-    """The tokenizer class tokenizer_config.json names (AutoTokenizer would also parse config.json, whose
-    HumanOmni_qwen2 model type it does not know)."""
+    """The tokenizer class tokenizer_config.json names, its fast (tokenizers) version where transformers has one,
+    as AutoTokenizer picks it (AutoTokenizer would also parse config.json, whose HumanOmni_qwen2 model type it
+    does not know). transformers 4.x's slow Qwen2Tokenizer cannot decode the ids of the padded vocabulary, which
+    sampling can produce; in 5.x the names are one class."""
     import transformers
 
     name = _read_json(directory / "tokenizer_config.json", "tokenizer config").get("tokenizer_class") or ""
-    cls = getattr(transformers, name, None) or getattr(transformers, name.removesuffix("Fast"), None)
+    base = name.removesuffix("Fast")
+    cls = getattr(transformers, f"{base}Fast", None) or getattr(transformers, base, None) if base else None
     if cls is None:
         cls = transformers.AutoTokenizer
     try:
