@@ -463,9 +463,13 @@ class GRPOConfig:
 #   free      used from the resumed step on: nothing the checkpoint holds depends on it;
 #   schedule  the learning-rate schedule is rebuilt from it: every later step k runs at learning_rate x factor(k) of
 #             the new schedule, the rate a run started with the new values has at step k (AdamW's moments kept);
+#   batch     may change only as another split of the same global batch (per_device_train_batch_size x
+#             gradient_accumulation_steps x processes, as when resuming under another number of processes): the
+#             saved data position and step count assume that many prompts a step (grpo/resume.py checks it);
 #   fixed     the checkpoint's state depends on it (data order and position, optimizer state, the weights it
 #             started from): refused with the field, both values and the reason.
-RESUME_FREE, RESUME_SCHEDULE, RESUME_FIXED = "free", "schedule", "fixed"
+RESUME_FREE, RESUME_SCHEDULE, RESUME_BATCH, RESUME_FIXED = "free", "schedule", "batch", "fixed"
+_BATCH = "the global batch: the saved data position and step count assume its prompts a step"
 _DATA = "the saved data position indexes the entries it selects"
 _ADAM = "kept in optimizer.pt with AdamW's moments"
 RESUME_RULES: dict[str, tuple[str, str]] = {
@@ -501,8 +505,8 @@ RESUME_RULES: dict[str, tuple[str, str]] = {
     "adam_beta2": (RESUME_FIXED, _ADAM),
     "adam_epsilon": (RESUME_FIXED, _ADAM),
     "max_grad_norm": (RESUME_FREE, ""),
-    "per_device_train_batch_size": (RESUME_FIXED, "the saved data position counts prompts per step"),
-    "gradient_accumulation_steps": (RESUME_FIXED, "the saved data position counts prompts per step"),
+    "per_device_train_batch_size": (RESUME_BATCH, _BATCH),
+    "gradient_accumulation_steps": (RESUME_BATCH, _BATCH),
     "num_train_epochs": (RESUME_SCHEDULE, ""),
     "max_steps": (RESUME_SCHEDULE, ""),
     "save_steps": (RESUME_FREE, ""),

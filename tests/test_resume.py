@@ -46,11 +46,12 @@ def _copy(finished, tmp_path):
 
 def test_every_config_field_has_one_resume_rule_and_fixed_ones_say_why():
     assert set(RESUME_RULES) == {f.name for f in fields(GRPOConfig)}
-    assert {rule for rule, _ in RESUME_RULES.values()} == {"free", "schedule", "fixed"}
-    assert all(why for rule, why in RESUME_RULES.values() if rule == RESUME_FIXED)
-    for name in ("seed", "per_device_train_batch_size", "gradient_accumulation_steps", "train_annotations",
-                 "num_generations", "stage", "model_path", "video_root", "dtype"):
+    assert {rule for rule, _ in RESUME_RULES.values()} == {"free", "schedule", "batch", "fixed"}
+    assert all(why for rule, why in RESUME_RULES.values() if rule in (RESUME_FIXED, "batch"))
+    for name in ("seed", "train_annotations", "num_generations", "stage", "model_path", "video_root", "dtype"):
         assert RESUME_RULES[name][0] == RESUME_FIXED, name
+    for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+        assert RESUME_RULES[name][0] == "batch", name
     for name in ("learning_rate", "max_steps", "lr_scheduler_type", "warmup_ratio", "num_train_epochs"):
         assert RESUME_RULES[name][0] == "schedule", name
     for name in ("logging_steps", "save_steps", "progress", "save_total_limit"):
@@ -58,7 +59,7 @@ def test_every_config_field_has_one_resume_rule_and_fixed_ones_say_why():
 
 
 @pytest.mark.parametrize("change", [
-    {"seed": 7}, {"per_device_train_batch_size": 3}, {"gradient_accumulation_steps": 2}, {"num_generations": 2},
+    {"seed": 7}, {"num_generations": 2},
     {"train_annotations": "copy"}, {"model_path": "copy"}, {"dtype": "bfloat16"}, {"adam_beta2": 0.9},
     {"seed": 7, "num_generations": 2}])
 def test_resume_refuses_a_field_the_checkpoint_depends_on(task, tiny_ckpt, finished, tmp_path, change):
@@ -82,6 +83,38 @@ def test_resume_refuses_a_field_the_checkpoint_depends_on(task, tiny_ckpt, finis
     for name, value in kw.items():
         assert f"{name} {saved[name]!r} -> {value!r} ({RESUME_RULES[name][1]})" in said
     assert snapshot(finished) == before  # nothing written, train.log included
+
+
+@pytest.mark.parametrize("change", [{"per_device_train_batch_size": 3}, {"gradient_accumulation_steps": 2},
+                                    {"per_device_train_batch_size": 1}])
+def test_resume_refuses_another_global_batch(task, tiny_ckpt, finished, change):
+    before = snapshot(finished)
+    cfg = run_config(task, tiny_ckpt, finished, max_steps=3, save_steps=1, lr_scheduler_type="linear", **change)
+    with pytest.raises(ConfigError) as e:
+        Trainer(cfg, "latest")
+    assert str(e.value) == (
+        f"{finished / 'checkpoint-2'} was trained with a global batch of 2 prompts a step (per_device_train_batch_size"
+        f" 2 x gradient_accumulation_steps 1 x 1 process(es)), this run would take {cfg.prompts_per_step} "
+        f"({cfg.per_device_train_batch_size} x {cfg.gradient_accumulation_steps} x 1): the global batch cannot "
+        f"change on resume ({RESUME_RULES['per_device_train_batch_size'][1]}); split 2 prompts otherwise, or start a "
+        "new run in another output_dir")
+    assert snapshot(finished) == before
+
+
+def test_the_same_global_batch_split_otherwise_resumes(task, tiny_ckpt, finished, tmp_path):
+    """2 prompts a step as 1 x 2 micro-batches instead of 2 x 1 (what a resume under another number of
+    processes does with per_device_train_batch_size): taken, and logged."""
+    out = _copy(finished, tmp_path)
+    state_file = out / "checkpoint-2" / "trainer_state.json"  # as written before trainer states held world_size:
+    state = json.loads(state_file.read_text())                 # the number of processes comes from rng_state.pt
+    del state["world_size"]
+    state_file.write_text(json.dumps(state))
+    Trainer(run_config(task, tiny_ckpt, out, max_steps=3, save_steps=1, lr_scheduler_type="linear",
+                       per_device_train_batch_size=1, gradient_accumulation_steps=2), "latest").train()
+    assert [m["step"] for m in read_metrics(out)] == [1, 2, 3]
+    log = (out / "train.log").read_text()
+    assert "resume: per_device_train_batch_size 2 -> 1: the same global batch, split otherwise, from step 3 on" in log
+    assert json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())["world_size"] == 1
 
 
 def test_same_paths_spelled_otherwise_are_not_a_change(task, tiny_ckpt, finished, tmp_path, monkeypatch):

@@ -175,6 +175,11 @@ def load_trainer_state(path: Path) -> dict:
     return state
 
 
+def saved_world_size(path: Path) -> int:
+    """The number of processes that wrote a checkpoint (from its RNG states)."""
+    return int(_load(path / "rng_state.pt")["world_size"])
+
+
 def step_of(path: Path) -> int | None:
     """The step of a checkpoint-<step> directory (None for another name)."""
     named = _CHECKPOINT.match(path.name)

@@ -107,7 +107,7 @@ class Trainer:
             raise TrainingError(f"{self.out} already holds checkpoints; pass --resume_from_checkpoint latest to "
                                 "continue that run, or choose another output_dir (nothing was overwritten)")
         state = checkpoints.load_trainer_state(resume) if resume else {}
-        changes = check_resume(cfg, resume, state, self.out) if resume else []
+        changes = check_resume(cfg, resume, state, self.out, self.dist.world_size) if resume else []
         distributed.barrier(self.dist)  # every rank has looked before rank 0 tidies up
         if self.dist.is_main:
             checkpoints.clean_partial(self.out)
@@ -343,6 +343,7 @@ class Trainer:
                               "excluded": self.pos.excluded},
                  "skipped": sorted(self.skipped.values(), key=lambda b: b["index"]),
                  "init_model_path": self.init_model_path, "total_steps": self.total_steps,
+                 "world_size": self.dist.world_size,
                  "config": self.cfg.to_dict()}
         rng = distributed.all_gather_objects(self.dist, checkpoints.rng_state())
         path = self.out / f"checkpoint-{self.pos.step}"
