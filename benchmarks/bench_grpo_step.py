@@ -9,7 +9,7 @@ OURS: the trainer's step itself, omni_fast.grpo.step.grpo_step (grpo/trainer.py 
   reference  the frozen initial weights sharing the towers, shared-prefix forward (no grad)
   policy     prompt embeddings with grad + completion_logprobs + grpo_loss + backward
   optimizer  the trainer's: gradient-norm clip + AdamW over fp32 masters (LLM, projectors, BERT, gate; towers frozen)
-REFERENCE (humanOmni_grpo_trainer.py, research/r1omni.md §3.8, §5):
+REFERENCE (humanOmni_grpo_trainer.py, docs/REFERENCE.md §7):
   towers     the towers once per clip for generate's prompt (the reference's generate encodes once)
   rollout    transformers' Qwen2ForCausalLM.generate(inputs_embeds=spliced prompt, do_sample, top_k 50,
              num_return_sequences=8, min_new_tokens = max_new_tokens = N) + rewards + advantages

@@ -1,6 +1,6 @@
 """Configuration: slotted dataclasses that validate themselves. argparse lives only in cli.py.
 
-ModelConfig mirrors the HumanOmni / R1-Omni `config.json` (research/r1omni.md §2.1); the keys it does not
+ModelConfig mirrors the HumanOmni / R1-Omni `config.json` (docs/REFERENCE.md §1); the keys it does not
 use are kept verbatim in `extra` so a checkpoint saved by omni_fast carries the same config.json.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from omni_fast.task import EMOTION_LABELS
 # HumanOmni placeholders spliced with encoder embeddings (humanomni/constants.py).
 VIDEO_TOKEN_INDEX = -201
 AUDIO_TOKEN_INDEX = -202
-# Frames sampled per clip and Whisper mel bins of the 0.5B checkpoints (research/r1omni.md §1.4, §1.6): the one
+# Frames sampled per clip and Whisper mel bins of the 0.5B checkpoints (docs/REFERENCE.md §1, §3): the one
 # source of ModelConfig's and LoaderConfig's defaults and of omni_fast.media's.
 NUM_FRAMES = 8
 N_MELS = 128
@@ -236,7 +236,7 @@ SCHEDULERS = ("linear", "cosine", "constant")
 TRAIN_DTYPES = ("auto", "float32", "bfloat16")
 PROMPT_TEMPLATES = ("qwen2vl", "chat_template")  # omni_fast.grpo.inputs.grpo_prompt_ids
 # Per-stage recipe defaults for the fields left as None: R1-Omni's GRPO run (run_grpo_humanomni.sh + trl 0.14.0
-# GRPOConfig) and its EMER cold-start SFT (finetune_omni_emer.sh), research/r1omni.md §3.2-3.6.
+# GRPOConfig) and its EMER cold-start SFT (finetune_omni_emer.sh), docs/REFERENCE.md §7.
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "grpo": dict(learning_rate=1e-6, lr_scheduler_type="linear", warmup_ratio=0.0, num_train_epochs=2,
                  per_device_train_batch_size=1, gradient_accumulation_steps=2),
@@ -245,62 +245,70 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+def _field(default: Any, help: str) -> Any:
+    """A GRPOConfig field with its one-line help, which `omni-fast train --help` prints (GRPOConfig.describe)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(slots=True)
 class GRPOConfig:
     """`omni-fast train`'s configuration: TRL's GRPOConfig names where the concept is the same, R1-Omni's
     recipe as the defaults (fields left None take the stage's value from STAGE_DEFAULTS)."""
     # --- what to train on ---
-    model_path: str | None = None  # HumanOmni / R1-Omni checkpoint directory to start from
-    train_annotations: str | None = None  # R1-Omni / HumanOmni annotation file (.json list or .jsonl)
-    video_root: str | None = None  # relative clip paths are resolved against it (default: the file's folder)
-    bert_path: str | None = None  # BERT config + tokenizer directory (default: <model_path>/bert-base-uncased)
-    output_dir: str = "omni-fast-output"  # checkpoint-<step>/, metrics.jsonl, train.log
-    stage: str = "grpo"  # "sft" (cold start: cross-entropy on the assistant turn) or "grpo"
-    label_set: tuple[str, ...] = EMOTION_LABELS  # labels a record may carry; others are bad entries
-    on_bad_clip: str = "skip"  # missing / undecodable clip or unknown label: "skip" (logged, counted) or "raise"
+    model_path: str | None = _field(None, "HumanOmni / R1-Omni checkpoint directory to start from")
+    train_annotations: str | None = _field(None, "R1-Omni / HumanOmni annotation file (.json list or .jsonl)")
+    video_root: str | None = _field(None, "relative clip paths are resolved against it (default: the file's folder)")
+    bert_path: str | None = _field(None, "BERT config + tokenizer directory (default: <model_path>/bert-base-uncased)")
+    output_dir: str = _field("omni-fast-output", "checkpoint-<step>/, metrics.jsonl, train.log")
+    stage: str = _field("grpo", "sft (cold start: cross-entropy on the assistant turn) or grpo")
+    label_set: tuple[str, ...] = _field(EMOTION_LABELS, "labels a record may carry; others are bad entries")
+    on_bad_clip: str = _field("skip", "missing / undecodable clip or unknown label: skip (logged, counted) or raise")
     # --- GRPO ---
-    num_generations: int = 8  # completions per prompt (the group size G)
-    beta: float = 0.04  # weight of the k3 KL to the reference model (0: no reference model is kept)
-    loss_type: str = "grpo"  # "grpo" (R1-Omni: per-sequence mean), "bnpo", "dr_grpo", "dapo"
-    num_iterations: int = 1  # optimizer steps per rollout batch (>1: PPO-clipped ratio against the rollout policy)
-    epsilon: float = 0.2  # lower clip of the ratio (num_iterations > 1)
-    epsilon_high: float | None = None  # upper clip (DAPO's clip-higher); None: epsilon
-    scale_rewards: str = "group"  # advantage scale: "group" std (R1-Omni), "batch" std, or "none" (Dr. GRPO)
-    reward_funcs: tuple[str, ...] = ("accuracy", "format")  # registered names, or "module:function" to import
-    reward_weights: tuple[float, ...] | None = None  # one weight per reward function; None: all 1.0
-    prompt_template: str = "qwen2vl"  # GRPO prompt: "qwen2vl" (the reference's) or "chat_template" (as SFT renders it)
-    temperature: float = 1.0  # rollout sampling temperature (the reference hard-codes 1.0)
-    top_k: int = 50  # rollout top-k (HF generate's default, which the reference inherits)
-    top_p: float = 1.0  # rollout nucleus mass
-    max_prompt_length: int = 512  # prompt token ids kept (left-truncated; a placeholder counts as one)
-    max_completion_length: int = 512  # new tokens per rollout
-    max_length: int = 2048  # SFT: prompt + target token ids kept (the reference's model_max_length)
+    num_generations: int = _field(8, "completions per prompt (the group size G)")
+    beta: float = _field(0.04, "weight of the k3 KL to the reference model (0: no reference model is kept)")
+    loss_type: str = _field("grpo", "grpo (R1-Omni: per-sequence mean), bnpo, dr_grpo or dapo (grpo/loss.py)")
+    num_iterations: int = _field(1, "optimizer steps per rollout batch (>1: PPO-clipped ratio against the "
+                                    "rollout policy)")
+    epsilon: float = _field(0.2, "lower clip of the ratio (num_iterations > 1)")
+    epsilon_high: float | None = _field(None, "upper clip (DAPO's clip-higher); None: epsilon")
+    scale_rewards: str = _field("group", "advantage scale: group std (R1-Omni), batch std, or none (Dr. GRPO)")
+    reward_funcs: tuple[str, ...] = _field(("accuracy", "format"), "registered names, or module:function to import")
+    reward_weights: tuple[float, ...] | None = _field(None, "one weight per reward function; None: all 1.0")
+    prompt_template: str = _field("qwen2vl", "GRPO prompt: qwen2vl (the reference trainer's) or chat_template "
+                                             "(as SFT renders it)")
+    temperature: float = _field(1.0, "rollout sampling temperature (the reference hard-codes 1.0)")
+    top_k: int = _field(50, "rollout top-k (HF generate's default, which the reference inherits)")
+    top_p: float = _field(1.0, "rollout nucleus mass")
+    max_prompt_length: int = _field(512, "prompt token ids kept (left-truncated; a placeholder counts as one)")
+    max_completion_length: int = _field(512, "new tokens per rollout")
+    max_length: int = _field(2048, "SFT: prompt + target token ids kept (the reference's model_max_length)")
     # --- optimisation (None: the stage's default) ---
-    learning_rate: float | None = None  # AdamW peak learning rate (GRPO 1e-6, SFT 2e-5)
-    lr_scheduler_type: str | None = None  # "linear" (GRPO), "cosine" (SFT) or "constant", after warmup
-    warmup_ratio: float | None = None  # fraction of the steps with a linear warmup (GRPO 0, SFT 0.03)
-    weight_decay: float = 0.0  # AdamW decoupled weight decay
-    adam_beta1: float = 0.9  # AdamW beta1
-    adam_beta2: float = 0.999  # AdamW beta2
-    adam_epsilon: float = 1e-8  # AdamW epsilon
-    max_grad_norm: float = 1.0  # global gradient-norm clip; 0 disables it
-    per_device_train_batch_size: int | None = None  # prompts per micro-step (GRPO 1, SFT 2); any value works
-    gradient_accumulation_steps: int | None = None  # micro-steps per optimizer step (GRPO 2, SFT 1)
-    num_train_epochs: int | None = None  # passes over the data (GRPO 2, SFT 5)
-    max_steps: int = -1  # optimizer steps; > 0 overrides num_train_epochs
+    learning_rate: float | None = _field(None, "AdamW peak learning rate (GRPO 1e-6, SFT 2e-5)")
+    lr_scheduler_type: str | None = _field(None, "linear (GRPO), cosine (SFT) or constant, after warmup")
+    warmup_ratio: float | None = _field(None, "fraction of the steps with a linear warmup (GRPO 0, SFT 0.03)")
+    weight_decay: float = _field(0.0, "AdamW decoupled weight decay")
+    adam_beta1: float = _field(0.9, "AdamW beta1")
+    adam_beta2: float = _field(0.999, "AdamW beta2")
+    adam_epsilon: float = _field(1e-8, "AdamW epsilon")
+    max_grad_norm: float = _field(1.0, "global gradient-norm clip; 0 disables it")
+    per_device_train_batch_size: int | None = _field(None, "prompts per micro-step (GRPO 1, SFT 2); any value works")
+    gradient_accumulation_steps: int | None = _field(None, "micro-steps per optimizer step (GRPO 2, SFT 1)")
+    num_train_epochs: int | None = _field(None, "passes over the data (GRPO 2, SFT 5)")
+    max_steps: int = _field(-1, "optimizer steps; > 0 overrides num_train_epochs")
     # --- bookkeeping ---
-    save_steps: int = 1000  # a checkpoint every this many optimizer steps (and one at the end)
-    save_total_limit: int | None = None  # keep at most this many checkpoints (oldest removed first)
-    logging_steps: int = 1  # a metrics.jsonl line every this many steps
-    seed: int = 42  # data order, rollout seeds (keyed by seed, step and prompt index) and initial RNG state
+    save_steps: int = _field(1000, "a checkpoint every this many optimizer steps (and one at the end)")
+    save_total_limit: int | None = _field(None, "keep at most this many checkpoints (oldest removed first)")
+    logging_steps: int = _field(1, "a metrics.jsonl line every this many steps")
+    seed: int = _field(42, "data order, rollout seeds (keyed by seed, step and prompt index) and initial RNG state")
     # --- where and how it runs ---
-    device: str | None = None  # "cuda" or "cpu" (default: cuda when present)
-    dtype: str = "auto"  # parameter dtype: "auto" = bfloat16 on CUDA (fp32 master weights) / float32 on CPU
-    parallelism: str = "ddp"  # over torchrun ranks: "ddp" (whole model on every rank) or "fsdp" (FSDP2: the
-    # trained weights, gradients and optimizer state sharded; a full bf16 copy kept for the rollout engine)
-    media_backend: str = "auto"  # clip decoding: "auto" (DALI on a GPU when installed), "dali", "pyav"
-    media_workers: int = 4  # decode threads (PyAV)
-    progress: bool = True  # a progress bar on stderr (tqdm)
+    device: str | None = _field(None, "cuda or cpu (default: cuda when present)")
+    dtype: str = _field("auto", "parameter dtype: auto = bfloat16 on CUDA (fp32 master weights) / float32 on CPU")
+    parallelism: str = _field("ddp", "over torchrun ranks: ddp (whole model on every rank) or fsdp (FSDP2: the "
+                                     "trained weights, gradients and optimizer state sharded; a full bf16 copy kept "
+                                     "for the rollout engine)")
+    media_backend: str = _field("auto", "clip decoding: auto (DALI on a GPU when installed), dali or pyav")
+    media_workers: int = _field(4, "decode threads (PyAV)")
+    progress: bool = _field(True, "a progress bar on stderr (tqdm)")
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
@@ -368,12 +376,8 @@ class GRPOConfig:
 
     @classmethod
     def describe(cls) -> list[tuple[str, Any, str]]:
-        """(field, default, its one-line comment) for every field, in order (for `omni-fast train --help`)."""
-        import inspect
-        import re
-
-        comments = dict(re.findall(r"^    (\w+): [^=\n]+=.*?#\s*(.*)$", inspect.getsource(cls), re.M))
-        return [(f.name, f.default, comments.get(f.name, "")) for f in fields(cls)]
+        """(field, default, its help) for every field, in order (for `omni-fast train --help`)."""
+        return [(f.name, f.default, f.metadata.get("help", "")) for f in fields(cls)]
 
     @property
     def prompts_per_step(self) -> int:

@@ -1,4 +1,4 @@
-"""Annotation files of R1-Omni / HumanOmni (research/r1omni.md §7) read into records the media loader takes.
+"""Annotation files of R1-Omni / HumanOmni (docs/REFERENCE.md §5) read into records the media loader takes.
 
 Two formats, told apart per entry:
   conversations  train/val (DFEW, MAFW, EMER): {"video": path, "conversations": [{"from": "human", "value": q},

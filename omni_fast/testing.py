@@ -1,6 +1,6 @@
 """Tiny checkpoints in the real HumanOmni / R1-Omni format, and synthetic clips, for tests and the demo.
 
-`make_tiny_checkpoint` writes what a real R1-Omni-0.5B directory holds (research/r1omni.md §2), at tiny sizes:
+`make_tiny_checkpoint` writes what a real R1-Omni-0.5B directory holds (docs/REFERENCE.md §1), at tiny sizes:
 config.json with every real key, model.safetensors in bf16 with the real tensor names (the LLM without lm_head,
 tower copies under model.vision_tower / model.audio_tower, the trained BERT under model.bert_model, the
 projectors and the gate), a byte-level BPE tokenizer trained in-process that carries the Qwen2.5 special
@@ -131,7 +131,7 @@ def _randomize(module: torch.nn.Module, gen: torch.Generator, std: float = 0.05)
 
 
 def projector_tensor_shapes(mm_hidden: int, hidden: int, depth: int = 2) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of `model.mm_projector.*` for all_in_one_small (r1omni.md §1.5, §2.2b): timm RegStage
+    """Names and shapes of `model.mm_projector.*` for all_in_one_small (docs/REFERENCE.md §2): timm RegStage
     blocks b1..b{depth} (bottle_ratio 1, depthwise conv2, SE width round(0.25 x block input), conv1x1+LN
     shortcut only where the width changes, no conv bias), the causal Conv3d samplers, the readouts and the
     face MLP."""

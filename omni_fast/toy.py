@@ -8,9 +8,9 @@ drifting brightness so no two clips are alike. Two annotation files in the R1-Om
              the format and the reasoning step, not the task: GRPO starts at chance level (1/3);
   grpo.json  the clips with their true labels: GRPO's accuracy reward is all that can teach which colour means
              which emotion (red: angry, blue: sad, green: happy).
-(Without the colour in the reasoning, an SFT on clip-independent labels teaches the tiny model to ignore the
-clip altogether: the log-probs of its answers then differ by 0.002 nats between a red and a blue clip, and
-neither GRPO nor SFT on the true labels recovers the clip within tens of steps, as measured on this toy.)
+(The colour is in the reasoning because an SFT on clip-independent labels alone teaches the tiny model to ignore
+the clip altogether: its answers' log-probs then barely depend on the clip, and neither GRPO nor SFT on the
+true labels brings the clip back within tens of steps.)
 `omni-fast demo` and tests/test_learning.py run SFT then GRPO on it and watch the accuracy reward rise.
 """
 from __future__ import annotations

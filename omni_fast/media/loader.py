@@ -14,9 +14,8 @@ Backends (one is picked per loader):
   dali  omni_fast.media.dali.DaliMedia: NVDEC decode + device-side preprocessing, one batch at a time in a
         background thread; the loader's thread pool serves its frame-count probes and the (PyAV) audio.
   pyav  the PyAV path (load_clip's semantics) in a pool of `workers` threads, one clip per task. Threads, not
-        processes: PyAV decodes and converts with the GIL released, and a 2-core measurement gave the same
-        throughput either way (20.8 clips/s threads vs 22.4 processes on 640x360 h264 clips, +-20% noise),
-        while threads skip pickling ~6 MB of frames per clip and share the CUDA context. On a CUDA device
+        processes: PyAV decodes and converts with the GIL released, so threads decode in parallel as processes
+        would, while they skip pickling ~6 MB of frames per clip and share the CUDA context. On a CUDA device
         workers only decode (uint8 frames + 16 kHz samples) and the resize, normalisation and log-mel run on
         the GPU in the consuming thread; on the CPU the workers run the whole of load_clip.
 "auto" is dali when nvidia.dali imports and the device is CUDA, else pyav.

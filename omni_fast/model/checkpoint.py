@@ -1,4 +1,4 @@
-"""Load and save HumanOmni / R1-Omni checkpoint directories (research/r1omni.md §2), never touching a hub.
+"""Load and save HumanOmni / R1-Omni checkpoint directories (docs/REFERENCE.md §1), never touching a hub.
 
 A checkpoint directory holds config.json (model_type HumanOmni_qwen2 and the mm_* keys), model.safetensors
 or sharded model-*.safetensors with model.safetensors.index.json, the Qwen2.5 tokenizer files and usually

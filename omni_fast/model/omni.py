@@ -1,6 +1,6 @@
 """HumanOmni-0.5B / R1-Omni-0.5B: the Qwen2 decoder with its encoders, projectors and BERT gate.
 
-The module tree is the checkpoint's (research/r1omni.md §2.2): `model.{embed_tokens,layers,norm}` for the
+The module tree is the checkpoint's (docs/REFERENCE.md §1): `model.{embed_tokens,layers,norm}` for the
 decoder, `model.vision_tower`, `model.mm_projector`, `model.bert_model`, `model.bert_gate`,
 `model.audio_tower`, `model.audio_projector` beside it, and the LM head tied to `model.embed_tokens`.
 

@@ -1,6 +1,6 @@
 """Prompts as the reference builds them, and their tokenisation with the -201 / -202 placeholders.
 
-Two named prompts (research/r1omni.md §1.8):
+Two named prompts (docs/REFERENCE.md §4):
   * inference_prompt: humanomni.mm_infer - the checkpoint tokenizer's own chat template over
     "<video>\\n<audio>\\n" + instruct, then <video> -> <vi_start><video><vi_end> (mm_use_x_start_end).
   * grpo_prompt: the R1-Omni GRPO trainer - Qwen2-VL's template (system "You are a helpful assistant.",

@@ -2,7 +2,7 @@
 
 The module trees reproduce the names a HumanOmni checkpoint stores them under
 (`model.vision_tower.vision_tower.vision_model.*`, `model.audio_tower.audio_tower.{encoder,projector,classifier}.*`,
-research/r1omni.md §2.2b), whatever layout the installed transformers gives SiglipVisionModel. The unused parts
+docs/REFERENCE.md §1), whatever layout the installed transformers gives SiglipVisionModel. The unused parts
 (SigLIP's last layer, post_layernorm and pooling head; Whisper's classification projector and classifier) are
 kept so that a checkpoint round-trips exactly, but never run: SigLIP runs only the layers up to
 `mm_vision_select_layer` (11 of 12 for the 0.5B).
