@@ -30,6 +30,7 @@ def check_benchmark(script: Path, args: list[str]) -> str:
     sys.path.insert(0, str(script.parent))  # benchmarks import their siblings (common.py) as top-level modules
     spec = importlib.util.spec_from_file_location(f"_checked_{script.stem}", script)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # as an import would: dataclasses look their module up there
     spec.loader.exec_module(module)  # the module-level imports
     if not hasattr(module, "main"):
         raise SystemExit(f"check_command: {script} has no main(argv)")
