@@ -44,15 +44,18 @@ import json, sys
 import numpy as np, decord
 for path, out in json.loads(sys.argv[1]):
     res = {}
-    try:
-        vr = decord.VideoReader(path, num_threads=1)
-        n = len(vr)
-        seg = float(n - 1) / 8
-        ix = np.round(np.array([(seg * i + seg * (i + 1)) / 2 for i in range(8)]) + 1e-6).astype(int)
-        res.update(n=np.array(n), indices=ix)
-        res["frames"] = vr.get_batch(list(ix)).asnumpy()
-    except Exception as e:
-        res["video_error"] = np.array(f"{type(e).__name__}: {e}")
+    for attempt in range(3):  # decord's reader of a truncated file has failed once under heavy load: try again
+        try:
+            vr = decord.VideoReader(path, num_threads=1)
+            n = len(vr)
+            seg = float(n - 1) / 8
+            ix = np.round(np.array([(seg * i + seg * (i + 1)) / 2 for i in range(8)]) + 1e-6).astype(int)
+            res.update(n=np.array(n), indices=ix)
+            res["frames"] = vr.get_batch(list(ix)).asnumpy()
+            res.pop("video_error", None)
+            break
+        except Exception as e:
+            res["video_error"] = np.array(f"{type(e).__name__}: {e} (attempt {attempt + 1})")
     try:
         res["audio"] = decord.AudioReader(path, sample_rate=16000)._array
     except Exception as e:
@@ -130,6 +133,7 @@ def test_frame_count_indices_and_frames_equal_decord(ref, name):
     frames, indices, total = sample_video(path)
     assert total == frame_count(path) == int(res["n"])
     assert indices == res["indices"].tolist()
+    assert "frames" in res, f"decord failed on {name}: {res.get('video_error')}"
     assert np.array_equal(np.stack(frames), res["frames"])
 
 
