@@ -1,9 +1,12 @@
-"""omni-fast command line: infer (the reference inference.py's arguments), eval (WAR/UAR), train, serve and demo.
+"""omni-fast command line: infer (the reference inference.py's arguments), eval (WAR/UAR), train, serve,
+cache-features and demo.
 
     omni-fast infer --model_path R1-Omni-0.5B --video_path clip.mp4 --modal video_audio --instruct "..."
     omni-fast eval --model_path R1-Omni-0.5B --annotations DFEW_val.json --data_root /data --out results.json
     omni-fast train --config grpo.yaml [--key value ...] [--resume_from_checkpoint PATH|latest]
     omni-fast serve --model_path R1-Omni-0.5B [--port 8000] [--api_key KEY] [--allowed_local_media_path DIR]
+    omni-fast cache-features --annotations train.json --video_root /data --model_path R1-Omni-0.5B \
+        --tower_cache_dir /fast/tower-cache [--aspect pad|stretch]
     omni-fast demo
 
 Every --snake_case flag is also accepted as --kebab-case (--model-path). Errors are one line on stderr with
@@ -124,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
           help="a checkpoint-<step> directory, or 'latest' (the newest one in output_dir)")
 
     _add_serve_parser(sub)
+    _add_cache_features_parser(sub)
 
     demo = sub.add_parser("demo", formatter_class=_Formatter,
                           help="tiny checkpoint in the real format + a synthetic clip, end to end")
@@ -132,6 +136,33 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(demo, "--grpo_steps", type=int, default=DEMO_GRPO_STEPS, help="GRPO steps of the toy run (0: skip)")
     _flag(demo, "--sft_steps", type=int, default=DEMO_SFT_STEPS, help="SFT steps before the GRPO run")
     return parser
+
+
+def _add_cache_features_parser(sub) -> None:
+    cache = sub.add_parser("cache-features", formatter_class=_Formatter,
+                           help="compute the frozen towers' features of every clip once, into a feature store",
+                           description="Fills --tower_cache_dir with each clip's SigLIP and Whisper features (before "
+                                       "the projectors), for train / eval / infer runs given the same directory. "
+                                       "Data-parallel under torchrun; run it again to finish an interrupted run.")
+    _flag(cache, "--annotations", required=True, help="annotation JSON / JSONL (R1-Omni or RAVDESS format)")
+    _flag(cache, "--video_root", default=None, help="what relative video paths are resolved against "
+          "(default: the annotation file's folder)")
+    _flag(cache, "--model_path", required=True, help="HumanOmni / R1-Omni checkpoint directory (its towers)")
+    _flag(cache, "--tower_cache_dir", required=True, help="the feature store (created if absent)")
+    _flag(cache, "--aspect", default="pad", choices=["pad", "stretch"],
+          help="frames as training makes them (pad) or as infer / eval make them (stretch)")
+    _flag(cache, "--modal", default="video_audio", choices=["video_audio", "video", "audio"],
+          help="which towers' features (training uses both)")
+    _flag(cache, "--batch_size", type=int, default=8, help="clips per tower batch")
+    _flag(cache, "--no_progress", action="store_true", help="no progress bar on stderr")
+    _add_model_args(cache)
+    for action in cache._actions:  # the run the store is for decides these defaults
+        if action.dest == "dtype":
+            action.help = ("the dtype the towers run in; default: the reading run's (pad: bf16 on a GPU as train; "
+                           "stretch: fp16 on a GPU as infer / eval; fp32 on the CPU)")
+        elif action.dest == "media_backend":
+            action.default = None
+            action.help = "clip decoding; default: the reading run's (pad: auto as train; stretch: pyav as infer)"
 
 
 def _add_serve_parser(sub) -> None:
@@ -295,6 +326,57 @@ def cmd_infer(args: argparse.Namespace) -> int:
     for r in model.recognize_iter(args.video_path, instruct, args.modal, args.max_new_tokens, args.batch_size,
                                   on_error=args.on_error):
         print(_infer_line(r, args.json), flush=True)
+    return 0
+
+
+def cmd_cache_features(args: argparse.Namespace) -> int:
+    import torch
+
+    from omni_fast import distributed
+    from omni_fast.config import LoaderConfig
+    from omni_fast.features.key import FeatureSettings
+    from omni_fast.features.precompute import SKIP_KINDS, cache_features
+    from omni_fast.features.store import FeatureStore
+    from omni_fast.data import load_annotations
+    from omni_fast.devices import resolve_device
+    from omni_fast.model.checkpoint import load_checkpoint
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch_size {args.batch_size}: expected >= 1")
+    resolve_device(args.device)
+    bad = []
+    records = load_annotations(args.annotations, args.video_root, errors=bad)
+    ctx = distributed.init(args.device)
+    device = ctx.device
+    # the dtype and decoder of the run that will read the store: train (pad) or infer / eval (stretch)
+    dtype = _dtype(args.dtype) or (torch.float32 if device.type != "cuda" else
+                                   torch.bfloat16 if args.aspect == "pad" else torch.float16)
+    backend = args.media_backend or ("auto" if args.aspect == "pad" else "pyav")
+    t0 = time.perf_counter()
+    loaded = load_checkpoint(args.model_path, bert_path=args.bert_path, vision_tower=args.vision_tower,
+                             audio_tower=args.audio_tower, device=device, dtype=dtype)
+    loader = LoaderConfig(batch_size=args.batch_size, backend=backend, workers=args.media_workers, prefetch=1,
+                          aspect=args.aspect, num_frames=loaded.config.num_frames,
+                          n_mels=loaded.model.towers.audio.num_mel_bins, audio=args.modal != "video")
+    store = FeatureStore(args.tower_cache_dir, FeatureSettings.of(loaded.model, loader, device, args.modal))
+    if ctx.is_main:
+        store.clean_leftovers()
+    summary = cache_features(records, loaded.model, store, loader, device, ctx, progress=not args.no_progress)
+    distributed.shutdown(ctx)
+    if not ctx.is_main:
+        return 0
+    summary.skipped = sorted(summary.skipped + [{"index": b.index, "path": b.path, "kind": "bad entry",
+                                                 "reason": b.reason} for b in bad], key=lambda s: s["index"])
+    for skip in summary.skipped:
+        print(f"skipped entry {skip['index']} ({skip['path']}): {skip['reason']}", file=sys.stderr)
+    per_clip = f", {summary.bytes_written / summary.computed / 1e6:.2f} MB per clip" if summary.computed else ""
+    print(f"cache-features: {len(records) + len(bad)} entries in {time.perf_counter() - t0:.1f} s: "
+          f"{summary.computed} computed and stored ({summary.bytes_written / 1e6:.1f} MB written{per_clip}), "
+          f"{summary.stored} already in the store, {len(summary.skipped)} skipped; store: {store.dir} "
+          f"({store.settings.aspect}, {store.settings.modal}, {store.settings.dtype} on {store.settings.device}, "
+          f"{store.settings.media})")
+    for kind, n in summary.kinds().most_common():
+        print(f"  skipped {n}: {SKIP_KINDS[kind]}")
     return 0
 
 
@@ -501,7 +583,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return cmd_train(args, extra, argv)
-        return {"infer": cmd_infer, "eval": cmd_eval, "serve": cmd_serve, "demo": cmd_demo}[args.command](args)
+        return {"infer": cmd_infer, "eval": cmd_eval, "serve": cmd_serve, "demo": cmd_demo,
+                "cache-features": cmd_cache_features}[args.command](args)
     except (FileNotFoundError, FileExistsError, IsADirectoryError, PermissionError, ValueError, TrainingError,
             LockedError) as e:
         print(f"omni-fast {args.command}: error: {e}", file=sys.stderr)

@@ -130,3 +130,18 @@ def test_mixed_decoder_on_gpu(clips, aspect):
         assert (clip.frames.cpu() - ref.frames).abs().mean() <= 2 * LEVEL
         assert (clip.mel.cpu() - ref.mel).abs().max() < 1e-3  # cuFFT vs pocketfft rounding near the floor
     assert np.isfinite(out[0].frames.sum().item())
+
+
+def test_loader_dali_backend_skips_what_the_lookup_finds(dclips):
+    """The tower-feature store's lookup on the DALI path: a found clip is not decoded, the others are as without
+    a lookup, in their rows."""
+    names = ["vp9", "short", "mjpeg", "odd"]
+    records = [dclips[n] for n in names]
+    config = LoaderConfig(batch_size=4, backend="dali", workers=2, dali_threads=2)
+    whole = next(iter(MediaLoader(records, config, device="cpu")))
+    found = {str(dclips["short"]): "S", str(dclips["odd"]): "O"}
+    batch = next(iter(MediaLoader(records, config, device="cpu", lookup=lambda r: found.get(str(r)))))
+    assert batch.found == [None, "S", None, "O"] and batch.decoded == [0, 2]
+    assert torch.equal(batch.frames, whole.frames[[0, 2]]) and torch.equal(batch.mel, whole.mel[[0, 2]])
+    assert [c.num_frames_total for c in batch.clips] == [whole.clips[0].num_frames_total,
+                                                         whole.clips[2].num_frames_total]

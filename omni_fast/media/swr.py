@@ -120,6 +120,11 @@ class _Context:
             self.swr.swr_free(ctypes.byref(self.ctx))
 
 
+def available() -> bool:
+    """True when libswresample can be called (resample() then gives decord's waveform)."""
+    return _libs() is not None
+
+
 def resample(frames: Iterable, rate: int = 16000) -> np.ndarray | None:
     """Decoded PyAV AudioFrames -> mono float32 at `rate`, as decord's AudioReader(mono=True) returns it;
     None when libswresample cannot be called (the caller approximates). Raises ValueError if swresample
