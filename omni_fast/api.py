@@ -12,7 +12,9 @@ HF generate applies it) for many clips at once; generate() samples n completions
 forward_logits() is the full model on preprocessed inputs, the entry other implementations are compared through.
 
 Results come back one per input clip, in input order, each with its own timings and, for a clip skipped with
-on_error="skip", the error that stopped it: nothing about a call is kept on the model between calls.
+on_error="skip", the error that stopped it: nothing about a call is kept on the model between calls, except in
+the tower-feature store when one is given (tower_cache_dir, omni_fast/features/): clips found there skip
+decoding and both towers, the others are added to it, and the results are the same either way.
 """
 from __future__ import annotations
 
@@ -30,6 +32,9 @@ from omni_fast.config import (AUDIO_TOKEN_INDEX, INFER_DTYPE, ON_ERROR, VIDEO_TO
                               SamplingParams)
 from omni_fast.engine.engine import Engine
 from omni_fast.engine.sequence import Completion
+from omni_fast.features.key import FeatureSettings
+from omni_fast.features.store import FeatureStore, StoreUnwritable
+from omni_fast.features.towers import BatchFeatures, CachedTowers
 from omni_fast.media.loader import MediaLoader
 from omni_fast.devices import resolve_device, resolve_dtype
 from omni_fast.model.checkpoint import LoadedCheckpoint, load_checkpoint, save_checkpoint
@@ -66,6 +71,7 @@ class Recognition:
     index: int = 0  # position of the clip in the call's input list
     timings: Timings = field(default_factory=Timings)  # this clip's seconds per stage
     error: str | None = None  # why the clip was skipped (on_error="skip"); None when it was recognised
+    features_from: str | None = None  # the clip's tower features: "towers" (computed) or "store"; None on error
 
 
 @dataclass(slots=True)
@@ -76,6 +82,7 @@ class Generation:
     index: int = 0  # position of the clip in the call's input list
     timings: Timings = field(default_factory=Timings)  # this clip's seconds per stage
     error: str | None = None  # why the clip was skipped (on_error="skip"); None when it was generated
+    features_from: str | None = None  # the clip's tower features: "towers" (computed) or "store"; None on error
 
 
 # Media decoding for recognize/generate (omni_fast.media.loader) unless from_pretrained is given a LoaderConfig:
@@ -105,27 +112,32 @@ def _video_name(record) -> str:
 
 class OmniModel:
     def __init__(self, loaded: LoadedCheckpoint, engine_config: EngineConfig | None = None,
-                 loader_config: LoaderConfig | None = None):
+                 loader_config: LoaderConfig | None = None, tower_cache_dir: str | Path | None = None):
         self.loaded = loaded
         self.loader_config = loader_config or DEFAULT_MEDIA
         self.model, self.tokenizer, self.bert_tokenizer = loaded.model, loaded.tokenizer, loaded.bert_tokenizer
         self.config = loaded.config
         self.engine = Engine(self.model, engine_config, loaded.generation.eos_token_ids)
+        self.tower_cache_dir = None if tower_cache_dir is None else Path(tower_cache_dir).expanduser()
+        if self.tower_cache_dir is not None and self.tower_cache_dir.exists() and not self.tower_cache_dir.is_dir():
+            raise NotADirectoryError(f"tower_cache_dir {self.tower_cache_dir} is not a directory")
+        self._stores: dict[FeatureSettings, FeatureStore | None] = {}  # opened on first use, per settings
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None, *, bert_path: str | Path | None = None,
                         vision_tower: str | Path | None = None, audio_tower: str | Path | None = None,
-                        engine_config: EngineConfig | None = None,
-                        loader_config: LoaderConfig | None = None) -> OmniModel:
+                        engine_config: EngineConfig | None = None, loader_config: LoaderConfig | None = None,
+                        tower_cache_dir: str | Path | None = None) -> OmniModel:
         """Load a HumanOmni / R1-Omni checkpoint directory (see omni_fast.model.checkpoint for where each part
         is read from). device: "cpu", "cuda" or "cuda:N" (default: CUDA where present). dtype defaults to float16
         on a GPU, towers included, as the reference's model_init loads it (training uses bfloat16), and float32
-        on the CPU; engine_config tunes the rollout engine, loader_config the media decoding."""
+        on the CPU; engine_config tunes the rollout engine, loader_config the media decoding; tower_cache_dir a
+        tower-feature store to read clips' features from and add them to (omni_fast/features/)."""
         device, dtype = load_settings(device, dtype)
         loaded = load_checkpoint(path, bert_path=bert_path, vision_tower=vision_tower, audio_tower=audio_tower,
                                  device=device, dtype=dtype)
-        return cls(loaded, engine_config, loader_config)
+        return cls(loaded, engine_config, loader_config, tower_cache_dir)
 
     def save_pretrained(self, directory: str | Path, *, max_shard_size: int | str = "5GB",
                         overwrite: bool = False) -> Path:
@@ -146,10 +158,17 @@ class OmniModel:
         """Per clip: prompt ids [T] (with -201 / -202), frames (B, 8, 3, 224, 224) / mel (B, 128, 3000) (None where
         that input is absent) and its instruct -> the spliced prompt embeddings (T', H); the gate reads each
         distinct instruct once."""
-        unique = sorted(set(instructs))
-        rows = torch.tensor([unique.index(t) for t in instructs], device=self.device)
         vision = None if frames is None else self.model.vision_features(frames.to(self.device))
         audio = None if mel is None else self.model.audio_features(mel.to(self.device))
+        return self.embed_features(input_ids, vision, audio, instructs)
+
+    @torch.inference_mode()
+    def embed_features(self, input_ids: list[torch.Tensor], vision: torch.Tensor | None, audio: torch.Tensor | None,
+                       instructs: list[str]) -> list[torch.Tensor]:
+        """encode() from the towers' features instead of the preprocessed clips (what the tower-feature store
+        holds: vision (B, 8, 196, mm), audio (B, 500, audio_hidden); None where that input is absent)."""
+        unique = sorted(set(instructs))
+        rows = torch.tensor([unique.index(t) for t in instructs], device=self.device)
         bert = None if vision is None else self.model.bert_inputs(self.bert_tokenizer, unique)
         return self.model.prompt_embeddings(input_ids, vision, audio, bert, rows)
 
@@ -158,15 +177,38 @@ class OmniModel:
         prompt = inference_prompt(self.tokenizer, instruct, modal, self.config.mm_use_x_start_end, system)
         return tokenize_multimodal(self.tokenizer, prompt)
 
-    def _media(self, videos: list, modal: str, aspect: str, batch_size: int, on_error: str) -> MediaLoader:
+    def _loader_config(self, modal: str, aspect: str, batch_size: int = 1, on_error: str = "raise") -> LoaderConfig:
+        return dataclasses.replace(self.loader_config, batch_size=batch_size, on_error=on_error,
+                                   aspect=aspect, num_frames=self.config.num_frames,
+                                   n_mels=self.model.towers.audio.num_mel_bins, audio=modal != "video")
+
+    def _media(self, videos: list, modal: str, aspect: str, batch_size: int, on_error: str,
+               lookup=None) -> MediaLoader:
         """Clips decoded `batch_size` at a time, the next batch while the current one is encoded and generated;
-        a bad clip raises its MediaError (on_error="raise") or comes back in the batch's failures ("skip")."""
+        a bad clip raises its MediaError (on_error="raise") or comes back in the batch's failures ("skip");
+        clips `lookup` finds (the tower-feature store's) are not decoded."""
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
-        config = dataclasses.replace(self.loader_config, batch_size=batch_size, on_error=on_error,
-                                     aspect=aspect, num_frames=self.config.num_frames,
-                                     n_mels=self.model.towers.audio.num_mel_bins, audio=modal != "video")
-        return MediaLoader(videos, config, device=self.device)
+        return MediaLoader(videos, self._loader_config(modal, aspect, batch_size, on_error), device=self.device,
+                           lookup=lookup)
+
+    def _towers(self, modal: str, aspect: str) -> CachedTowers:
+        """The towers, with the tower-feature store for these settings in front of them when there is one."""
+        return CachedTowers(self.model, self._store(self._loader_config(modal, aspect), modal), modal)
+
+    def _store(self, config: LoaderConfig, modal: str) -> FeatureStore | None:
+        """The tower-feature store for clips loaded with `config` and `modal` (None without tower_cache_dir, or
+        when it cannot be written at all: then one warning, and the run goes on without it)."""
+        if self.tower_cache_dir is None:
+            return None
+        settings = FeatureSettings.of(self.model, config, self.device, modal)
+        if settings not in self._stores:
+            try:
+                self._stores[settings] = FeatureStore(self.tower_cache_dir, settings)
+            except StoreUnwritable as e:
+                log.warning("%s; going on without the tower-feature store", e)
+                self._stores[settings] = None
+        return self._stores[settings]
 
     def prompt_embeds(self, frames: torch.Tensor | None, mel: torch.Tensor | None, instructs: list[str],
                       modal: str = "video_audio", system: str | None = None) -> list[torch.Tensor]:
@@ -175,8 +217,19 @@ class OmniModel:
         encoders' outputs spliced in: what the engine is given."""
         frames = frames if modal != "audio" else None
         mel = mel if modal != "video" else None
+        return self.encode(self._prompt_ids_of(instructs, modal, system), frames, mel, instructs)
+
+    def feature_embeds(self, vision: torch.Tensor | None, audio: torch.Tensor | None, instructs: list[str],
+                       modal: str = "video_audio", system: str | None = None) -> list[torch.Tensor]:
+        """prompt_embeds from the towers' features (vision (B, 8, 196, mm), audio (B, 500, audio_hidden): what
+        the tower-feature store holds) instead of the preprocessed clips."""
+        vision = vision if modal != "audio" else None
+        audio = audio if modal != "video" else None
+        return self.embed_features(self._prompt_ids_of(instructs, modal, system), vision, audio, instructs)
+
+    def _prompt_ids_of(self, instructs: list[str], modal: str, system: str | None) -> list[torch.Tensor]:
         ids_of = {t: torch.tensor(self.prompt_ids(t, modal, system), device=self.device) for t in set(instructs)}
-        return self.encode([ids_of[t] for t in instructs], frames, mel, instructs)
+        return [ids_of[t] for t in instructs]
 
     def fit_positions(self, embeds: list[torch.Tensor], sampling: SamplingParams,
                       videos: list) -> list[SamplingParams]:
@@ -221,32 +274,37 @@ class OmniModel:
         instructs = [DEFAULT_INSTRUCT if i is None else i for i in instructs]
         if len(instructs) != len(videos):
             raise ValueError(f"{len(videos)} videos but {len(instructs)} instructs")
-        with contextlib.closing(iter(self._media(videos, modal, aspect, batch_size, on_error))) as batches:
+        towers = self._towers(modal, aspect)
+        with contextlib.closing(iter(self._media(videos, modal, aspect, batch_size, on_error,
+                                                 towers.lookup))) as batches:
             while True:
                 t0 = time.perf_counter()
                 batch = next(batches, None)  # media time: the wait for decoding not hidden behind generation
                 media_s = time.perf_counter() - t0
                 if batch is None:
                     return
-                yield from self._generate_batch(batch, instructs, modal, sampling, media_s)
+                yield from self._generate_batch(batch, towers, instructs, modal, sampling, media_s)
 
-    def _generate_batch(self, batch, instructs: list[str], modal: str, sampling: SamplingParams,
-                        media_s: float) -> list[Generation]:
+    def _generate_batch(self, batch, towers: CachedTowers, instructs: list[str], modal: str,
+                        sampling: SamplingParams, media_s: float) -> list[Generation]:
         """One decoded batch -> its Generations and its failures, merged in input order."""
         out = [Generation(video=f.path, texts=[], completions=[], index=f.index, error=f.error)
                for f in batch.failures]
         if len(batch):
             t0 = time.perf_counter()
-            embeds = self.prompt_embeds(batch.frames, batch.mel, [instructs[i] for i in batch.positions], modal)
+            with torch.inference_mode():
+                feats: BatchFeatures = towers.features(batch)  # stored clips read, the others through the towers
+            embeds = self.feature_embeds(feats.vision, feats.audio, [instructs[i] for i in batch.positions], modal)
             t1 = time.perf_counter()
             results = self.engine.generate(embeds, self.fit_positions(embeds, sampling, batch.records))
             t2 = time.perf_counter()
             n = len(batch)
             share = Timings(media=media_s / n, encode=(t1 - t0) / n, generate=(t2 - t1) / n)
-            for video, index, completions in zip(batch.records, batch.positions, results):
+            for video, index, completions, found in zip(batch.records, batch.positions, results, batch.found):
                 texts = [self.tokenizer.decode(c.token_ids, skip_special_tokens=True).strip() for c in completions]
                 out.append(Generation(video=_video_name(video), texts=texts, completions=completions, index=index,
-                                      timings=dataclasses.replace(share)))
+                                      timings=dataclasses.replace(share),
+                                      features_from="towers" if found is None else "store"))
         return sorted(out, key=lambda g: g.index)
 
     def generate(self, videos, instruct: str | list[str] | None = None, sampling: SamplingParams | None = None,
@@ -274,7 +332,7 @@ class OmniModel:
             c = g.completions[0]
             yield Recognition(video=g.video, text=g.texts[0], reasoning=reasoning, emotion=emotion,
                               token_ids=c.token_ids, finish_reason=c.finish_reason, index=g.index,
-                              timings=g.timings)
+                              timings=g.timings, features_from=g.features_from)
 
     def recognize(self, videos, instruct: str | list[str] | None = None, modal: str = "video_audio",
                   max_new_tokens: int = 2048, batch_size: int = 8, on_error: str = "raise") -> list[Recognition]:

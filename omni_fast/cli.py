@@ -53,6 +53,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     _flag(p, "--media_backend", default="pyav", choices=["pyav", "dali", "auto"],
           help="clip decoding: pyav (the reference's frames exactly), dali (NVDEC on a GPU), auto")
     _flag(p, "--media_workers", type=int, default=4, help="decode threads")
+    _flag(p, "--tower_cache_dir", default=None,
+          help="a tower-feature store (omni-fast cache-features --aspect stretch): clips found there skip decoding "
+               "and both towers, the others are added to it; the results are the same")
     _flag(p, "--max_samples", type=int, default=256, help="decode rows the engine runs at once")
     _flag(p, "--no_cuda_graphs", action="store_true", help="decode eagerly (no CUDA graph capture)")
 
@@ -66,7 +69,8 @@ def _load_model(args: argparse.Namespace, device=None):
         args.model_path, device if device is not None else args.device, _dtype(args.dtype), bert_path=args.bert_path,
         vision_tower=args.vision_tower, audio_tower=args.audio_tower,
         engine_config=EngineConfig(max_samples=args.max_samples, cuda_graphs=not args.no_cuda_graphs),
-        loader_config=LoaderConfig(backend=args.media_backend, workers=args.media_workers, prefetch=1))
+        loader_config=LoaderConfig(backend=args.media_backend, workers=args.media_workers, prefetch=1),
+        tower_cache_dir=args.tower_cache_dir)
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -155,14 +159,18 @@ def _add_cache_features_parser(sub) -> None:
           help="which towers' features (training uses both)")
     _flag(cache, "--batch_size", type=int, default=8, help="clips per tower batch")
     _flag(cache, "--no_progress", action="store_true", help="no progress bar on stderr")
-    _add_model_args(cache)
-    for action in cache._actions:  # the run the store is for decides these defaults
-        if action.dest == "dtype":
-            action.help = ("the dtype the towers run in; default: the reading run's (pad: bf16 on a GPU as train; "
-                           "stretch: fp16 on a GPU as infer / eval; fp32 on the CPU)")
-        elif action.dest == "media_backend":
-            action.default = None
-            action.help = "clip decoding; default: the reading run's (pad: auto as train; stretch: pyav as infer)"
+    _flag(cache, "--bert_path", default=None, help="local bert-base-uncased directory (the checkpoint loader "
+          "reads it); default: <model_path>/bert-base-uncased or ./bert-base-uncased")
+    _flag(cache, "--vision_tower", default=None, help="override config.json's mm_vision_tower directory")
+    _flag(cache, "--audio_tower", default=None, help="override config.json's mm_audio_tower directory")
+    _flag(cache, "--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
+    # the run the store is for decides the next two defaults: train (pad) or infer / eval (stretch)
+    _flag(cache, "--dtype", default=None, choices=sorted(DTYPE_NAMES),
+          help="the dtype the towers run in; default: the reading run's (pad: bf16 on a GPU as train; stretch: fp16 "
+               "on a GPU as infer / eval; fp32 on the CPU)")
+    _flag(cache, "--media_backend", default=None, choices=["pyav", "dali", "auto"],
+          help="clip decoding; default: the reading run's (pad: auto as train; stretch: pyav as infer / eval)")
+    _flag(cache, "--media_workers", type=int, default=4, help="decode threads")
 
 
 def _add_serve_parser(sub) -> None:
@@ -306,6 +314,7 @@ def _infer_line(r, as_json: bool) -> str:
         return r.text
     return json.dumps({"video": r.video, "text": r.text, "reasoning": r.reasoning, "emotion": r.emotion,
                        "num_tokens": len(r.token_ids), "finish_reason": r.finish_reason, "error": r.error,
+                       "features_from": r.features_from,
                        "timings": {k: round(v, 4) for k, v in r.timings.as_dict().items()}}, ensure_ascii=False)
 
 
@@ -458,7 +467,8 @@ def _eval(args: argparse.Namespace, paths: tuple[Path, Path, Path] | None, devic
     _print_report(report)
     if paths:
         summary, results, png = paths
-        rows = [{k: v for k, v in row.items() if k != "seconds"} for row in report.rows if "error" not in row]
+        rows = [{k: v for k, v in row.items() if k not in ("seconds", "features_from")} for row in report.rows
+                if "error" not in row]
         write_json(summary, {"scores": report.as_dict(), "results": rows,
                              "seconds": round(sum(row.get("seconds", 0.0) for row in report.rows), 3)})
         shown = write_confusion_png(report.confusion, png)
@@ -481,6 +491,9 @@ def _print_report(report) -> None:
     print(f"{'all':>10} {report.clips:>6} {report.war:>7.2f} {report.uar:>7.2f}")
     print("recall: " + ", ".join(f"{c} {100 * r:.1f}" for c, r in report.recall.items()))
     print(f"unparsable answers (no <answer></answer>): {report.unparsable}")
+    if report.tower_cache is not None:
+        print(f"tower features (this run): {report.tower_cache['hits']} read from the store, "
+              f"{report.tower_cache['misses']} computed and stored")
     if report.outside_label_set:
         print("left out, labels outside the label set: " +
               ", ".join(f"{label!r} x{n}" for label, n in report.outside_label_set.items()))

@@ -112,11 +112,14 @@ class EvalReport:
     outside_label_set: dict[str, int] = field(default_factory=dict)  # label -> clips left out of the scores
     rows: list[dict] = field(default_factory=list)  # per clip, see result_row()
     skipped: list[dict] = field(default_factory=list)  # clips that could not be decoded: path, error
+    tower_cache: dict | None = None  # with a tower-feature store: this run's clips read from it ("hits") and
+    # computed by the towers ("misses"); None without one
 
     def as_dict(self) -> dict:
-        return {"war": self.war, "uar": self.uar, "clips": self.clips, "by_source": self.by_source,
-                "recall": self.recall, "confusion": self.confusion, "unparsable": self.unparsable,
-                "outside_label_set": self.outside_label_set, "skipped": self.skipped}
+        out = {"war": self.war, "uar": self.uar, "clips": self.clips, "by_source": self.by_source,
+               "recall": self.recall, "confusion": self.confusion, "unparsable": self.unparsable,
+               "outside_label_set": self.outside_label_set, "skipped": self.skipped}
+        return out if self.tower_cache is None else {**out, "tower_cache": self.tower_cache}
 
 
 def _outside(rows: list[dict], label_sets: dict[str, tuple[str, ...]] | None) -> list[dict]:
@@ -183,14 +186,17 @@ def _clip_path(record: Record) -> str:
 
 
 def result_row(record: Record, res) -> dict:
-    """One clip's line: index, video, label, prediction, reasoning, text, finish_reason, seconds, source (and
-    error, for a clip that could not be decoded)."""
+    """One clip's line: index, video, label, prediction, reasoning, text, finish_reason, seconds, source,
+    features_from ("towers" or "store": where its tower features came from), and error, for a clip that could
+    not be decoded."""
     row = {"index": record.index, "video": _clip_path(record), "label": ground_truth(record),
            "prediction": prediction(res.text) if res.error is None else None, "reasoning": res.reasoning,
            "text": res.text, "finish_reason": res.finish_reason, "seconds": round(res.timings.total, 4),
            "source": record.source}
     if res.error is not None:
         row["error"] = res.error
+    else:
+        row["features_from"] = res.features_from
     return row
 
 
@@ -422,7 +428,11 @@ def evaluate(model, records: list[Record], instruct: str | None = None, max_new_
         errors = [row["error"] for row in rows if row.get("error")]
         raise ValueError(f"none of the {len(records)} clips could be decoded (first error: "
                          f"{errors[0] if errors else 'none'})")
-    return score(rows, label_sets=label_sets)
+    report = score(rows, label_sets=label_sets)
+    if getattr(model, "tower_cache_dir", None) is not None:
+        sources = Counter(row.get("features_from") for row in new)
+        report.tower_cache = {"hits": sources["store"], "misses": sources["towers"]}
+    return report
 
 
 # --- writing the summary -----------------------------------------------------------------------------------------

@@ -538,3 +538,93 @@ def test_the_fingerprint_is_computed_once_per_tower(model, monkeypatch):
     towers_fingerprint(model)
     monkeypatch.setattr(fkey, "_tower_digest", lambda t: pytest.fail("hashed again"))
     towers_fingerprint(model)
+
+
+# --- the store under OmniModel, infer and eval: it never changes a result -----------------------------------------
+def _stored_model(omni, root):
+    from omni_fast.api import OmniModel
+
+    return OmniModel(omni.loaded, loader_config=omni.loader_config, tower_cache_dir=root)
+
+
+def _completions(generations):
+    return [[(c.token_ids, c.logprobs) for c in g.completions] for g in generations]
+
+
+def test_recognize_and_generate_give_the_same_tokens_and_logprobs_from_a_cold_and_a_warm_store(omni, clips, tmp_path):
+    from omni_fast.config import SamplingParams
+
+    videos = [clips[k] for k in ("mp4", "webm", "avi", "mp4_wide", "mp4_silent")]
+    params = SamplingParams(n=3, temperature=1.0, top_k=20, max_tokens=10, seed=5)
+    plain_greedy = omni.generate(videos, sampling=SamplingParams.greedy_params(12), batch_size=2)
+    plain_sampled = omni.generate(videos, sampling=params, batch_size=2, modal="video", aspect="pad")
+    stored = _stored_model(omni, tmp_path / "store")
+    for source in ("towers", "store"):  # cold (fills the store), then warm (reads it)
+        greedy = stored.generate(videos, sampling=SamplingParams.greedy_params(12), batch_size=2)
+        sampled = stored.generate(videos, sampling=params, batch_size=2, modal="video", aspect="pad")
+        for got, want in ((greedy, plain_greedy), (sampled, plain_sampled)):
+            assert [g.texts for g in got] == [g.texts for g in want]
+            for a, b in zip(_completions(got), _completions(want)):
+                assert [ids for ids, _ in a] == [ids for ids, _ in b]
+                assert all(torch.equal(x, y) for (_, x), (_, y) in zip(a, b))  # the same bits, not close ones
+            assert [g.features_from for g in got] == [source] * len(videos)
+    folders = sorted(d.name for d in (tmp_path / "store").iterdir() if d.is_dir())
+    assert len(folders) == 2  # (stretch, video_audio) and (pad, video): kept apart
+    assert [r.features_from for r in stored.recognize(videos[:2], max_new_tokens=4)] == ["store", "store"]
+
+
+def test_a_store_that_cannot_be_written_warns_once_and_the_run_goes_on(omni, clips, tmp_path, monkeypatch, caplog):
+    want = omni.recognize([clips["mp4"]], max_new_tokens=6)
+    _disk_full(monkeypatch)
+    stored = _stored_model(omni, tmp_path / "store")
+    with caplog.at_level(logging.WARNING, logger="omni_fast"):
+        got = [stored.recognize([clips["mp4"]], max_new_tokens=6) for _ in range(2)]
+    assert [r.token_ids for g in got for r in g] == [want[0].token_ids] * 2
+    assert [r.features_from for g in got for r in g] == ["towers", "towers"]
+    assert len([r for r in caplog.records if "going on without the tower-feature store" in r.message]) == 1
+
+
+def _eval_rows(path: Path) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in ("seconds", "features_from")}
+            for row in map(json.loads, path.read_text().splitlines()[1:])]
+
+
+def test_eval_is_the_same_with_and_without_the_store_and_reports_its_hits(tiny_ckpt, clips, tmp_path, capsys):
+    entries = [{"video": str(clips[k]), "conversations": [{"from": "human", "value": "<video>\n<audio>\nq"},
+                                                          {"from": "gpt", "value": label}]}
+               for k, label in (("mp4", "sad"), ("webm", "angry"), ("mp4_wide", "fear"), ("avi", "happy"))]
+    entries.insert(1, {"video": str(tmp_path / "missing.mp4"), "conversations": entries[0]["conversations"]})
+    ann = tmp_path / "val.json"
+    ann.write_text(json.dumps(entries))
+
+    def run(name, *extra):
+        rc = cli.main(["eval", "--model_path", str(tiny_ckpt), "--annotations", str(ann), "--max_new_tokens", "12",
+                       "--out", str(tmp_path / f"{name}.json"), "--device", "cpu", "--batch_size", "3",
+                       "--no_progress", *extra])
+        assert rc == 0
+        return capsys.readouterr().out
+
+    plain = run("plain")
+    assert "tower features" not in plain
+    cold = run("cold", "--tower_cache_dir", str(tmp_path / "store"))
+    warm = run("warm", "--tower_cache_dir", str(tmp_path / "store"))
+    assert "tower features (this run): 0 read from the store, 4 computed and stored" in cold
+    assert "tower features (this run): 4 read from the store, 0 computed and stored" in warm
+    rows = {n: _eval_rows(tmp_path / f"{n}.jsonl") for n in ("plain", "cold", "warm")}
+    assert rows["plain"] == rows["cold"] == rows["warm"] and len(rows["plain"]) == 5  # texts, predictions, errors
+    scores = {n: json.loads((tmp_path / f"{n}.json").read_text())["scores"] for n in ("plain", "cold", "warm")}
+    assert scores["warm"]["tower_cache"] == {"hits": 4, "misses": 0} and "tower_cache" not in scores["plain"]
+    assert {k: v for k, v in scores["warm"].items() if k != "tower_cache"} == scores["plain"]
+    froms = [json.loads(line).get("features_from") for line in (tmp_path / "warm.jsonl").read_text().splitlines()[1:]]
+    assert froms == ["store", None, "store", "store", "store"]  # the missing clip: an error row, as without a store
+
+
+def test_infer_json_says_where_the_features_came_from(tiny_ckpt, clips, tmp_path, capsys):
+    args = ["infer", "--model_path", str(tiny_ckpt), "--video_path", str(clips["mp4"]), "--max_new_tokens", "4",
+            "--device", "cpu", "--json", "--tower_cache_dir", str(tmp_path / "store")]
+    lines = []
+    for _ in range(2):
+        assert cli.main(args) == 0
+        lines.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    assert [line["features_from"] for line in lines] == ["towers", "store"]
+    assert lines[0]["text"] == lines[1]["text"]

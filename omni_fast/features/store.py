@@ -59,6 +59,11 @@ class StoreError(ValueError):
     """A store that cannot be used with these settings; the message names the folder and what differs."""
 
 
+class StoreUnwritable(StoreError):
+    """A store that cannot be created or opened for writing (disk full, no permission); the message says why. A
+    run that only benefits from the store goes on without it."""
+
+
 @dataclass(slots=True)
 class Entry:
     features: dict[str, torch.Tensor]  # "vision" and / or "audio", on the CPU, in the towers' dtype
@@ -113,7 +118,7 @@ class FeatureStore:
         try:
             self._open_folders()
         except OSError as e:
-            raise StoreError(f"tower cache {self.root}: cannot write there ({e.strerror or e})") from None
+            raise StoreUnwritable(f"tower cache {self.root}: cannot write there ({e.strerror or e})") from None
 
     def _open_folders(self) -> None:
         if self.root.exists() and not self.root.is_dir():
