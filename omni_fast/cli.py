@@ -339,15 +339,13 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
 
 def cmd_cache_features(args: argparse.Namespace) -> int:
-    import torch
-
     from omni_fast import distributed
-    from omni_fast.config import LoaderConfig
+    from omni_fast.config import INFER_DTYPE, LoaderConfig
     from omni_fast.features.key import FeatureSettings
     from omni_fast.features.precompute import SKIP_KINDS, cache_features
-    from omni_fast.features.store import FeatureStore
     from omni_fast.data import load_annotations
-    from omni_fast.devices import resolve_device
+    from omni_fast.devices import resolve_device, resolve_dtype
+    from omni_fast.features.store import FeatureStore
     from omni_fast.model.checkpoint import load_checkpoint
 
     if args.batch_size < 1:
@@ -358,8 +356,7 @@ def cmd_cache_features(args: argparse.Namespace) -> int:
     ctx = distributed.init(args.device)
     device = ctx.device
     # the dtype and decoder of the run that will read the store: train (pad) or infer / eval (stretch)
-    dtype = _dtype(args.dtype) or (torch.float32 if device.type != "cuda" else
-                                   torch.bfloat16 if args.aspect == "pad" else torch.float16)
+    dtype = resolve_dtype(_dtype(args.dtype), device, "bfloat16" if args.aspect == "pad" else INFER_DTYPE)
     backend = args.media_backend or ("auto" if args.aspect == "pad" else "pyav")
     t0 = time.perf_counter()
     loaded = load_checkpoint(args.model_path, bert_path=args.bert_path, vision_tower=args.vision_tower,
