@@ -300,11 +300,10 @@ class OmniModel:
             t2 = time.perf_counter()
             n = len(batch)
             share = Timings(media=media_s / n, encode=(t1 - t0) / n, generate=(t2 - t1) / n)
-            for video, index, completions, found in zip(batch.records, batch.positions, results, batch.found):
+            for video, index, completions, source in zip(batch.records, batch.positions, results, feats.sources):
                 texts = [self.tokenizer.decode(c.token_ids, skip_special_tokens=True).strip() for c in completions]
                 out.append(Generation(video=_video_name(video), texts=texts, completions=completions, index=index,
-                                      timings=dataclasses.replace(share),
-                                      features_from="towers" if found is None else "store"))
+                                      timings=dataclasses.replace(share), features_from=source))
         return sorted(out, key=lambda g: g.index)
 
     def generate(self, videos, instruct: str | list[str] | None = None, sampling: SamplingParams | None = None,

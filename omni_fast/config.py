@@ -308,6 +308,8 @@ class GRPOConfig:
                                      "for the rollout engine)")
     media_backend: str = _field("auto", "clip decoding: auto (DALI on a GPU when installed), dali or pyav")
     media_workers: int = _field(4, "decode threads (PyAV)")
+    tower_cache_dir: str | None = _field(None, "tower-feature store (omni-fast cache-features): clips found there skip "
+                                               "decoding and both towers, the run adds the others")
     progress: bool = _field(True, "a progress bar on stderr (tqdm)")
 
     def __post_init__(self) -> None:

@@ -628,3 +628,76 @@ def test_infer_json_says_where_the_features_came_from(tiny_ckpt, clips, tmp_path
         lines.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
     assert [line["features_from"] for line in lines] == ["towers", "store"]
     assert lines[0]["text"] == lines[1]["text"]
+
+
+# --- the store in training: the same run, bit for bit -------------------------------------------------------------
+def _recording_completions(monkeypatch) -> list:
+    from omni_fast.grpo import step as grpo_step_module
+
+    seen, real = [], grpo_step_module.sample_completions
+
+    def recording(*a, **k):
+        out = real(*a, **k)
+        seen.append([list(t) for t in out])
+        return out
+
+    monkeypatch.setattr(grpo_step_module, "sample_completions", recording)
+    return seen
+
+
+def _train(task, ckpt, out, stage, store, **overrides):
+    from omni_fast.grpo.trainer import Trainer
+    from omni_fast.toy import toy_config
+
+    trainer = Trainer(toy_config(task, ckpt, out, stage, progress=False, tower_cache_dir=store, **overrides))
+    return trainer, trainer.train()
+
+
+def _same_metrics(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        keys = {k for k in x if not k.startswith(("time/", "tower_cache/")) and k != "tokens_per_s"}
+        assert keys == {k for k in y if not k.startswith(("time/", "tower_cache/")) and k != "tokens_per_s"}
+        for k in keys:
+            assert x[k] == y[k] or (x[k] != x[k] and y[k] != y[k]), (x["step"], k, x[k], y[k])  # exact (NaN: NaN)
+
+
+def _same_weights(a: Path, b: Path) -> None:
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.slow
+def test_training_with_the_store_is_the_same_run_over_two_epochs(tiny_ckpt, tmp_path, monkeypatch):
+    """The learning test's toy task: SFT over two epochs without a store and with a cold one, then GRPO (the
+    learning test's settings) over two epochs without a store and on the store SFT filled: the same losses,
+    metrics, generated tokens and weights, bit for bit; the store's runs compute each clip once."""
+    from omni_fast.toy import make_toy_task
+
+    torch.set_num_threads(2)
+    task = make_toy_task(tmp_path / "task")  # 12 clips; SFT's 36 entries use each 3 times, GRPO's 12 once
+    store = str(tmp_path / "store")
+    sft_plain, plain_history = _train(task, tiny_ckpt, tmp_path / "sft-plain", "sft", None, max_steps=18)
+    sft_store, store_history = _train(task, tiny_ckpt, tmp_path / "sft-store", "sft", store, max_steps=18)
+    _same_metrics(plain_history, store_history)
+    _same_weights(sft_plain.last_checkpoint, sft_store.last_checkpoint)
+    assert sft_plain.pos.epoch == 1  # two epochs: 2 x 9 steps of 4 entries
+    assert sum(m["tower_cache/misses"] for m in store_history) == 12  # each clip through the towers once
+    assert sum(m["tower_cache/hits"] for m in store_history) == 2 * 36 - 12
+    assert "tower_cache/hits" not in plain_history[0]
+
+    tokens = _recording_completions(monkeypatch)
+    grpo_plain, plain_history = _train(task, sft_plain.last_checkpoint, tmp_path / "grpo-plain", "grpo", None,
+                                       max_steps=2)
+    plain_tokens, tokens[:] = list(tokens), []
+    grpo_store, store_history = _train(task, sft_store.last_checkpoint, tmp_path / "grpo-store", "grpo", store,
+                                       max_steps=2)
+    assert tokens == plain_tokens and len(tokens) == 2  # every completion of both epochs, token for token
+    _same_metrics(plain_history, store_history)
+    _same_weights(grpo_plain.last_checkpoint, grpo_store.last_checkpoint)
+    assert grpo_plain.pos.epoch == 1  # two epochs: one step of all 12 clips each
+    # the SFT checkpoint carries the same frozen towers: GRPO reads what SFT stored, decodes and encodes nothing
+    assert [(m["tower_cache/hits"], m["tower_cache/misses"]) for m in store_history] == [(12, 0), (12, 0)]
+    assert len(list(Path(store).glob("*/*/*.safetensors"))) == 12

@@ -3,33 +3,42 @@
     towers = CachedTowers(model, store)                      # store: a FeatureStore, or None (no store)
     loader = MediaLoader(records, config, device, lookup=towers.lookup)
     for batch in loader:
-        vision, audio = towers.features(batch)               # (B, T, 196, mm), (B, 500, audio_hidden)
+        feats = towers.features(batch)                       # .vision (B, T, 196, mm), .audio (B, 500, hidden)
 
 The loader asks `lookup` about each clip in its worker threads before decoding it: a clip whose entry is in the
-store is read from there instead (neither decoded nor run through a tower); the others are decoded, their
-features computed by the towers in one batch as without a store, and put into the store. The rows are then put
-together in the batch's order, each one the exact tensor a tower gave (the towers give a clip the same values
-in any batch on the CPU, tests/test_features.py), so a run reads the same numbers with and without the store.
+store is read from there instead (neither decoded nor run through a tower). The decoded clips are asked about
+once more when their batch is used (a clip decoded ahead may have been stored since, by an earlier batch that
+held it too, or by another rank): those are read as well, and only the rest go through the towers, in one batch
+as without a store, and into the store. The rows are then put together in the batch's order, each one the exact
+tensor a tower gave (the towers give a clip the same values in any batch on the CPU, tests/test_features.py),
+so a run reads the same numbers with and without the store.
 """
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 
 import torch
 
 from omni_fast.features.key import content_hash
 from omni_fast.features.store import Entry, FeatureStore
 
-log = logging.getLogger(__name__)
+STORE, TOWERS = "store", "towers"  # where a clip's features came from
 
 
 @dataclass(slots=True)
 class BatchFeatures:
     vision: torch.Tensor | None  # (B, T, 196, mm_hidden) SigLIP layer features; None when the modal has no video
     audio: torch.Tensor | None  # (B, 500, audio_hidden) pooled Whisper features; None when it has no audio
-    hits: int = 0  # clips read from the store
-    misses: int = 0  # clips decoded and run through the towers
+    sources: list[str] = field(default_factory=list)  # per clip: STORE (read from it) or TOWERS (computed)
+
+    @property
+    def hits(self) -> int:
+        return self.sources.count(STORE)
+
+    @property
+    def misses(self) -> int:
+        return self.sources.count(TOWERS)
 
 
 class CachedTowers:
@@ -39,6 +48,8 @@ class CachedTowers:
         self.modal = store.settings.modal if store is not None else modal
         if store is not None and modal != self.modal:
             raise ValueError(f"the store was opened for modal {self.modal!r}, not {modal!r}")
+        self.hits = self.misses = 0  # clips read from the store / computed by the towers, since construction
+        self._lock = threading.Lock()
 
     @property
     def lookup(self):
@@ -54,51 +65,74 @@ class CachedTowers:
 
     @torch.no_grad()
     def features(self, batch) -> BatchFeatures:
-        """A MediaLoader batch -> its clips' tower features, in record order, on the model's device; the decoded
-        clips' features are put into the store."""
-        rows = batch.decoded
+        """A MediaLoader batch (or anything with .frames, .mel and .records: every clip decoded) -> its clips'
+        tower features, in record order, on the model's device; the clips the towers computed are put into the
+        store."""
+        found = _found(batch)
+        decoded = [i for i, entry in enumerate(found) if entry is None]  # frames[k] / mel[k]: clip decoded[k]
+        if self.store is not None:
+            for i in decoded:  # stored since the loader asked (see the module docstring)
+                found[i] = self._lookup(batch.records[i])
+        keep = [k for k, i in enumerate(decoded) if found[i] is None]
+        frames, mel = _rows(batch.frames, keep, len(decoded)), _rows(batch.mel, keep, len(decoded))
         uses_video, uses_audio = self.modal != "audio", self.modal != "video"
-        vision = self.model.vision_features(batch.frames) if uses_video and rows else None  # (D, T, 196, mm)
-        audio = self.model.audio_features(batch.mel) if uses_audio and rows else None  # (D, 500, audio_hidden)
-        if self.store is not None and rows:
-            self.put(batch, vision, audio)
-        hits = len(batch) - len(rows)
-        if not hits:
-            return BatchFeatures(vision, audio, hits=0, misses=len(rows))
+        vision = self.model.vision_features(frames) if uses_video and keep else None  # (K, T, 196, mm)
+        audio = self.model.audio_features(mel) if uses_audio and keep else None  # (K, 500, audio_hidden)
+        if self.store is not None and keep:
+            clips = getattr(batch, "clips", None)
+            self._put([batch.records[decoded[k]] for k in keep], vision, audio,
+                      [clips[k] for k in keep] if clips else None)
+        sources = [TOWERS if entry is None else STORE for entry in found]
+        with self._lock:
+            self.hits, self.misses = self.hits + sources.count(STORE), self.misses + len(keep)
+        if len(keep) == len(found):
+            return BatchFeatures(vision, audio, sources)
         device = self.model.lm_head_weight.device
-        return BatchFeatures(_merge("vision", vision, batch, device) if uses_video else None,
-                             _merge("audio", audio, batch, device) if uses_audio else None, hits=hits,
-                             misses=len(rows))
+        return BatchFeatures(_merge("vision", vision, found, device) if uses_video else None,
+                             _merge("audio", audio, found, device) if uses_audio else None, sources)
 
     def put(self, batch, vision: torch.Tensor | None, audio: torch.Tensor | None) -> list[int]:
-        """Store the features the towers gave the batch's decoded clips (row k of vision / audio is clip
+        """Store the features the towers gave all of a batch's decoded clips (row k of vision / audio is clip
         batch.decoded[k]); -> the bytes written per decoded clip (0: not written, see FeatureStore.put)."""
-        rows = batch.decoded
+        found = _found(batch)
+        records = [r for r, entry in zip(batch.records, found) if entry is None]
+        return self._put(records, vision, audio, getattr(batch, "clips", None))
+
+    def _put(self, records: list, vision: torch.Tensor | None, audio: torch.Tensor | None,
+             clips: list | None) -> list[int]:
         if self.store is None or not self.store.writable:
-            return [0] * len(rows)
+            return [0] * len(records)
         vision = vision.cpu() if vision is not None else None  # one copy off the device for the whole batch
         audio = audio.cpu() if audio is not None else None
         out = []
-        for k, i in enumerate(rows):
+        for k, record in enumerate(records):
             try:
-                content = content_hash(batch.records[i], self.store.settings.uses_audio)
+                content = content_hash(record, self.store.settings.uses_audio)
             except OSError:  # the file went away after it was decoded: nothing to key the features by
                 out.append(0)
                 continue
             feats = {name: t[k] for name, t in (("vision", vision), ("audio", audio)) if t is not None}
-            info = batch.clips[k]
-            out.append(self.store.put(content, feats, {
-                "indices": info.indices, "num_frames_total": info.num_frames_total,
-                "audio_seconds": info.audio_seconds, "audio_fallback": info.audio_fallback}))
+            info = {} if not clips else {"indices": clips[k].indices, "num_frames_total": clips[k].num_frames_total,
+                                         "audio_seconds": clips[k].audio_seconds,
+                                         "audio_fallback": clips[k].audio_fallback}
+            out.append(self.store.put(content, feats, info))
         return out
 
 
-def _merge(name: str, computed: torch.Tensor | None, batch, device: torch.device) -> torch.Tensor:
-    """One tensor per batch row, from the store (found) or the towers (decoded), stacked in record order."""
-    rows: list[torch.Tensor | None] = [None] * len(batch)
-    for k, i in enumerate(batch.decoded):
-        rows[i] = computed[k]
-    for i, entry in enumerate(batch.found):
-        if entry is not None:
-            rows[i] = entry.features[name].to(device, non_blocking=True)
-    return torch.stack(rows)
+def _found(batch) -> list:
+    """Per record, its stored entry or None (decoded); a batch without `found` had every clip decoded."""
+    found = getattr(batch, "found", None)
+    return list(found) if found is not None else [None] * len(batch.records)
+
+
+def _rows(t: torch.Tensor, keep: list[int], total: int) -> torch.Tensor:
+    """t's rows `keep` (t itself when that is all of its `total` rows: no copy)."""
+    return t if len(keep) == total else t[torch.tensor(keep, dtype=torch.long, device=t.device)]
+
+
+def _merge(name: str, computed: torch.Tensor | None, found: list, device: torch.device) -> torch.Tensor:
+    """One tensor per batch row, from the store (found) or the towers (the others, in order), stacked in record
+    order."""
+    rows = iter(computed) if computed is not None else iter(())
+    return torch.stack([next(rows) if entry is None else entry.features[name].to(device, non_blocking=True)
+                        for entry in found])

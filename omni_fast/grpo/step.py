@@ -5,7 +5,8 @@
     for metrics in grpo_step(ctx, micro_batches, step, phases): ...     # one dict per optimizer step
 
 `grpo_step` reads top to bottom as the step runs, per micro-batch of B prompts then once for the step:
-    towers      the frozen towers once per clip, no grad                          (grpo/inputs.py)
+    towers      the frozen towers once per clip, no grad; with a tower-feature store, clips the loader found
+                there are read instead and the others are added to it            (features/towers.py)
     rollout     the policy's prompt embeddings (no grad) -> the engine: G completions per prompt, sampled with
                 seeds keyed by (seed, step, prompt index), decoded                   (grpo/rollout.py)
     rewards     each completion against its own prompt's label -> group advantages, the completion mask
@@ -31,9 +32,11 @@ from omni_fast.config import ConfigError, EngineConfig, GRPOConfig
 from omni_fast.devices import resolve_dtype
 from omni_fast.distributed import DistContext
 from omni_fast.engine.engine import Engine
+from omni_fast.features.store import FeatureStore
+from omni_fast.features.towers import CachedTowers
 from omni_fast.grpo import fsdp
 from omni_fast.grpo.advantage import check_scale
-from omni_fast.grpo.inputs import grpo_bert_inputs, grpo_prompt_ids, tower_features
+from omni_fast.grpo.inputs import ClipFeatures, grpo_bert_inputs, grpo_prompt_ids
 from omni_fast.grpo.loss import LOSS_TYPES, grpo_loss
 from omni_fast.grpo.optim import MasterAdamW, lr_lambda
 from omni_fast.grpo.rewards import metric_name, resolve_rewards
@@ -93,6 +96,7 @@ class StepContext:
     optimizer: MasterAdamW
     check_finite: Callable[[torch.Tensor, str], None] = _non_finite  # stops the run on a NaN / inf reward, loss, norm
     ignore_eos: bool = False  # completions run to max_completion_length (benchmarks)
+    towers: CachedTowers | None = None  # the towers, behind the tower-feature store when the run has one
     prompt: tuple[torch.Tensor, dict] | None = None  # the GRPO prompt's ids and BERT inputs, made at the first step
 
     @property
@@ -102,11 +106,12 @@ class StepContext:
 
 
 def build_context(cfg: GRPOConfig, loaded, dist: DistContext, reference: nn.Module | None, total_steps: int,
-                  engine_config: EngineConfig | None = None, log=None) -> StepContext:
+                  engine_config: EngineConfig | None = None, log=None,
+                  store: FeatureStore | None = None) -> StepContext:
     """The StepContext of a run on `loaded` (a LoadedCheckpoint, its model in eval mode: no dropout anywhere):
     the stage's trainable parameters, the policy (and `reference`, the frozen initial weights sharing the
-    towers, or None) as they are under DDP or sharded by FSDP2, the engine on the full weights, and AdamW with
-    the config's schedule over total_steps."""
+    towers, or None) as they are under DDP or sharded by FSDP2, the engine on the full weights, AdamW with the
+    config's schedule over total_steps, and the towers behind `store` (a tower-feature store, or None)."""
     model = loaded.model
     trainable = set_trainable(model, cfg.stage)
     if reference is not None:
@@ -127,7 +132,16 @@ def build_context(cfg: GRPOConfig, loaded, dist: DistContext, reference: nn.Modu
     return StepContext(cfg=cfg, dist=dist, rollout_model=model, trained=trained, trainable=trainable, policy=policy,
                        reference=reference, reference_call=reference_call,
                        engine=Engine(model, engine_config or engine_for(cfg), loaded.generation.eos_token_ids),
-                       tokenizer=loaded.tokenizer, bert_tokenizer=loaded.bert_tokenizer, optimizer=optimizer)
+                       tokenizer=loaded.tokenizer, bert_tokenizer=loaded.bert_tokenizer, optimizer=optimizer,
+                       towers=CachedTowers(model, store))
+
+
+def clip_features(ctx: StepContext, batch) -> ClipFeatures:
+    """A micro-batch's frozen tower features, once per clip: read from the tower-feature store for the clips the
+    loader found there, the towers' for the others (which the store then keeps)."""
+    towers = ctx.towers or CachedTowers(ctx.rollout_model)
+    feats = towers.features(batch)
+    return ClipFeatures(vision=feats.vision, audio=feats.audio)
 
 
 def engine_for(cfg: GRPOConfig) -> EngineConfig:
@@ -157,7 +171,7 @@ def grpo_step(ctx: StepContext, micro: list, step: int, phases) -> Iterator[dict
     for batch in micro:
         labels, indices = [r.label for r in batch.records], [r.index for r in batch.records]
         with phases("towers"):
-            feats = tower_features(model, batch.frames, batch.mel)
+            feats = clip_features(ctx, batch)
         with phases("rollout"):
             prompt_ids = [ids] * len(batch.records)
             token_ids = sample_completions(model, ctx.engine, feats, prompt_ids, bert, indices, step, cfg,
@@ -233,7 +247,7 @@ def sft_step(ctx: StepContext, micro: list, phases, pad_record) -> Iterator[dict
     batches = []
     for batch in micro:
         with phases("towers"):
-            feats = tower_features(model, batch.frames, batch.mel)
+            feats = clip_features(ctx, batch)
         batches.append(sft_batch(ctx.tokenizer, feats, batch.records, cfg.max_length, x_start_end, pad))
     tokens = int(distributed.all_reduce_sum(ctx.dist, torch.tensor([sum(b.num_tokens for b in batches)])))
     pads = fsdp.pad_sft_batches(ctx.dist, ctx.sharded, model, ctx.tokenizer, batches, pad_record, cfg.max_length,

@@ -30,6 +30,8 @@ from omni_fast.config import GRPOConfig, LoaderConfig
 from omni_fast.data import BadEntry, check_records, load_annotations, missing_clips_hint
 from omni_fast.devices import resolve_device
 from omni_fast.diskerrors import describe
+from omni_fast.features.key import FeatureSettings
+from omni_fast.features.store import FeatureStore, StoreUnwritable
 from omni_fast.grpo import checkpoints
 from omni_fast.grpo.metrics import MetricsLog, Phases, make_logger
 from omni_fast.grpo.resume import check_resume
@@ -104,7 +106,8 @@ class Trainer:
         rollouts_per_epoch = math.ceil(len(self.records) / self.step_prompts)
         self.total_steps = cfg.max_steps if cfg.max_steps > 0 else rollouts_per_epoch * cfg.num_train_epochs \
             * cfg.num_iterations
-        self.ctx: StepContext = build_context(cfg, self.loaded, self.dist, reference, self.total_steps, log=self.log)
+        self.ctx: StepContext = build_context(cfg, self.loaded, self.dist, reference, self.total_steps, log=self.log,
+                                              store=self._store())
         self.ctx.check_finite = self._check_finite
         if cfg.stage == "grpo":
             grpo_prompt(self.ctx)  # a max_prompt_length that cuts the placeholders is refused here, before training
@@ -214,6 +217,26 @@ class Trainer:
         excluded = set(self.pos.excluded)
         return [self.records[i] for i in order.tolist() if self.records[i].index not in excluded]
 
+    def _loader_config(self) -> LoaderConfig:
+        """How this rank's clips are decoded: pad-to-square frames, as the reference trains."""
+        cfg = self.cfg
+        return LoaderConfig(batch_size=cfg.per_device_train_batch_size, backend=cfg.media_backend,
+                            workers=cfg.media_workers, prefetch=2, on_error=cfg.on_bad_clip, aspect="pad",
+                            num_frames=self.loaded.config.num_frames,
+                            n_mels=self.loaded.model.towers.audio.num_mel_bins)
+
+    def _store(self) -> FeatureStore | None:
+        """The tower-feature store of tower_cache_dir (every rank reads it and writes the clips it computed), or
+        None: none configured, or one that cannot be written at all (a warning, then the run goes on)."""
+        if self.cfg.tower_cache_dir is None:
+            return None
+        settings = FeatureSettings.of(self.loaded.model, self._loader_config(), self.device)
+        try:
+            return FeatureStore(self.cfg.tower_cache_dir, settings)
+        except StoreUnwritable as e:
+            self.log.warning(f"{e}; training goes on without the tower-feature store")
+            return None
+
     def _epoch(self, metrics_log: MetricsLog, history: list[dict]) -> bool:
         """Steps through the rest of the current epoch; False when the data is exhausted for good."""
         cfg = self.cfg
@@ -229,11 +252,8 @@ class Trainer:
         per_rank = cfg.prompts_per_step
         mine = [r for start in range(0, len(todo), self.step_prompts)
                 for r in distributed.shard_step(todo[start:start + self.step_prompts], self.dist, per_rank)]
-        loader_cfg = LoaderConfig(batch_size=cfg.per_device_train_batch_size, backend=cfg.media_backend,
-                                  workers=cfg.media_workers, prefetch=2, on_error=cfg.on_bad_clip, aspect="pad",
-                                  num_frames=self.loaded.config.num_frames,
-                                  n_mels=self.rollout_model.towers.audio.num_mel_bins)
-        with contextlib.closing(iter(MediaLoader(mine, loader_cfg, device=self.device))) as batches:
+        loader = MediaLoader(mine, self._loader_config(), device=self.device, lookup=self.ctx.towers.lookup)
+        with contextlib.closing(iter(loader)) as batches:
             while self.pos.step < self.total_steps and self.pos.consumed < len(order) and not self.stop_signal:
                 phases, t0 = Phases(), time.perf_counter()
                 micro = self._next_batches(batches, mine, phases)
@@ -241,9 +261,11 @@ class Trainer:
                 self._share_skipped()
                 if not int(distributed.all_reduce_sum(self.dist, torch.tensor([sum(len(b) for b in micro)]))):
                     continue  # every clip of this step was bad, on every rank
+                before, cache = (self.ctx.towers.hits, self.ctx.towers.misses), None
                 for metrics in self._run_step(micro, phases):
+                    cache = self._cache_counts(before) if cache is None else cache  # the towers ran by now
                     metrics.update(epoch=self.pos.epoch + self.pos.consumed / len(order),
-                                   skipped_clips=len(self.skipped), **phases.as_metrics())
+                                   skipped_clips=len(self.skipped), **phases.as_metrics(), **cache)
                     metrics["tokens_per_s"] = metrics.pop("_tokens") / max(time.perf_counter() - t0, 1e-9)
                     self._after_step(metrics, metrics_log, history)
         return True
@@ -258,6 +280,15 @@ class Trainer:
         except RewardError as e:
             self.optimizer.zero_grad()
             raise TrainingError(f"step {self.pos.step + 1}: {e}; stopping ({self._kept()})") from None
+
+    def _cache_counts(self, before: tuple[int, int]) -> dict[str, int]:
+        """With a tower-feature store: the clips of the step read from it and computed by the towers since
+        `before` (the towers' counts then), over all ranks."""
+        if self.ctx.towers.store is None:
+            return {}
+        mine = torch.tensor([self.ctx.towers.hits - before[0], self.ctx.towers.misses - before[1]])
+        hits, misses = distributed.all_reduce_sum(self.dist, mine).tolist()
+        return {"tower_cache/hits": int(hits), "tower_cache/misses": int(misses)}
 
     def _next_batches(self, batches, mine: list, phases: Phases) -> list:
         """This rank's next gradient_accumulation_steps micro-batches (fewer, or none, at the end of the
