@@ -3,7 +3,7 @@ trainer path (OURS) against the reference trainer's mechanics composed from tran
 same weights, same run.
 
 OURS: the trainer's step itself, omni_fast.grpo.step.grpo_step (grpo/trainer.py runs the same function):
-  towers     grpo.inputs.tower_features, once per clip
+  towers     grpo.step.clip_features: the towers once per clip (or the tower-feature store, below)
   rollout    prompt embeddings (no grad) + engine.Engine.generate (n=8, top_k 50, T=1, ignore_eos so every
              completion has exactly N tokens) + rewards + group advantages
   reference  the frozen initial weights sharing the towers, shared-prefix forward (no grad)
@@ -21,6 +21,15 @@ REFERENCE (humanOmni_grpo_trainer.py, docs/REFERENCE.md §7):
 So the towers run 1 + 8 + 8 = 17 times per clip in the reference and once in ours; the prompt (~990
 embeddings) goes through the LLM 8x per pass in the reference and once in ours.
 
+OURS with the tower-feature store (omni_fast/features/, GRPOConfig.tower_cache_dir), same run, same step:
+  store cold  every clip a miss: the towers run and their features are written to the store (each timed step
+              starts from an emptied store), as in a run's first epoch
+  store warm  every clip found: its entry is looked up, read and checked (counted in the towers phase here;
+              in a run the loader's threads do it ahead, overlapped) and nothing is encoded, as in every later
+              epoch, later stage and eval of the same clips
+Projected hours with the store: the first epoch at the cold step's time, the second at the warm step's (a store
+filled ahead by omni-fast cache-features makes both warm).
+
 The towers are omni_fast's SigLIP / Whisper / projector modules in both paths (the work counted is how
 often they run, not whose implementation). --quick runs the tiny checkpoint (omni_fast.testing) on the CPU:
 it measures the algorithmic savings (towers once vs 17x, prompt once vs 8x), not the kernels. The full mode
@@ -34,18 +43,24 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import math
+import shutil
 import statistics
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
 from common import emit
-from omni_fast.config import EngineConfig, GRPOConfig
+from omni_fast.config import EngineConfig, GRPOConfig, LoaderConfig
 from omni_fast.distributed import DistContext
+from omni_fast.features.key import FeatureSettings
+from omni_fast.features.store import FeatureStore
+from omni_fast.features.towers import CachedTowers
 from omni_fast.grpo.inputs import grpo_bert_inputs, grpo_prompt_ids
 from omni_fast.grpo.rewards import compute_rewards
 from omni_fast.grpo.step import build_context, check_config, grpo_step, train_dtype
@@ -88,6 +103,7 @@ def _sync(device):
 class Prompt:
     label: str  # the clip's emotion, what the accuracy reward checks
     index: int  # its entry in an annotation file: keys the rollout seeds
+    video: Path | None = None  # a file standing for the clip (its bytes key the tower-feature store)
 
 
 class Ours:
@@ -104,6 +120,39 @@ class Ours:
         micro = [SimpleNamespace(frames=frames, mel=mel, records=[Prompt(l, i) for i, l in enumerate(labels)])]
         (metrics,) = grpo_step(self.ctx, micro, step, phases)
         assert metrics["completion_length"] == self.ctx.cfg.max_completion_length, metrics
+        return metrics["loss"]
+
+
+class OursStore(Ours):
+    """The same step with the towers behind a tower-feature store: `warm` finds every clip there, else every
+    timed step starts from an empty store."""
+
+    def __init__(self, loaded, b: int, cfg: GRPOConfig, device: torch.device, steps: int, directory: Path,
+                 warm: bool):
+        super().__init__(loaded, b, cfg, device, steps)
+        loader = LoaderConfig(aspect="pad", num_frames=loaded.config.num_frames,
+                              n_mels=loaded.model.towers.audio.num_mel_bins)
+        self.store = FeatureStore(directory, FeatureSettings.of(loaded.model, loader, device))
+        self.ctx.towers = CachedTowers(loaded.model, self.store)
+        self.warm, self.records = warm, []
+        for i in range(b):  # files standing for the clips: what their entries are keyed by
+            (directory / f"clip{i}.bin").write_bytes(f"clip {i}".encode())
+            self.records.append(Prompt("", i, directory / f"clip{i}.bin"))
+
+    def step(self, frames, mel, ids, bert, labels, step: int, phases: Timer) -> float:
+        records = [dataclasses.replace(r, label=label) for r, label in zip(self.records, labels)]
+        if not self.warm:
+            shutil.rmtree(self.store.dir, ignore_errors=True)
+            self.store.dir.mkdir()
+        with phases("towers"):  # the loader's lookups (in a run: ahead, in its threads)
+            found = [self.ctx.towers.lookup(r) for r in records]
+        decoded = [i for i, entry in enumerate(found) if entry is None]
+        rows = torch.tensor(decoded, dtype=torch.long, device=frames.device)
+        micro = [SimpleNamespace(frames=frames[rows], mel=mel[rows], records=records, found=found)]
+        (metrics,) = grpo_step(self.ctx, micro, step, phases)
+        assert metrics["completion_length"] == self.ctx.cfg.max_completion_length, metrics
+        assert self.ctx.towers.store.stats.corrupt == 0
+        assert not (self.warm and step > 1 and decoded), "a warm step found a clip missing from the store"
         return metrics["loss"]
 
 
@@ -241,6 +290,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--ref_tokens", type=int, default=None,
                     help="decode steps of HF generate (default N); fewer: its rollout time is scaled by N/ref_tokens")
     ap.add_argument("--reps", type=int, default=None, help="timed steps after one warm-up (default: 2 quick, 3 full)")
+    ap.add_argument("--store_dir", default=None, help="where the tower-feature store rows keep their stores "
+                    "(default: a temporary folder)")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     args = ap.parse_args(argv)
     device = torch.device("cpu" if args.quick or not torch.cuda.is_available() else "cuda")
@@ -282,6 +333,12 @@ def main(argv=None) -> dict:
     ours = Ours(loaded, b, cfg, device, steps=1 + reps)
     r_ours = measure(ours, args, device, inputs, reps)
     del ours
+    with tempfile.TemporaryDirectory(prefix="bench_grpo_step-store-", dir=args.store_dir) as store_dir:
+        r_store = {}
+        for name in ("cold", "warm"):
+            with_store = OursStore(loaded, b, cfg, device, 1 + reps, Path(store_dir) / name, warm=name == "warm")
+            r_store[name] = measure(with_store, args, device, inputs, min(reps, 2))  # (gpu_check's time limit)
+            del with_store
     r_ref = measure(reference, args, device, inputs, reps)
     if ref_tokens < n:
         r_ref["phase_s"]["rollout"] *= n / ref_tokens
@@ -304,6 +361,12 @@ def main(argv=None) -> dict:
     rows.append(["recipe hours", r_ours["projected_recipe_hours"], r_ref["projected_recipe_hours"], ratio])
     steps = math.ceil(CLIPS / PROMPTS_PER_STEP) * EPOCHS
     print(f"projected recipe: {HOURS_FORMULA} (15,306 x 2 / 16 = {steps} optimizer steps of 16 prompts)")
+    store_hours = (r_store["cold"]["s_per_prompt"] + (EPOCHS - 1) * r_store["warm"]["s_per_prompt"]) * CLIPS / 3600
+    print(f"with the tower-feature store (same run): step {r_store['cold']['step_s']:.4g} s cold, "
+          f"{r_store['warm']['step_s']:.4g} s warm (towers {r_store['cold']['phase_s']['towers']:.4g} -> "
+          f"{r_store['warm']['phase_s']['towers']:.4g} s); recipe hours {r_ours['projected_recipe_hours']:.4g} "
+          f"without, {store_hours:.4g} with (epoch 1 cold, epoch 2 warm), "
+          f"{r_store['warm']['projected_recipe_hours']:.4g} on a store filled ahead")
     if device.type == "cuda":
         print(f"peak memory (GiB): ours {r_ours['peak_memory']['peak_bytes'] / 2**30:.2f}, "
               f"reference {r_ref['peak_memory']['peak_bytes'] / 2**30:.2f}")
@@ -314,6 +377,8 @@ def main(argv=None) -> dict:
         "prompts": b, "num_generations": 8, "completion_length": n, "ref_decode_tokens": ref_tokens,
         "prompt_embeddings": prompt_len,
         "ours": r_ours, "reference": r_ref, "ratio": ratio,
+        "ours_store": {**r_store, "projected_recipe_hours": store_hours,
+                       "formula": "(cold s/prompt + (epochs - 1) x warm s/prompt) x 15306 clips / 3600"},
         "projected_hours_formula": HOURS_FORMULA, "recipe_optimizer_steps": steps, "notes": notes,
         "rows": [{"phase": p, "ours_s": r_ours["phase_s"][p], "reference_s": r_ref["phase_s"][p]} for p in PHASES],
     }, args.out)

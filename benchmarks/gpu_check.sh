@@ -86,9 +86,10 @@ for bench in benchmarks/bench_*.py; do
   limit=120; extra=()
   case "$name" in
     bench_rollout|bench_selective_logprob) limit=240 ;;
-    bench_grpo_step) limit=300 ;;  # both full GRPO steps (warm-up + 3 timed each), random weights of the real shape
+    bench_grpo_step) limit=420 ;;  # full GRPO steps (ours, reference: warm-up + 3 timed; ours with the tower-feature store cold and warm: warm-up + 2), random weights of the real shape
+    bench_sft_epoch) limit=180 ;;  # makes 24 clips, then three SFT epochs of the tiny model (no store, cold, warm)
     bench_infer) limit=180 ;;  # builds the real shape in float16 and encodes 16 clips
-    bench_media) limit=180; [ "$GPU" = 1 ] && extra=(--clips 32 --repeats 2) ;;  # encoding the clips dominates
+    bench_media) limit=240; [ "$GPU" = 1 ] && extra=(--clips 32 --repeats 2) ;;  # encoding the clips dominates; + the store's cold and warm passes
   esac
   step "$name" "$limit" "$PY" "$bench" ${QUICK[@]+"${QUICK[@]}"} ${extra[@]+"${extra[@]}"} --out "$OUT/$name.json"
 done
