@@ -11,14 +11,20 @@ towers' share at the real shape comes from bench_grpo_step.py. Each entry is a d
 clip once, as R1-Omni's data does): "none" trains without a store, "cold" with an empty one (the epoch computes
 and writes every clip), "warm" with the store "cold" filled (every clip read; nothing decoded or encoded). The
 three runs train the same steps from the same checkpoint (their losses are equal; checked). Times are wall
-seconds of Trainer.train() and the sums of the steps' phase seconds from its metrics. Last stdout line: one
-JSON object.
+seconds of Trainer.train() and the sums of the steps' phase seconds from its metrics; the three runs take turns
+--repeats times (every cold run starts from an empty store) and each figure is the median over its runs, so a
+burst of load on a shared machine moves one run, not one row. On a CPU, run it with OMP_WAIT_POLICY=PASSIVE:
+with GNU OpenMP's default, the intra-op thread spins after every parallel region, and on a small, shared machine a
+run whose decoding threads are idle (the warm one) then pays that spinning in every op (measured on the 2-core
+development box: the warm epoch's policy phase 5-8x slower than the cold one's, the same within noise with
+PASSIVE). Last stdout line: one JSON object.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -69,11 +75,22 @@ def run_epoch(task: ToyTask, ckpt: Path, out: Path, store: Path | None, batch: i
             "misses": sum(m.get("tower_cache/misses", 0) for m in history)}
 
 
+def _median(runs: list[dict]) -> dict:
+    """The runs of one row: median seconds, the counts and losses of the first (all runs train alike)."""
+    out = dict(runs[0])
+    out["epoch_s"] = statistics.median(r["epoch_s"] for r in runs)
+    out["phase_s"] = {p: statistics.median(r["phase_s"][p] for r in runs) for p in PHASES}
+    out["runs"] = len(runs)
+    assert all(r["losses"] == runs[0]["losses"] for r in runs)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="6 small clips: a smoke run, not a measurement")
     p.add_argument("--clips", type=int, default=24, help="distinct clips (= entries) in the epoch")
     p.add_argument("--batch", type=int, default=4, help="per_device_train_batch_size")
+    p.add_argument("--repeats", type=int, default=3, help="epochs per row, taking turns (median reported)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     p.add_argument("--dir", default=None, help="where the clips, checkpoints and store go (default: temporary)")
     p.add_argument("--out", default=None, help="also write the JSON result to this file")
@@ -86,13 +103,16 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(tmp)
         ckpt = make_tiny_checkpoint(root / "tiny")
         task = make_task(root / "task", count, args.quick)
-        runs = {}
-        for name, store in (("none", None), ("cold", root / "store"), ("warm", root / "store")):
-            runs[name] = run_epoch(task, ckpt, root / f"out-{name}", store, args.batch, device)
+        every: dict[str, list[dict]] = {"none": [], "cold": [], "warm": []}
+        for k in range(1 if args.quick else args.repeats):
+            for name, store in (("none", None), ("cold", root / f"store-{k}"), ("warm", root / "store-0")):
+                every[name].append(run_epoch(task, ckpt, root / f"out-{name}-{k}", store, args.batch, device))
+    runs = {name: _median(rs) for name, rs in every.items()}
     assert runs["none"]["losses"] == runs["cold"]["losses"] == runs["warm"]["losses"], "the store changed a loss"
     assert (runs["cold"]["misses"], runs["warm"]["hits"], runs["warm"]["misses"]) == (count, count, 0), runs
     print(f"# SFT, one epoch of {count} distinct clips ({'small' if args.quick else '640x360 2-5 s'} h264 + aac), "
-          f"batch {args.batch}, tiny checkpoint, device {device}, {os.cpu_count()} cores; same losses in all three")
+          f"batch {args.batch}, tiny checkpoint, device {device}, {os.cpu_count()} cores, median of "
+          f"{runs['none']['runs']} epochs per row; same losses in all runs")
     rows = [[name, r["epoch_s"], *(r["phase_s"][p] for p in PHASES), r["hits"], r["misses"]]
             for name, r in runs.items()]
     speedup = runs["cold"]["epoch_s"] / runs["warm"]["epoch_s"]

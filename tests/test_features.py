@@ -20,7 +20,7 @@ from omni_fast import cli
 from omni_fast.config import LoaderConfig
 from omni_fast.features import key as fkey
 from omni_fast.features.key import FeatureSettings, content_hash, towers_fingerprint
-from omni_fast.features.store import FeatureStore, StoreError, checksum
+from omni_fast.features.store import FeatureStore, StoreError, checksum, entry_checksum
 from omni_fast.features.towers import CachedTowers
 from omni_fast.data import Record
 from omni_fast.media import loader as mloader
@@ -178,7 +178,18 @@ def _other_crc(p: Path):
     save_file(tensors, str(p), metadata=meta)
 
 
-@pytest.mark.parametrize("damage", [_truncate, _flip_data, _flip_header, _empty, _other_clip, _other_crc])
+def _other_layout(p: Path):
+    from safetensors.torch import load_file, save_file
+
+    with open(p, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        meta = json.loads(f.read(n))["__metadata__"]
+    meta["layout"] = json.dumps({"vision": [1, 0, 2], "audio": [0, 1]})  # a valid order, but not the written one
+    save_file(load_file(str(p)), str(p), metadata=meta)
+
+
+@pytest.mark.parametrize("damage", [_truncate, _flip_data, _flip_header, _empty, _other_clip, _other_crc,
+                                    _other_layout])
 def test_a_damaged_entry_is_logged_removed_and_rewritten(model, tmp_path, caplog, damage):
     store = FeatureStore(tmp_path / "store", _settings(model))
     store.put("ab" * 32, _features(1))
@@ -194,6 +205,26 @@ def test_a_damaged_entry_is_logged_removed_and_rewritten(model, tmp_path, caplog
     assert not _leftovers(store)
 
 
+def test_an_entry_keeps_the_towers_memory_layout(model, clips, tmp_path):
+    """SigLIP's features come out patch-minor (a transposed view); read back from the store, and merged into a
+    batch with computed rows, they have the towers' strides, so the projectors run the same kernels."""
+    records = [clips["mp4"], clips["webm"], clips["avi"]]
+    vision, audio = _reference(model, records)
+    assert not vision.is_contiguous()  # (what makes this test mean something)
+    store = FeatureStore(tmp_path / "store", _settings(model))
+    store.put("ab" * 32, {"vision": vision[0], "audio": audio[0]})
+    entry = store.get("ab" * 32)
+    assert entry.features["vision"].stride() == vision[0].stride()
+    assert torch.equal(entry.features["vision"], vision[0]) and torch.equal(entry.features["audio"], audio[0])
+    towers = CachedTowers(model, store)
+    _run(towers, model, [records[0]])  # stores the first clip under its real hash
+    batch = next(iter(MediaLoader(records, _loader(model), "cpu", lookup=towers.lookup)))
+    assert batch.found[0] is not None and batch.decoded == [1, 2]
+    merged = towers.features(batch)
+    assert merged.vision.stride() == vision.stride() and merged.audio.stride() == audio.stride()
+    assert torch.equal(merged.vision, vision) and torch.equal(merged.audio, audio)
+
+
 def test_checksum_covers_both_tensors():
     a, b = _features(1), _features(1)
     assert checksum(a) == checksum(b)
@@ -207,8 +238,9 @@ def _craft(store: FeatureStore, content: str, tensors: dict) -> None:
     from safetensors.torch import save_file
 
     store.path(content).parent.mkdir(exist_ok=True)
-    save_file(tensors, str(store.path(content)), metadata={"key": store.settings.key(content),
-                                                           "crc32": checksum(tensors), "info": "{}"})
+    meta = {"key": store.settings.key(content), "info": "{}",
+            "layout": json.dumps({name: list(range(t.dim())) for name, t in tensors.items()})}
+    save_file(tensors, str(store.path(content)), metadata={**meta, "crc32": entry_checksum(tensors, meta)})
 
 
 @pytest.mark.parametrize("tensors", [{"vision": _features(1)["vision"]}, _features(1, torch.bfloat16)],

@@ -13,8 +13,12 @@ per clip makes every write atomic on its own and every entry independent; benchm
 
 An entry holds the tensors the model consumes, before the projectors, in the dtype the towers ran in:
 "vision" (num_frames, 196, 768) SigLIP layer features where the modal has video, "audio" (500, 1280) pooled
-Whisper features where it has audio; its metadata holds its key, the CRC-32 of the tensor bytes and the clip's
-facts (sampled indices, frame count, audio seconds). Runs with other settings (other towers, dtype, aspect,
+Whisper features where it has audio, each with the memory layout the tower gave it (SigLIP's features come out
+patch-minor, the transpose of a plain row-major tensor, and the projector's convolution takes another kernel
+for the other layout: stored row-major, a clip's features would cost the policy's backward several times more
+on the CPU). The bytes are written in that memory order and read back as the same strided view. Its metadata
+holds its key, the layouts, the clip's facts (sampled indices, frame count, audio seconds) and a CRC-32 of all
+of that and the tensor bytes. Runs with other settings (other towers, dtype, aspect,
 preprocessing...) are kept apart, each in its own folder, with one log line naming what differs from the folders
 already there; a folder whose settings.json disagrees with the settings it is named after is refused, and so is a
 store of another format or one that cannot be created (a StoreError naming why).
@@ -96,12 +100,29 @@ class _Counter:
 
 
 def checksum(tensors: dict[str, torch.Tensor]) -> str:
-    """CRC-32 of the tensors' bytes, in TENSORS order (8 hex digits)."""
+    """CRC-32 of the tensors' bytes in memory order (a dense view in any layout), in TENSORS order."""
     crc = 0
     for name in TENSORS:
         if name in tensors:
-            crc = zlib.crc32(tensors[name].contiguous().view(-1).view(torch.uint8).numpy(), crc)
+            t = tensors[name]
+            t = t.permute(layout(t)).contiguous()  # no copy for a dense tensor
+            crc = zlib.crc32(t.view(-1).view(torch.uint8).numpy(), crc)
     return f"{crc:08x}"
+
+
+def entry_checksum(tensors: dict[str, torch.Tensor], meta: dict) -> str:
+    """An entry's CRC-32: its metadata (all but the CRC: key, layouts, clip facts) and its tensors' bytes."""
+    head = json.dumps({k: v for k, v in meta.items() if k != "crc32"}, sort_keys=True).encode()
+    return f"{zlib.crc32(head, int(checksum(tensors), 16)):08x}"
+
+
+def layout(t: torch.Tensor) -> list[int]:
+    """The order of t's dims in memory, outermost first (a row-major tensor: 0, 1, ...)."""
+    return sorted(range(t.dim()), key=lambda d: (-t.stride(d), d))
+
+
+def _inverse(order: list[int]) -> list[int]:
+    return sorted(range(len(order)), key=lambda d: order[d])
 
 
 class FeatureStore:
@@ -188,12 +209,18 @@ class FeatureStore:
     def _read(self, path: Path, content: str) -> Entry:
         with safe_open(str(path), framework="pt") as f:  # memory-maps the file; a truncated one fails here
             meta = f.metadata() or {}
-            features = {name: f.get_tensor(name) for name in f.keys()}
+            stored = {name: f.get_tensor(name) for name in f.keys()}  # in memory order
         if meta.get("key") != self.settings.key(content):
             raise ValueError(f"it holds the features of {meta.get('key')!r}")
+        layouts = json.loads(meta.get("layout", "{}"))
+        if sorted(layouts) != sorted(stored) or any(sorted(layouts[n]) != list(range(t.dim()))
+                                                    for n, t in stored.items()):
+            raise ValueError(f"its layouts {layouts} do not fit its tensors")
+        features = {n: t.permute(_inverse(layouts[n])) for n, t in stored.items()}  # the towers' strides
         self._check(features)
-        if checksum(features) != meta.get("crc32"):
-            raise ValueError(f"checksum {checksum(features)} != {meta.get('crc32')} recorded")
+        crc = entry_checksum(features, meta)
+        if crc != meta.get("crc32"):
+            raise ValueError(f"checksum {crc} != {meta.get('crc32')} recorded")
         return Entry(features=features, info=json.loads(meta.get("info", "{}")))
 
     def _check(self, features: dict[str, torch.Tensor]) -> None:
@@ -229,10 +256,12 @@ class FeatureStore:
         self._check(features)
         if self._write_error is not None:
             return 0
-        tensors = {name: features[name].detach().to("cpu").contiguous() for name in TENSORS if name in features}
-        meta = {"key": self.settings.key(content), "crc32": checksum(tensors), "format": str(FORMAT),
+        tensors = {name: features[name].detach().to("cpu") for name in TENSORS if name in features}
+        layouts = {name: layout(t) for name, t in tensors.items()}
+        meta = {"key": self.settings.key(content), "format": str(FORMAT), "layout": json.dumps(layouts),
                 "info": json.dumps(info or {})}
-        data = save(tensors, metadata=meta)
+        meta["crc32"] = entry_checksum(tensors, meta)
+        data = save({name: t.permute(layouts[name]).contiguous() for name, t in tensors.items()}, metadata=meta)
         path = self.path(content)
         try:
             path.parent.mkdir(exist_ok=True)

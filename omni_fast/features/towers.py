@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from omni_fast.features.key import content_hash
-from omni_fast.features.store import Entry, FeatureStore
+from omni_fast.features.store import Entry, FeatureStore, layout
 
 STORE, TOWERS = "store", "towers"  # where a clip's features came from
 
@@ -131,8 +131,18 @@ def _rows(t: torch.Tensor, keep: list[int], total: int) -> torch.Tensor:
 
 
 def _merge(name: str, computed: torch.Tensor | None, found: list, device: torch.device) -> torch.Tensor:
-    """One tensor per batch row, from the store (found) or the towers (the others, in order), stacked in record
-    order."""
-    rows = iter(computed) if computed is not None else iter(())
-    return torch.stack([next(rows) if entry is None else entry.features[name].to(device, non_blocking=True)
-                        for entry in found])
+    """One row per clip, from the store (found) or the towers (the others, in order), in record order, in a batch
+    with the memory layout the towers give one (the store keeps each row's): the same strides either way, so the
+    projectors run the same kernels on it."""
+    computed_rows = iter(computed) if computed is not None else iter(())
+    rows = [next(computed_rows) if entry is None else entry.features[name] for entry in found]
+    order = [0] + [d + 1 for d in layout(rows[0])]  # the batch dim outermost, then the rows' memory order
+    shape = (len(rows), *rows[0].shape)
+    out = torch.empty([shape[d] for d in order], dtype=rows[0].dtype, device=device).permute(_inverse(order))
+    for i, row in enumerate(rows):
+        out[i].copy_(row, non_blocking=True)
+    return out
+
+
+def _inverse(order: list[int]) -> list[int]:
+    return sorted(range(len(order)), key=lambda d: order[d])
