@@ -524,6 +524,7 @@ RESUME_RULES: dict[str, tuple[str, str]] = {
     "parallelism": (RESUME_FREE, ""),
     "media_backend": (RESUME_FREE, ""),
     "media_workers": (RESUME_FREE, ""),
+    "tower_cache_dir": (RESUME_FREE, ""),  # the store gives the towers' own bits: nothing depends on it
     "progress": (RESUME_FREE, ""),
 }
 _PATH_FIELDS = ("model_path", "train_annotations", "video_root", "bert_path")
