@@ -42,12 +42,17 @@ def _flag(p: argparse.ArgumentParser, name: str, **kw) -> None:
     p.add_argument(*names, **kw)
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
+    """Where the checkpoint's parts are read from and where it runs (infer, eval, cache-features)."""
     _flag(p, "--bert_path", default=None, help="local bert-base-uncased directory (config.json, vocab.txt); "
           "default: <model_path>/bert-base-uncased or ./bert-base-uncased")
     _flag(p, "--vision_tower", default=None, help="override config.json's mm_vision_tower directory")
     _flag(p, "--audio_tower", default=None, help="override config.json's mm_audio_tower directory")
     _flag(p, "--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    _add_checkpoint_args(p)
     _flag(p, "--dtype", default=None, choices=sorted(DTYPE_NAMES),
           help="default: fp16 on a GPU (the reference's inference dtype, towers included), fp32 on the CPU")
     _flag(p, "--media_backend", default="pyav", choices=["pyav", "dali", "auto"],
@@ -159,11 +164,7 @@ def _add_cache_features_parser(sub) -> None:
           help="which towers' features (training uses both)")
     _flag(cache, "--batch_size", type=int, default=8, help="clips per tower batch")
     _flag(cache, "--no_progress", action="store_true", help="no progress bar on stderr")
-    _flag(cache, "--bert_path", default=None, help="local bert-base-uncased directory (the checkpoint loader "
-          "reads it); default: <model_path>/bert-base-uncased or ./bert-base-uncased")
-    _flag(cache, "--vision_tower", default=None, help="override config.json's mm_vision_tower directory")
-    _flag(cache, "--audio_tower", default=None, help="override config.json's mm_audio_tower directory")
-    _flag(cache, "--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
+    _add_checkpoint_args(cache)
     # the run the store is for decides the next two defaults: train (pad) or infer / eval (stretch)
     _flag(cache, "--dtype", default=None, choices=sorted(DTYPE_NAMES),
           help="the dtype the towers run in; default: the reading run's (pad: bf16 on a GPU as train; stretch: fp16 "

@@ -121,7 +121,8 @@ def layout(t: torch.Tensor) -> list[int]:
     return sorted(range(t.dim()), key=lambda d: (-t.stride(d), d))
 
 
-def _inverse(order: list[int]) -> list[int]:
+def inverse_layout(order: list[int]) -> list[int]:
+    """The permutation that undoes `order` (t.permute(order).permute(inverse_layout(order)) is t)."""
     return sorted(range(len(order)), key=lambda d: order[d])
 
 
@@ -216,7 +217,7 @@ class FeatureStore:
         if sorted(layouts) != sorted(stored) or any(sorted(layouts[n]) != list(range(t.dim()))
                                                     for n, t in stored.items()):
             raise ValueError(f"its layouts {layouts} do not fit its tensors")
-        features = {n: t.permute(_inverse(layouts[n])) for n, t in stored.items()}  # the towers' strides
+        features = {n: t.permute(inverse_layout(layouts[n])) for n, t in stored.items()}  # the towers' strides
         self._check(features)
         crc = entry_checksum(features, meta)
         if crc != meta.get("crc32"):

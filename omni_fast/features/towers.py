@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from omni_fast.features.key import content_hash
-from omni_fast.features.store import Entry, FeatureStore, layout
+from omni_fast.features.store import Entry, FeatureStore, inverse_layout, layout
 
 STORE, TOWERS = "store", "towers"  # where a clip's features came from
 
@@ -138,11 +138,7 @@ def _merge(name: str, computed: torch.Tensor | None, found: list, device: torch.
     rows = [next(computed_rows) if entry is None else entry.features[name] for entry in found]
     order = [0] + [d + 1 for d in layout(rows[0])]  # the batch dim outermost, then the rows' memory order
     shape = (len(rows), *rows[0].shape)
-    out = torch.empty([shape[d] for d in order], dtype=rows[0].dtype, device=device).permute(_inverse(order))
+    out = torch.empty([shape[d] for d in order], dtype=rows[0].dtype, device=device).permute(inverse_layout(order))
     for i, row in enumerate(rows):
         out[i].copy_(row, non_blocking=True)
     return out
-
-
-def _inverse(order: list[int]) -> list[int]:
-    return sorted(range(len(order)), key=lambda d: order[d])
