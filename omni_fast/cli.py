@@ -4,10 +4,10 @@ cache-features and demo.
     omni-fast infer --model_path R1-Omni-0.5B --video_path clip.mp4 --modal video_audio --instruct "..."
     omni-fast eval --model_path R1-Omni-0.5B --annotations DFEW_val.json --data_root /data --out results.json
     omni-fast train --config grpo.yaml [--key value ...] [--resume_from_checkpoint PATH|latest]
-    omni-fast serve --model_path R1-Omni-0.5B [--port 8000] [--api_key KEY] [--allowed_local_media_path DIR]
+    omni-fast serve --model_path R1-Omni-0.5B [--port 8000] [--api_key KEY] [--allowed_local_media_path DIR] [--ui]
     omni-fast cache-features --annotations train.json --video_root /data --model_path R1-Omni-0.5B \
         --tower_cache_dir /fast/tower-cache [--aspect pad|stretch]
-    omni-fast demo
+    omni-fast demo [--serve]
 
 Every --snake_case flag is also accepted as --kebab-case (--model-path). Errors are one line on stderr with
 exit status 2; Ctrl-C exits with status 130, keeping every result already written.
@@ -144,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(demo, "--max_new_tokens", type=int, default=48)
     _flag(demo, "--grpo_steps", type=int, default=DEMO_GRPO_STEPS, help="GRPO steps of the toy run (0: skip)")
     _flag(demo, "--sft_steps", type=int, default=DEMO_SFT_STEPS, help="SFT steps before the GRPO run")
+    _flag(demo, "--serve", action="store_true",
+          help="instead of the recognition and training stages, serve the tiny checkpoint with the page on "
+               "(omni-fast serve --ui) until Ctrl-C")
+    _flag(demo, "--port", type=int, default=8000, help="with --serve: the port (on 127.0.0.1)")
     return parser
 
 
@@ -209,25 +213,57 @@ def _add_serve_parser(sub) -> None:
     _flag(serve, "--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
     _flag(serve, "--dtype", default=None, choices=sorted(DTYPE_NAMES),
           help="default: fp16 on a GPU (the reference's inference dtype, towers included), fp32 on the CPU")
+    _flag(serve, "--ui", action="store_true",
+          help="also serve a page at /ui to try the model in a browser (needs the `ui` extra: Gradio)")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from omni_fast.api import OmniModel
-    from omni_fast.config import EngineConfig
     from omni_fast.serve.config import ServeConfig
-    from omni_fast.serve.server import serve
 
     config = ServeConfig(host=args.host, port=args.port, served_model_name=args.served_model_name or args.model_path,
                          api_key=args.api_key, allowed_local_media_path=args.allowed_local_media_path,
                          allowed_media_domains=tuple(args.allowed_media_domains), max_num_seqs=args.max_num_seqs,
                          max_request_bytes=args.max_request_bytes, max_clip_seconds=args.max_clip_seconds,
-                         max_queue=args.max_queue, request_timeout=args.request_timeout)
-    engine = EngineConfig(max_num_seqs=args.max_num_seqs, kv_cache_memory=args.kv_cache_memory)
+                         max_queue=args.max_queue, request_timeout=args.request_timeout, ui=args.ui)
+    return _serve(args.model_path, args.bert_path, config, args.kv_cache_memory, args.device, args.dtype)
+
+
+def _serve(model_path, bert_path, config, kv_cache_memory=None, device=None, dtype=None) -> int:
+    """Load the model and serve it (with the page's sample clips, written to a temporary directory, when the page
+    is on) until SIGTERM / Ctrl-C."""
+    from omni_fast.api import OmniModel
+    from omni_fast.config import EngineConfig
+    from omni_fast.serve.server import serve
+
+    if config.ui:
+        _check_ui_installed()
+    engine = EngineConfig(max_num_seqs=config.max_num_seqs, kv_cache_memory=kv_cache_memory)
     t0 = time.perf_counter()
-    model = OmniModel.from_pretrained(args.model_path, args.device, _dtype(args.dtype), bert_path=args.bert_path,
-                                      engine_config=engine)
+    model = OmniModel.from_pretrained(model_path, device, _dtype(dtype), bert_path=bert_path, engine_config=engine)
     print(f"omni-fast serve: model loaded in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
-    return serve(model, config)
+    with tempfile.TemporaryDirectory(prefix="omni-fast-samples-") as tmp:
+        return serve(model, config, samples=_page_samples(Path(tmp)) if config.ui else ())
+
+
+def _check_ui_installed() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("gradio") is None:
+        raise ValueError('--ui needs Gradio: pip install -e ".[ui]" (the `ui` extra)')
+
+
+def _page_samples(directory: Path) -> list:
+    """The page's sample clips, made by omni_fast.testing's synthetic clip makers (so the page works with any
+    checkpoint, the demo's included, and without network)."""
+    from omni_fast.serve.ui import Sample
+    from omni_fast.testing import make_clip, make_wav
+
+    return [Sample("clip 1: h264 + aac, 3 s", str(make_clip(directory / "sample-1.mp4", seconds=3.0))),
+            Sample("clip 2: h264 + aac, 2 s", str(make_clip(directory / "sample-2.mp4", seconds=2.0, size=(224, 160),
+                                                             seed=1))),
+            Sample("clip 3: silent video + a wav", str(make_clip(directory / "sample-3.mp4", seconds=2.0,
+                                                                 audio=False, seed=2)),
+                   str(make_wav(directory / "sample-3.wav", seconds=2.0, seed=2)))]
 
 
 def _config_fields() -> str:
@@ -518,6 +554,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from omni_fast.api import OmniModel
     from omni_fast.testing import make_clip, make_tiny_checkpoint
 
+    if args.serve:
+        _check_ui_installed()
     if args.workdir and Path(args.workdir).exists() and any(Path(args.workdir).iterdir()):
         raise FileExistsError(f"--workdir {args.workdir} is not empty; the demo writes tiny-r1-omni/, clip.mp4 and "
                               "toy-*/ there and never overwrites files: give an empty or new directory")
@@ -535,6 +573,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             return out
 
         ckpt = stage("write tiny R1-Omni checkpoint (real format)", lambda: make_tiny_checkpoint(root / "tiny-r1-omni"))
+        if args.serve:
+            return _demo_serve(ckpt, args.port)
         clip = stage("encode synthetic clip (h264 + aac, 3 s)", lambda: make_clip(root / "clip.mp4", seconds=3.0))
         model = stage("load checkpoint", lambda: OmniModel.from_pretrained(ckpt, bert_path=ckpt / "bert-base-uncased"))
         result = stage("recognize (decode, encoders, greedy generation)",
@@ -547,6 +587,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
             stage("train on a toy task: cold-start SFT, then GRPO",
                   lambda: _demo_training(root, ckpt, args.sft_steps, args.grpo_steps))
     return 0
+
+
+def _demo_serve(ckpt: Path, port: int) -> int:
+    from omni_fast.serve.config import ServeConfig
+
+    print(f"[demo] serving {ckpt} (random tiny weights, so the answers are not meaningful); the page: "
+          f"http://127.0.0.1:{port}/ui (Ctrl-C stops)", flush=True)
+    return _serve(ckpt, ckpt / "bert-base-uncased", ServeConfig(port=port, served_model_name="tiny-r1-omni", ui=True))
 
 
 def _demo_training(root: Path, ckpt: Path, sft_steps: int, grpo_steps: int) -> None:

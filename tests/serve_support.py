@@ -1,15 +1,21 @@
 """Helpers of the server tests: a scripted stand-in for the engine's request API, a server on a thread, the
-request bodies.
+`omni-fast serve` command in a subprocess, the request bodies.
 
 FakeEngine has the continuous-batching engine's request API (add_request / step / abort_request /
 has_unfinished_requests, RequestOutput), so the server's own layer is tested without generation: every sample
 emits a known token sequence one id per step and then an EOS id, and the engine records what the server asked
 of it. ThreadServer runs the real server (uvicorn, the FastAPI app, the engine loop) on a thread, on a free
-port of 127.0.0.1.
+port of 127.0.0.1. ServeProcess runs the command itself (`python -m omni_fast.cli serve --port 0 ...`) and reads
+its address from the line it prints once it listens.
 """
 from __future__ import annotations
 
 import base64
+import queue
+import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -107,16 +113,29 @@ class FakeEngine:
             return outputs
 
 
+ANSWER = "<think>The brows are drawn together.</think><answer>angry</answer>"  # what the scripted engine says
+
+
+def answer_script(omni, text: str = ANSWER) -> list[int]:
+    """The token ids of a scripted answer."""
+    return omni.tokenizer(text, add_special_tokens=False).input_ids
+
+
+def scripted_engine(omni, script: list[int]) -> FakeEngine:
+    """A FakeEngine that says `script`, then the checkpoint's first EOS id."""
+    return FakeEngine(script, omni.loaded.generation.eos_token_ids[0])
+
+
 class ThreadServer:
     """omni-fast serve's server (omni_fast.serve.server) on a thread, bound to a free port of 127.0.0.1."""
 
-    def __init__(self, model, engine, **config):
+    def __init__(self, model, engine, samples=(), **config):
         from omni_fast.serve.config import ServeConfig
         from omni_fast.serve.server import bind, make_state, server_for
 
         self.state = make_state(model, ServeConfig(port=0, **config), engine)
         self.sock = bind("127.0.0.1", 0)
-        self.server = server_for(self.state, announce=False)
+        self.server = server_for(self.state, announce=False, samples=samples)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
@@ -151,3 +170,59 @@ def user(*parts, text: str | None = None) -> list[dict]:
     if text is not None:
         content.append({"type": "text", "text": text})
     return [{"role": "user", "content": content}]
+
+
+class ServeProcess:
+    """`omni-fast serve ARGS --port 0` in a subprocess on 127.0.0.1, up once it prints where it listens; stopped with
+    SIGTERM (its drain) on close. `output` holds its stderr lines."""
+
+    LISTENING = re.compile(r"omni-fast serve: .* on (http://127\.0\.0\.1:\d+) ")
+
+    def __init__(self, *args, start_timeout: float = 180.0):
+        cmd = [sys.executable, "-m", "omni_fast.cli", "serve", "--port", "0", *map(str, args)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True)
+        self.output: list[str] = []
+        lines: queue.Queue = queue.Queue()
+        self._reader = threading.Thread(target=self._read, args=(lines,), daemon=True)
+        self._reader.start()
+        deadline = time.monotonic() + start_timeout
+        while True:
+            try:
+                line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                self.close()
+                raise AssertionError(f"omni-fast serve did not start in {start_timeout:g} s:\n" +
+                                     "\n".join(self.output)) from None
+            if line is None:
+                raise AssertionError(f"omni-fast serve exited with {self.proc.wait()}:\n" + "\n".join(self.output))
+            found = self.LISTENING.search(line)
+            if found:
+                self.url = found.group(1)
+                return
+
+    def _read(self, lines: queue.Queue) -> None:
+        for line in self.proc.stderr:
+            self.output.append(line.rstrip("\n"))
+            lines.put(line)
+        lines.put(None)
+
+    def client(self, api_key: str = "none", timeout: float = 120.0):
+        import openai
+
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=timeout)
+
+    def close(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.proc.wait()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

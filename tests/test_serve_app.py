@@ -465,3 +465,28 @@ def test_concurrent_requests_each_get_their_own(served, omni, script, clips):
         expected = _infers_prompt(omni, clips[name], modal, question)
         assert torch.equal(engine.added[r.id].prompt, expected), (name, question)
         assert r.choices[0].message.content == omni.tokenizer.decode(script).strip()
+
+
+def test_timings(omni, script, clips, monkeypatch):
+    """Each stage's seconds, in the response and in the stream's last chunks: the encoders (here slowed by 0.3 s)
+    count as encode_s only, the engine's steps (20 ms each here) as generate_s, and the stages fit in total_s."""
+    engine = _engine(omni, script)
+    step, embeds = engine.step, omni.prompt_embeds
+    engine.step = lambda: (time.sleep(0.02), step())[1]
+    monkeypatch.setattr(omni, "prompt_embeds", lambda *a, **k: (time.sleep(0.3), embeds(*a, **k))[1])
+    with ThreadServer(omni, engine) as server:
+        t0 = time.monotonic()
+        r = _ok(server.client(), omni, script, messages=user(data_url(clips["mp4"])))
+        elapsed = time.monotonic() - t0
+        t = r.model_extra["timings"]
+        assert set(t) == {"media_s", "wait_s", "encode_s", "generate_s", "total_s"}
+        assert 0.3 <= t["encode_s"] < 0.3 + 1.0 and 0 <= t["wait_s"] < 0.3
+        assert t["generate_s"] >= 0.02 * (len(script) + 1) and t["media_s"] > 0
+        assert t["media_s"] + t["wait_s"] + t["encode_s"] + t["generate_s"] <= t["total_s"] <= elapsed
+        _, events = _events(server, {"messages": user(data_url(clips["mp4"])), "temperature": 0, "stream": True,
+                                     "n": 2, "stream_options": {"include_usage": True}})
+        chunks = events[:-1]
+        finals = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+        assert len(finals) == 2 and all(c["timings"] == finals[0]["timings"] for c in finals)
+        assert finals[0]["timings"]["encode_s"] >= 0.3
+        assert all(c["timings"] is None for c in chunks if c not in finals)

@@ -26,6 +26,7 @@ class ServeConfig:
     max_num_seqs: int = 256  # sample rows the engine runs at once: a request's n may not exceed it
     fetch_timeout: float = 30.0  # seconds to fetch one remote media file (vLLM's video fetch timeout)
     media_workers: int = 4  # threads that fetch-to-disk, probe and decode media (never the event loop)
+    ui: bool = False  # serve the page at /ui (omni_fast.serve.ui; needs the `ui` extra)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

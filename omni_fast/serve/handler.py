@@ -9,7 +9,8 @@ Everything after the queue check runs against the request's deadline (--request_
 watch on the connection: a timeout ends the request with a 504 (in a stream: an error event), a disconnect
 ends it quietly; either aborts it in the engine before the next step, which frees its memory. A stream that
 fails after it began sends `data: {"error": ...}` (which the openai client raises as an APIError), then
-`data: [DONE]`.
+`data: [DONE]`. A finished request's response (in a stream: each choice's last chunk) carries its `timings`:
+seconds in the media pool, waiting for the loop thread, in the encoders, generating, and in all.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from omni_fast.serve.inputs import is_remote, load_clip, prepare
 from omni_fast.serve.limits import check_n, check_queue, read_body
 from omni_fast.serve.loop import Failed, Started, one_line
 from omni_fast.serve.media import fetch
-from omni_fast.serve.protocol import DONE, ChatRequest, ServeError, error_body, parse_request, sse
+from omni_fast.serve.protocol import DONE, ChatRequest, ServeError, Timings, error_body, parse_request, sse
 from omni_fast.serve.response import Outputs
 from omni_fast.serve.sampling import sampling_params
 from omni_fast.serve.state import ServerState
@@ -53,6 +54,8 @@ class Call:
         self.gone = asyncio.Event()
         self.submitted = self.finished = False
         self.first_token: float | None = None
+        self.media_s = self.wait_s = self.encode_s = 0.0  # the stages before the engine (Timings)
+        self.entered: float | None = None  # when the request entered the engine
         self.phase = "waiting"
         state.waiting += 1
         self._aio = asyncio.get_running_loop()
@@ -126,6 +129,7 @@ class Call:
     async def start(self, chat, params) -> None:
         """Media in the worker pool, then into the engine loop; returns once the request is in the engine."""
         state, model = self.state, self.state.model
+        t0 = time.monotonic()
         fetched = {}
         for ref in (chat.video, chat.audio):
             if ref is not None and is_remote(ref):
@@ -133,10 +137,15 @@ class Call:
         job = functools.partial(load_clip, chat, fetched, state.config, model.config.num_frames,
                                 model.model.towers.audio.num_mel_bins, model.device)
         clip = await self.guard(self._aio.run_in_executor(state.pool, job))
+        submitted = time.monotonic()
+        self.media_s = submitted - t0
         state.loop.submit(self.id, functools.partial(prepare, model, clip, chat, params, self.id), self.sink)
         self.submitted = True
         started = await self.next_event()
         assert isinstance(started, Started), started
+        self.entered = time.monotonic()
+        self.encode_s = started.prepare_s
+        self.wait_s = max(0.0, self.entered - submitted - started.prepare_s)
         return started
 
     async def outputs(self, out: Outputs) -> AsyncIterator[tuple[dict[int, str], bool]]:
@@ -159,6 +168,8 @@ class Call:
 
     def _completed(self, out: Outputs) -> None:
         now = time.monotonic()
+        out.timings = Timings(media_s=self.media_s, wait_s=self.wait_s, encode_s=self.encode_s,
+                              generate_s=now - (self.entered or now), total_s=now - self.arrival)
         usage = out.usage
         self.state.metrics.completed(ttft=(self.first_token or now) - self.arrival, e2e=now - self.arrival,
                                      longest=max(len(c.text.ids) for c in out.choices),

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -45,6 +46,7 @@ class Prepared:
 class Started:
     prompt_tokens: int  # positions of the prompt (text + video + audio embeddings)
     max_tokens: int  # the fitted max_tokens
+    prepare_s: float = 0.0  # seconds prepare() took on the loop thread (encoders, projectors, gate, splicing)
 
 
 @dataclass(slots=True)
@@ -149,7 +151,9 @@ class EngineLoop:
 
     def _add(self, request_id: str, prepare: Callable[[], Prepared], sink: Callable[[Any], None]) -> None:
         try:
+            t0 = time.monotonic()
             prepared = prepare()
+            prepare_s = time.monotonic() - t0
             try:
                 self.engine.add_request(request_id, prepared.prompt, prepared.params, prepared.cache_key)
             except ValueError as e:  # the engine refuses a request it can never hold (positions, KV pool, n)
@@ -162,7 +166,8 @@ class EngineLoop:
             _send(sink, Failed(500, one_line(e)))
             return
         self._sinks[request_id] = sink
-        _send(sink, Started(prompt_tokens=int(prepared.prompt.shape[0]), max_tokens=prepared.params.max_tokens))
+        _send(sink, Started(prompt_tokens=int(prepared.prompt.shape[0]), max_tokens=prepared.params.max_tokens,
+                            prepare_s=prepare_s))
 
     def _fail_all(self, failure: Failed) -> None:
         for request_id, sink in list(self._sinks.items()):

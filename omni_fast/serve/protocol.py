@@ -141,6 +141,16 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class Timings(BaseModel):
+    """Where a request's time went, in seconds (an extra field: clients ignore it). The stage names are those of
+    `omni-fast infer --json`'s timings."""
+    media_s: float  # fetching, writing, probing and decoding its media (the worker pool)
+    wait_s: float  # waiting for the engine loop thread to take it up
+    encode_s: float  # encoders, projectors, BERT gate and splicing (on the loop thread)
+    generate_s: float  # from entering the engine to its last token (queueing for rows, prefill, decoding)
+    total_s: float  # arrival to last token
+
+
 class ChatCompletion(BaseModel):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
@@ -148,6 +158,7 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[Choice]
     usage: Usage
+    timings: Timings | None = None  # an extra field (clients ignore it)
 
 
 class Delta(BaseModel):
@@ -171,6 +182,7 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChunkChoice]
     usage: Usage | None = None
+    timings: Timings | None = None  # set in each choice's last chunk (an extra field)
 
 
 class ModelCard(BaseModel):

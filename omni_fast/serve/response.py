@@ -11,7 +11,7 @@ import time
 
 from omni_fast.task import parse_response
 from omni_fast.serve.protocol import (ChatCompletion, ChatCompletionChunk, ChatMessage, Choice, ChoiceLogprobs,
-                                      ChunkChoice, Delta, TokenLogprob, Usage)
+                                      ChunkChoice, Delta, Timings, TokenLogprob, Usage)
 from omni_fast.serve.text import TextStream
 
 
@@ -34,6 +34,7 @@ class Outputs:
         self.created = int(time.time())
         self.choices = [ChoiceState(i, tokenizer, stops) for i in range(n)]
         self.prompt_tokens = 0  # set when the request starts
+        self.timings: Timings | None = None  # set when the request has ended
 
     # --- feeding -------------------------------------------------------------------------------------------------
     def add(self, new_token_ids: list[list[int]]) -> dict[int, str]:
@@ -89,10 +90,13 @@ class Outputs:
             choices.append(Choice(index=c.index, message=ChatMessage(content=c.text.sent),
                                   finish_reason=c.finish_reason, logprobs=self._logprobs(c), emotion=emotion,
                                   reasoning=reasoning))
-        return ChatCompletion(id=self.id, created=self.created, model=self.model, choices=choices, usage=self.usage)
+        return ChatCompletion(id=self.id, created=self.created, model=self.model, choices=choices, usage=self.usage,
+                              timings=self.timings)
 
-    def _chunk(self, choices: list[ChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
-        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
+    def _chunk(self, choices: list[ChunkChoice], usage: Usage | None = None,
+               timings: Timings | None = None) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage,
+                                   timings=timings)
 
     def role_chunks(self) -> list[ChatCompletionChunk]:
         return [self._chunk([ChunkChoice(index=c.index, delta=Delta(role="assistant", content=""))])
@@ -107,7 +111,7 @@ class Outputs:
             reasoning, emotion = parse_response(c.text.sent)
             out.append(self._chunk([ChunkChoice(index=c.index, delta=Delta(content=deltas.get(c.index) or None),
                                                 finish_reason=c.finish_reason, logprobs=self._logprobs(c),
-                                                emotion=emotion, reasoning=reasoning)]))
+                                                emotion=emotion, reasoning=reasoning)], timings=self.timings))
         if include_usage:
             out.append(self._chunk([], usage=self.usage))
         return out

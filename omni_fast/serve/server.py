@@ -32,8 +32,9 @@ def make_state(model, config: ServeConfig, engine=None) -> ServerState:
                        pool=ThreadPoolExecutor(config.media_workers, thread_name_prefix="omni-serve-media"))
 
 
-def make_app(state: ServerState):
-    """The FastAPI app whose lifespan starts the engine loop and stops it (and the worker pool) at shutdown."""
+def make_app(state: ServerState, samples=()):
+    """The FastAPI app whose lifespan starts the engine loop and stops it (and the worker pool) at shutdown; with
+    ServeConfig.ui, the page mounted at /ui (samples: its sample clips, omni_fast.serve.ui.Sample)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -44,7 +45,12 @@ def make_app(state: ServerState):
             state.loop.stop(LOOP_STOP_TIMEOUT_S)
             state.pool.shutdown(wait=False, cancel_futures=True)
 
-    return build_app(state, lifespan)
+    app = build_app(state, lifespan)
+    if state.config.ui:
+        from omni_fast.serve.ui import mount_page
+
+        mount_page(app, state, list(samples))
+    return app
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -75,22 +81,33 @@ class DrainingServer(uvicorn.Server):
 
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets)
-        if self.announce and sockets:
-            host, port = sockets[0].getsockname()[:2]
+        if not sockets:
+            return
+        host, port = sockets[0].getsockname()[:2]
+        self.state.url = own_url(host, port)
+        if self.announce:
             shown = f"[{host}]" if ":" in host else host
+            page = f"; the page at http://{shown}:{port}/ui" if self.state.config.ui else ""
             print(f"omni-fast serve: {self.state.config.served_model_name} on http://{shown}:{port} "
-                  "(OpenAI API under /v1)", file=sys.stderr, flush=True)
+                  f"(OpenAI API under /v1{page})", file=sys.stderr, flush=True)
 
 
-def server_for(state: ServerState, announce: bool = True) -> DrainingServer:
-    config = uvicorn.Config(make_app(state), lifespan="on", log_level="warning", access_log=False,
+def own_url(host: str, port: int) -> str:
+    """The URL this process reaches its own server at: the bound address, loopback for a wildcard one."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def server_for(state: ServerState, announce: bool = True, samples=()) -> DrainingServer:
+    config = uvicorn.Config(make_app(state, samples), lifespan="on", log_level="warning", access_log=False,
                             timeout_graceful_shutdown=5)
     return DrainingServer(config, state, announce)
 
 
-def serve(model, config: ServeConfig, engine=None) -> int:
-    """Serve until SIGTERM / Ctrl-C has drained the requests; returns the exit status (0)."""
+def serve(model, config: ServeConfig, engine=None, samples=()) -> int:
+    """Serve until SIGTERM / Ctrl-C has drained the requests; returns the exit status (0). samples: the page's
+    sample clips (with ServeConfig.ui)."""
     state = make_state(model, config, engine)
     sock = bind(config.host, config.port)
-    server_for(state).run(sockets=[sock])
+    server_for(state, samples=samples).run(sockets=[sock])
     return 0

@@ -24,6 +24,7 @@ class ServerState:
     rows: int = 0  # the running requests' unfinished sample rows
     draining: bool = False  # SIGTERM / Ctrl-C seen: new requests get 503, running ones finish
     created: int = field(default_factory=lambda: int(time.time()))
+    url: str | None = None  # where this server answers, once it listens (the page's requests go there)
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(waiting=lambda: self.waiting, running=lambda: self.running, rows=lambda: self.rows)

@@ -1,0 +1,213 @@
+"""The page's requests and what it shows (omni_fast.serve.page), without Gradio or a browser: the request each of the
+page's field settings sends, the streamed answer read back from a real server (uvicorn, the app, the engine loop,
+over the scripted engine of tests/serve_support.py), the refusals as one line, and the lines drawn from an answer."""
+import asyncio
+import base64
+import concurrent.futures
+import time
+
+import pytest
+import torch
+
+from omni_fast.serve.page import (NO_ANSWER, Answer, PageError, agreement, agreement_line, answers_table, error_line,
+                                  label_note, page_request, stream_answer, timings_line)
+from omni_fast.task import DEFAULT_INSTRUCT
+from serve_support import ANSWER, ThreadServer, answer_script, data_url, scripted_engine
+
+
+@pytest.fixture(scope="module")
+def script(omni):
+    return answer_script(omni)
+
+
+@pytest.fixture(scope="module")
+def served(omni, script):
+    engine = scripted_engine(omni, script)
+    with ThreadServer(omni, engine, max_clip_seconds=2.5, max_num_seqs=4) as server:
+        yield server, engine
+
+
+def _ask(server, request, key=None) -> list[Answer]:
+    async def run():
+        return [_copy(a) async for a in stream_answer(server.url, key, request, timeout=60)]
+
+    return asyncio.run(run())
+
+
+def _copy(a: Answer) -> Answer:
+    return Answer(list(a.texts), list(a.finish_reasons), list(a.emotions), list(a.reasonings), a.timings,
+                  a.first_token_s)
+
+
+def _request(video=None, audio=None, modality="video + audio", question=DEFAULT_INSTRUCT, temperature=0.0, n=1,
+             max_tokens=None, seed=None):
+    return page_request(video, audio, modality, question, temperature, n, max_tokens, seed, "omni-fast")
+
+
+# --- the request the page sends -------------------------------------------------------------------------------------
+def test_each_modality_sends_the_parts_an_api_client_would(clips, awkward_clips):
+    mp4, wav = clips["mp4"], awkward_clips["audio_only"]
+    r = _request(mp4, wav, "video + audio", "Why?", temperature=0.7, n=3, max_tokens=9, seed=5)
+    content = r.body["messages"][0]["content"]
+    assert content == [{"type": "video_url", "video_url": {"url": data_url(mp4)}},
+                       {"type": "audio_url", "audio_url": {"url": data_url(wav, "audio/x-wav")}},
+                       {"type": "text", "text": "Why?"}]
+    assert {k: r.body[k] for k in ("stream", "temperature", "n", "max_tokens", "seed", "model")} == \
+        {"stream": True, "temperature": 0.7, "n": 3, "max_tokens": 9, "seed": 5, "model": "omni-fast"}
+    assert "mm_processor_kwargs" not in r.body
+    assert r.parts == {"messages[0].content[0]": "the video", "messages[0].content[1]": "the audio file"}
+
+    r = _request(mp4, wav, "video")  # the separate audio is not sent; the video's own track is switched off
+    assert [p["type"] for p in r.body["messages"][0]["content"]] == ["video_url", "text"]
+    assert r.body["mm_processor_kwargs"] == {"use_audio_in_video": False}
+    assert r.body["temperature"] == 0.0 and "seed" not in r.body and "max_tokens" not in r.body  # greedy: explicit
+
+    r = _request(mp4, wav, "audio")
+    wav_url = data_url(wav, "audio/x-wav")
+    assert r.body["messages"][0]["content"][0] == {"type": "audio_url", "audio_url": {"url": wav_url}}
+    r = _request(mp4, None, "audio", question="  ")  # no audio file: the video's track; a blank question: none
+    assert r.body["messages"][0]["content"] == [{"type": "audio_url", "audio_url": {"url": data_url(mp4)}}]
+    assert r.parts == {"messages[0].content[0]": "the video's audio track"}
+
+
+@pytest.mark.parametrize("video, audio, modality, words", [
+    (None, None, "video + audio", "needs a video"), (None, "x.wav", "video", "needs a video"),
+    (None, None, "audio", "needs an audio file"), ("x.mp4", None, "sound", "expected one of")])
+def test_missing_inputs_are_one_line(video, audio, modality, words):
+    with pytest.raises(PageError, match=words) as e:
+        _request(video, audio, modality)
+    assert "\n" not in e.value.line
+
+
+# --- the answer read back from the server ---------------------------------------------------------------------------
+def test_the_streamed_answer_is_the_apis(served, omni, clips):
+    server, engine = served
+    seen = _ask(server, _request(clips["mp4"]))
+    api = server.client().chat.completions.create(model="omni-fast", messages=[{"role": "user", "content": [
+        {"type": "video_url", "video_url": {"url": data_url(clips["mp4"])}},
+        {"type": "text", "text": DEFAULT_INSTRUCT}]}], temperature=0)
+    last = seen[-1]
+    assert last.done and last.texts == [api.choices[0].message.content] == [ANSWER]
+    assert last.emotions == ["angry"] and last.reasonings == ["The brows are drawn together."]
+    assert last.finish_reasons == ["stop"]
+    ids = list(engine.added)
+    assert torch.equal(engine.added[ids[-2]].prompt, engine.added[ids[-1]].prompt)  # the page's prompt is the API's
+    assert engine.added[ids[-2]].params.temperature == 0
+    t = last.timings
+    assert set(t) == {"media_s", "wait_s", "encode_s", "generate_s", "total_s"} and min(t.values()) >= 0
+    assert t["media_s"] + t["wait_s"] + t["encode_s"] + t["generate_s"] <= t["total_s"] + 1e-6
+    assert 0 < last.first_token_s < 60
+
+
+def test_the_answer_grows_while_it_streams(omni, script, clips):
+    engine = scripted_engine(omni, script)
+    original = engine.step
+
+    def slow_step():  # one token every 30 ms: the page sees the text grow
+        time.sleep(0.03)
+        return original()
+
+    engine.step = slow_step
+    with ThreadServer(omni, engine) as server:
+        seen = _ask(server, _request(clips["mp4"]))
+    texts = [a.texts[0] for a in seen]
+    assert len(seen) >= 3
+    assert all(b.startswith(a) and len(b) > len(a) for a, b in zip(texts, texts[1:]))
+    assert not seen[0].done and seen[0].emotions == [None] and seen[-1].emotions == ["angry"]
+
+
+def test_n_answers(served, clips):
+    server, _ = served
+    last = _ask(server, _request(clips["mp4"], temperature=1.0, n=3, max_tokens=6, seed=2))[-1]
+    assert len(last.texts) == 3 and len(set(last.texts)) == 3 and last.finish_reasons == ["length"] * 3
+    rows = answers_table(last)
+    assert [r[0] for r in rows] == [1, 2, 3] and [r[2] for r in rows] == ["length"] * 3
+    assert [r[3] for r in rows] == last.texts  # no <think>: the text itself
+
+
+# --- refusals: one line each, parts named as the page names them ----------------------------------------------------
+def test_refusals_are_one_line(served, clips, awkward_clips, tmp_path):
+    server, _ = served
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"not a video at all" * 50)
+    cases = [
+        (_request(bad), "Error 400: the video: cannot be opened as a media file (InvalidDataError)"),
+        (_request(clips["mp4_wide"]), "Error 400: the video: the clip is 3.0 s long; the limit is "
+                                      "--max_clip_seconds 2.5"),
+        (_request(clips["mp4"], awkward_clips["corrupt"]), "Error 400: the audio file: cannot be opened as a media "
+                                                           "file (InvalidDataError)"),
+        (_request(clips["mp4_silent"], modality="audio"), "Error 400: the video's audio track: has no audio stream"),
+        (_request(clips["mp4"], n=5, temperature=1.0), "Error 400: n = 5 exceeds the server's --max_num_seqs 4"),
+    ]
+    for request, line in cases:
+        with pytest.raises(PageError) as e:
+            _ask(server, request)
+        assert e.value.line == line
+    assert _ask(server, _request(clips["mp4"]))[-1].emotions == ["angry"]  # and the server goes on
+
+
+def test_queue_full_and_the_api_key_are_the_apis(omni, script, clips):
+    engine = scripted_engine(omni, script)
+    engine.step_gate.clear()  # the first request is in the engine with no token yet: it waits
+    with ThreadServer(omni, engine, max_queue=1, api_key="k3y") as server:
+        with pytest.raises(PageError, match="^Error 401: missing or wrong API key"):
+            _ask(server, _request(clips["mp4"]), key="wrong")
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            first = pool.submit(_ask, server, _request(clips["mp4"]), "k3y")
+            while not engine.added:
+                time.sleep(0.02)
+            with pytest.raises(PageError) as e:
+                _ask(server, _request(clips["mp4"]), key="k3y")
+            engine.step_gate.set()
+            assert first.result()[-1].emotions == ["angry"]
+    assert e.value.line == ("Error 429: the server's queue is full (--max_queue 1 requests waiting); retry later")
+
+
+def test_an_unreachable_server_is_one_line(clips):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(PageError, match=r"^Error: the server did not answer \(ConnectError") as e:
+        asyncio.run(_drain(stream_answer(f"http://127.0.0.1:{port}", None, _request(clips["mp4"]), 5)))
+    assert "\n" not in e.value.line
+
+
+async def _drain(gen):
+    async for _ in gen:
+        pass
+
+
+# --- the lines drawn from an answer ---------------------------------------------------------------------------------
+def test_agreement_and_the_label_set():
+    assert agreement(["sad", "happy", "sad", None]) == {"sad": 0.5, "happy": 0.25, NO_ANSWER: 0.25}
+    assert list(agreement(["sad", "happy", "sad"])) == ["sad", "happy"]  # most common first
+    assert agreement_line(["sad", "happy", "sad"]) == "2 of 3 answers agree on sad."
+    assert agreement_line([None, None, "sad"]) == "2 of 3 answers agree on no answer."
+    assert label_note(["angry"], "dfew").startswith("In DFEW's label set (7 labels: happy, sad, neutral, angry")
+    assert label_note(["calm", "angry"], "dfew").startswith("Outside DFEW's label set") and "'calm'" in \
+        label_note(["calm", "angry"], "dfew") and "'angry'" not in label_note(["calm", "angry"], "dfew")
+    assert label_note(["calm"], "ravdess").startswith("In RAVDESS's label set (8 labels")
+    assert label_note([None], "mafw").startswith("No emotion: the response has no <answer></answer> tag.")
+
+
+def test_error_and_timings_lines():
+    parts = {"messages[0].content[0]": "the video", "messages[0].content[1]": "the audio file"}
+    assert error_line(400, "messages[0].content[1]: has no audio\nstream", parts) == \
+        "Error 400: the audio file: has no audio stream"
+    assert error_line(None, "gone", {}) == "Error: gone"
+    a = Answer(["x"], ["stop"], ["sad"], [None], {"media_s": 0.01, "wait_s": 0.0, "encode_s": 0.25,
+                                                  "generate_s": 1.5, "total_s": 1.8}, 0.3)
+    assert timings_line(a) == ("media 0.010 s · towers 0.250 s · waiting 0.000 s · generation 1.500 s · "
+                               "total 1.800 s · first token after 0.300 s")
+
+
+def test_data_url_guesses_the_type(tmp_path):
+    p = tmp_path / "a.webm"
+    p.write_bytes(b"\x1a\x45")
+    from omni_fast.serve.page import data_url as page_data_url
+
+    assert page_data_url(p) == "data:video/webm;base64," + base64.b64encode(b"\x1a\x45").decode()
+    (tmp_path / "b.weird").write_bytes(b"z")
+    assert page_data_url(tmp_path / "b.weird").startswith("data:application/octet-stream;base64,")
