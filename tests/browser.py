@@ -166,5 +166,6 @@ class Page:
     def screenshot(self, name: str) -> Path:
         ARTIFACTS.mkdir(exist_ok=True)
         path = ARTIFACTS / f"{name}.png"
+        self.driver.execute_script("document.activeElement && document.activeElement.blur(); window.scrollTo(0, 0)")
         self.driver.save_screenshot(str(path))
         return path

@@ -61,6 +61,7 @@ def test_each_modality_sends_the_parts_an_api_client_would(clips, awkward_clips)
     assert [p["type"] for p in r.body["messages"][0]["content"]] == ["video_url", "text"]
     assert r.body["mm_processor_kwargs"] == {"use_audio_in_video": False}
     assert r.body["temperature"] == 0.0 and "seed" not in r.body and "max_tokens" not in r.body  # greedy: explicit
+    assert "seed" not in _request(mp4, seed=-1).body and _request(mp4, seed=0).body["seed"] == 0
 
     r = _request(mp4, wav, "audio")
     wav_url = data_url(wav, "audio/x-wav")

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from browser import Page, require, start_chromium
-from omni_fast.serve.page import NO_ANSWER, agreement_line, error_line
+from omni_fast.serve.page import NO_ANSWER, agreement_line, error_line, label_note
 from omni_fast.task import DEFAULT_INSTRUCT
 from serve_support import (ANSWER, ServeProcess, ThreadServer, answer_script, data_url, scripted_engine,
                            user)
@@ -209,6 +209,7 @@ def test_the_page_on_omni_fast_serve(tiny_ckpt, chromium, tmp_path):
         choice = api.choices[0]
         assert page.reasoning() == choice.message.content
         assert page.emotion() == (choice.emotion or NO_ANSWER)
+        assert page.note() == label_note([choice.emotion], "mafw")
         assert page.timings().startswith("media ")
         page.screenshot("ui_page")
 

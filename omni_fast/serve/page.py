@@ -48,7 +48,7 @@ def page_request(video: str | None, audio: str | None, modality: str, question: 
     """The page's fields -> the streamed chat request an API client would send for them. modality is one of
     MODALITIES: "video + audio" sends the video (whose own audio track the server uses) and the separate audio
     when one is given; "video" sends the video with use_audio_in_video false; "audio" sends the separate audio,
-    else the video's file as the audio part (its audio track)."""
+    else the video's file as the audio part (its audio track). A seed of None or below 0 sends none (random)."""
     if modality not in MODALITIES:
         raise PageError(f"modality {modality!r}: expected one of {', '.join(MODALITIES)}")
     media = []
@@ -74,7 +74,7 @@ def page_request(video: str | None, audio: str | None, modality: str, question: 
         body["mm_processor_kwargs"] = {"use_audio_in_video": False}
     if max_tokens:
         body["max_tokens"] = int(max_tokens)
-    if seed is not None:
+    if seed is not None and seed >= 0:
         body["seed"] = int(seed)
     return PageRequest(body, parts)
 
@@ -161,7 +161,7 @@ def _add_chunk(answer: Answer, chunk: dict, sent: float) -> bool:
 
 
 # --- what the page shows ----------------------------------------------------------------------------------------------
-NO_ANSWER = "(no <answer></answer> in the response)"
+NO_ANSWER = "(no answer)"  # what an answer without <answer></answer> shows as
 
 
 def agreement(emotions: list[str | None]) -> dict[str, float]:

@@ -16,6 +16,7 @@ requests carry the key.
 from __future__ import annotations
 
 import hmac
+import html
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,7 @@ MAX_N = 8  # the page's largest n (the server's --max_num_seqs caps it further)
 DELETE_UPLOADS = (3600, 3600)  # every hour, uploads older than an hour are deleted
 SYSTEM_FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]  # no web fonts: the page loads nothing from outside
 MONO_FONTS = ["ui-monospace", "monospace"]
-CSS = "#error p { color: #b91c1c; font-weight: 600; margin: 0; }"
+CSS = "#error p { color: #b91c1c; font-weight: 600; margin: 0; } #label-note p, #timings p { margin: 0; }"
 
 
 @dataclass(slots=True)
@@ -76,17 +77,17 @@ def build_page(state: ServerState, samples: list[Sample]):
                     n = gr.Slider(1, max_n, value=1, step=1, label="n (answers)", elem_id="n")
                     max_tokens = gr.Number(state.defaults.max_tokens, precision=0, minimum=1,
                                            label="Max tokens", elem_id="max-tokens")
-                    seed = gr.Number(None, precision=0, label="Seed (empty: random)", elem_id="seed")
+                    seed = gr.Number(-1, precision=0, minimum=-1, label="Seed (-1: random)", elem_id="seed")
                 label_set = gr.Dropdown(list(LABEL_SETS), value="mafw", label="Label set", elem_id="label-set")
             with gr.Column(scale=1):
-                error = gr.Markdown(visible=False, elem_id="error")
+                error = gr.HTML(visible=False, elem_id="error")
                 text = gr.Textbox(label="Reasoning (streamed as it is generated)", lines=10, max_lines=30,
                                   interactive=False, elem_id="reasoning")
                 emotion = gr.Label(label="Emotion", elem_id="emotion")
-                note = gr.Markdown(elem_id="label-note")
+                note = gr.HTML(elem_id="label-note")
                 answers = gr.Dataframe(headers=["#", "emotion", "finish", "reasoning"], label="The n answers",
                                        visible=False, interactive=False, wrap=True, elem_id="answers")
-                timings = gr.Markdown(elem_id="timings")
+                timings = gr.HTML(elem_id="timings")
 
         named = dict(error=error, text=text, emotion=emotion, note=note, answers=answers, timings=timings)
 
@@ -94,14 +95,14 @@ def build_page(state: ServerState, samples: list[Sample]):
             yield {named[k]: v for k, v in _cleared(gr).items()}
             try:
                 request = page_request(video, audio, modality, question, temperature, int(n), max_tokens,
-                                       None if seed is None else int(seed), config.served_model_name)
+                                       seed, config.served_model_name)
                 if state.url is None:
                     raise PageError("Error: the server is not listening yet")
                 async for answer in stream_answer(state.url, config.api_key, request,
                                                   config.request_timeout + 30):
                     yield {named[k]: v for k, v in _shown(gr, answer, label_set).items()}
             except PageError as e:
-                yield {error: gr.Markdown(e.line, visible=True)}
+                yield {error: gr.HTML(_html(e.line), visible=True)}
 
         event = run.click(recognize, [video, audio, modality, question, temperature, n, max_tokens, seed, label_set],
                           list(named.values()), concurrency_limit=None, show_progress="minimal")
@@ -110,8 +111,13 @@ def build_page(state: ServerState, samples: list[Sample]):
     return page
 
 
+def _html(line: str) -> str:
+    """A line of text as the page's HTML shows it: escaped (a message may hold <answer> or a file name)."""
+    return f"<p>{html.escape(line)}</p>" if line else ""
+
+
 def _cleared(gr) -> dict:
-    return {"error": gr.Markdown("", visible=False), "text": "", "emotion": None, "note": "",
+    return {"error": gr.HTML("", visible=False), "text": "", "emotion": None, "note": "",
             "answers": gr.Dataframe(value=None, visible=False), "timings": ""}
 
 
@@ -122,9 +128,9 @@ def _shown(gr, answer: Answer, label_set: str) -> dict:
         n = len(answer.texts)
         shown["emotion"] = agreement(answer.emotions)
         note = label_note(answer.emotions, label_set)
-        shown["note"] = note if n == 1 else f"{agreement_line(answer.emotions)} {note}"
+        shown["note"] = _html(note if n == 1 else f"{agreement_line(answer.emotions)} {note}")
         shown["answers"] = gr.Dataframe(value=answers_table(answer), visible=n > 1)
-        shown["timings"] = timings_line(answer)
+        shown["timings"] = _html(timings_line(answer))
     return shown
 
 
