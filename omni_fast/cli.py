@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(demo, "--serve", action="store_true",
           help="instead of the recognition and training stages, serve the tiny checkpoint with the page on "
                "(omni-fast serve --ui) until Ctrl-C")
-    _flag(demo, "--port", type=int, default=8000, help="with --serve: the port (on 127.0.0.1)")
+    _flag(demo, "--port", type=int, default=8000, help="with --serve: the port on 127.0.0.1 (0: a free one)")
     return parser
 
 
@@ -592,9 +592,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _demo_serve(ckpt: Path, port: int) -> int:
     from omni_fast.serve.config import ServeConfig
 
-    print(f"[demo] serving {ckpt} (random tiny weights, so the answers are not meaningful); the page: "
-          f"http://127.0.0.1:{port}/ui (Ctrl-C stops)", flush=True)
-    return _serve(ckpt, ckpt / "bert-base-uncased", ServeConfig(port=port, served_model_name="tiny-r1-omni", ui=True))
+    print(f"[demo] serving {ckpt} with the page on (random tiny weights, so the answers are not meaningful); "
+          "Ctrl-C stops", flush=True)
+    config = ServeConfig(port=port, served_model_name="tiny-r1-omni", ui=True)
+    return _serve(ckpt, ckpt / "bert-base-uncased", config)
 
 
 def _demo_training(root: Path, ckpt: Path, sft_steps: int, grpo_steps: int) -> None:

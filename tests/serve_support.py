@@ -173,13 +173,14 @@ def user(*parts, text: str | None = None) -> list[dict]:
 
 
 class ServeProcess:
-    """`omni-fast serve ARGS --port 0` in a subprocess on 127.0.0.1, up once it prints where it listens; stopped with
-    SIGTERM (its drain) on close. `output` holds its stderr lines."""
+    """`omni-fast serve --port 0 ARGS` (or another command that serves, such as `demo --serve`) in a subprocess
+    on 127.0.0.1, up once it prints where it listens; stopped with SIGTERM (its drain) on close. `output` holds
+    its stderr lines."""
 
     LISTENING = re.compile(r"omni-fast serve: .* on (http://127\.0\.0\.1:\d+) ")
 
-    def __init__(self, *args, start_timeout: float = 180.0):
-        cmd = [sys.executable, "-m", "omni_fast.cli", "serve", "--port", "0", *map(str, args)]
+    def __init__(self, *args, command: tuple[str, ...] = ("serve",), start_timeout: float = 180.0):
+        cmd = [sys.executable, "-m", "omni_fast.cli", *command, "--port", "0", *map(str, args)]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True)
         self.output: list[str] = []

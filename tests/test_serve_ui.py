@@ -88,6 +88,10 @@ def test_without_a_key_the_page_is_open(omni, script):
     with ThreadServer(omni, engine, ui=True) as server:
         assert httpx.get(server.url + "/ui/config").status_code == 200
         assert httpx.get(server.url + "/health").status_code == 200
+        home = httpx.get(server.url + "/")  # the server's root leads to the page
+        assert home.status_code == 307 and home.headers["location"] == "/ui/"
+    with ThreadServer(omni, engine) as server:  # without --ui: no page
+        assert httpx.get(server.url + "/ui/").status_code == 404 and httpx.get(server.url + "/").status_code == 404
 
 
 # --- in the browser, over the scripted engine -----------------------------------------------------------------------
@@ -133,6 +137,29 @@ def test_the_reasoning_streams_then_the_emotion_appears(page, served, omni, scri
     assert page.timings().startswith("media ") and "generation" in page.timings()
     assert page.answers() == []  # n = 1: no table
     page.screenshot("ui_scripted")
+
+
+def test_stop_aborts_the_request(page, served, script):
+    """Stop cancels the page's event; its API request goes with it: the engine aborts it (its memory freed) before
+    it finishes."""
+    server, engine = served
+    gate, original = threading.Event(), engine.token
+    engine.token = lambda request, sample, position: (position != 4 or gate.wait(HOLD_S),
+                                                      original(request, sample, position))[1]
+    before = set(engine.added)
+    try:
+        page.pick_sample(0)
+        page.recognize()
+        page.wait(lambda: page.reasoning(), "the first streamed tokens")
+        (rid,) = set(engine.added) - before
+        page.driver.find_element("css selector", "#stop").click()
+        page.wait(lambda: server.state.in_flight == 0, "the server to see the page's request go")
+    finally:
+        gate.set()
+        engine.token = original
+    page.wait(lambda: rid in engine.aborted, "the engine aborting the request")
+    assert rid not in engine.requests and len(engine.added[rid].ids[0]) < len(script)
+    assert page.timings() == "" and page.emotion() == ""
 
 
 def test_n_answers_and_their_agreement(page, served, clips):
@@ -193,7 +220,8 @@ def test_the_page_on_omni_fast_serve(tiny_ckpt, chromium, tmp_path):
     bad = tmp_path / "broken.mp4"
     bad.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8)
     max_tokens = 32
-    with ServeProcess("--model_path", tiny_ckpt, "--bert_path", tiny_ckpt / "bert-base-uncased", "--ui") as server:
+    with ServeProcess("--model_path", tiny_ckpt, "--bert_path", tiny_ckpt / "bert-base-uncased", "--ui",
+                      "--served_model_name", "tiny-r1-omni") as server:
         page = Page(chromium, server.url)
         assert page.open() == "page"
         assert len(page.sample_names()) == 3  # the bundled sample clips
@@ -204,7 +232,7 @@ def test_the_page_on_omni_fast_serve(tiny_ckpt, chromium, tmp_path):
         page.wait_done()
         assert page.error() == "", page.error()
         api = server.client().chat.completions.create(
-            model=str(tiny_ckpt), messages=user(data_url(clip), text=DEFAULT_INSTRUCT), temperature=0,
+            model="tiny-r1-omni", messages=user(data_url(clip), text=DEFAULT_INSTRUCT), temperature=0,
             max_tokens=max_tokens)
         choice = api.choices[0]
         assert page.reasoning() == choice.message.content
@@ -223,6 +251,21 @@ def test_the_page_on_omni_fast_serve(tiny_ckpt, chromium, tmp_path):
         assert page.error() == line == "Error 400: the video: cannot be opened as a media file (InvalidDataError)"
         assert "Traceback" not in page.driver.page_source
         page.screenshot("ui_error")
+
+
+@pytest.mark.slow
+def test_demo_serve():
+    """`omni-fast demo --serve`: the tiny checkpoint served with the page on; SIGTERM ends it with status 0."""
+    require(False, "gradio")
+    with ServeProcess(command=("demo", "--serve")) as server:
+        assert httpx.get(server.url + "/health").status_code == 200
+        config = httpx.get(server.url + "/ui/config").json()
+        samples = next(c for c in config["components"] if c["props"].get("label") == "Sample clips")
+        assert len(samples["props"]["samples"]) == 3
+        models = httpx.get(server.url + "/v1/models").json()["data"]
+        assert [m["id"] for m in models] == ["tiny-r1-omni"]
+        assert any("[demo] serving" in line for line in server.output)
+    assert server.close() == 0
 
 
 def test_serve_ui_without_gradio_is_a_one_line_error(tiny_ckpt):

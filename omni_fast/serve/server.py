@@ -47,9 +47,12 @@ def make_app(state: ServerState, samples=()):
 
     app = build_app(state, lifespan)
     if state.config.ui:
-        from omni_fast.serve.ui import mount_page
+        from fastapi.responses import RedirectResponse
+
+        from omni_fast.serve.ui import PATH, mount_page
 
         mount_page(app, state, list(samples))
+        app.add_api_route("/", lambda: RedirectResponse(PATH + "/"), include_in_schema=False)
     return app
 
 
