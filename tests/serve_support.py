@@ -3,8 +3,9 @@
 
 FakeEngine has the continuous-batching engine's request API (add_request / step / abort_request /
 has_unfinished_requests, RequestOutput), so the server's own layer is tested without generation: every sample
-emits a known token sequence one id per step and then an EOS id, and the engine records what the server asked
-of it. ThreadServer runs the real server (uvicorn, the FastAPI app, the engine loop) on a thread, on a free
+emits a known token sequence one id per step and then an EOS id, a request whose cache key and prompt came
+before reports its whole prompt as read from the prefix cache (num_cached_tokens), and the engine records what
+the server asked of it. ThreadServer runs the real server (uvicorn, the FastAPI app, the engine loop) on a thread, on a free
 port of 127.0.0.1. ServeProcess runs the command itself (`python -m omni_fast.cli serve --port 0 ...`) and reads
 its address from the line it prints once it listens.
 """
@@ -32,6 +33,7 @@ class RequestOutput:
     new_token_ids: list[list[int]]
     finished: bool
     completions: list[Completion] | None = None
+    num_cached_tokens: int = 0
 
 
 @dataclass
@@ -39,6 +41,7 @@ class _Request:
     prompt: torch.Tensor
     params: object
     cache_key: str | None
+    cached: int  # prompt rows "read from the prefix cache": all of them when an earlier request had its key and prompt
     ids: list[list[int]] = field(default_factory=list)
     done: list[bool] = field(default_factory=list)
 
@@ -73,7 +76,10 @@ class FakeEngine:
             raise error
         with self.lock:
             assert request_id not in self.requests, request_id
-            r = _Request(prompt, params, cache_key, [[] for _ in range(params.n)], [False] * params.n)
+            hit = cache_key is not None and any(r.cache_key == cache_key and torch.equal(r.prompt, prompt)
+                                                for r in self.added.values())
+            r = _Request(prompt, params, cache_key, prompt.shape[0] if hit else 0, [[] for _ in range(params.n)],
+                         [False] * params.n)
             self.requests[request_id] = self.added[request_id] = r
 
     def abort_request(self, request_id: str) -> None:
@@ -109,7 +115,7 @@ class FakeEngine:
                                               finish_reason="stop" if ids[-1] == self.eos else "length")
                                    for ids in r.ids]
                     del self.requests[rid]
-                outputs.append(RequestOutput(rid, new, completions is not None, completions))
+                outputs.append(RequestOutput(rid, new, completions is not None, completions, r.cached))
             return outputs
 
 

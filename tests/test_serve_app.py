@@ -194,8 +194,13 @@ def test_stream_framing_and_text(served, omni, script, clips, n, usage):
             emotions[ch["index"]] = emotions[ch["index"]] or ch.get("emotion")
     assert texts == [c.message.content for c in plain.choices]
     assert reasons == [c.finish_reason for c in plain.choices] and emotions == [c.emotion for c in plain.choices]
-    if usage:
-        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == plain.usage.model_dump(exclude_none=True)
+    if usage:  # the same clip and question again: the plain request reads its prompt from the prefix cache
+        def counts(u):
+            return {k: v for k, v in u.items() if k != "prompt_tokens_details"}
+
+        assert chunks[-1]["choices"] == [] and counts(chunks[-1]["usage"]) == counts(plain.usage.model_dump(
+            exclude_none=True))
+        assert plain.usage.prompt_tokens_details.cached_tokens == plain.usage.prompt_tokens
     else:
         assert all(c["usage"] is None for c in chunks)
 
@@ -490,3 +495,17 @@ def test_timings(omni, script, clips, monkeypatch):
         assert len(finals) == 2 and all(c["timings"] == finals[0]["timings"] for c in finals)
         assert finals[0]["timings"]["encode_s"] >= 0.3
         assert all(c["timings"] is None for c in chunks if c not in finals)
+
+
+def test_cached_tokens(served, omni, script, clips):
+    """usage.prompt_tokens_details.cached_tokens: the engine's num_cached_tokens (here the scripted engine's: the whole
+    prompt when an earlier request had the same clip, modality, system turn and question)."""
+    server, _ = served
+    client = server.client()
+    question = "Asked twice in test_cached_tokens?"
+    first = _ok(client, omni, script, messages=user(data_url(clips["mp4"]), text=question))
+    again = _ok(client, omni, script, messages=user(str(clips["mp4"]), text=question))  # the same bytes by path
+    other = _ok(client, omni, script, messages=user(data_url(clips["mp4"]), text=question + " No, thrice."))
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens == first.usage.prompt_tokens
+    assert other.usage.prompt_tokens_details.cached_tokens == 0

@@ -2,6 +2,7 @@
 page's field settings sends, the streamed answer read back from a real server (uvicorn, the app, the engine loop,
 over the scripted engine of tests/serve_support.py), the refusals as one line, and the lines drawn from an answer."""
 import asyncio
+import copy
 import base64
 import concurrent.futures
 import time
@@ -35,8 +36,7 @@ def _ask(server, request, key=None) -> list[Answer]:
 
 
 def _copy(a: Answer) -> Answer:
-    return Answer(list(a.texts), list(a.finish_reasons), list(a.emotions), list(a.reasonings), a.timings,
-                  a.first_token_s)
+    return copy.deepcopy(a)
 
 
 def _request(video=None, audio=None, modality="video + audio", question=DEFAULT_INSTRUCT, temperature=0.0, n=1,
@@ -52,8 +52,9 @@ def test_each_modality_sends_the_parts_an_api_client_would(clips, awkward_clips)
     assert content == [{"type": "video_url", "video_url": {"url": data_url(mp4)}},
                        {"type": "audio_url", "audio_url": {"url": data_url(wav, "audio/x-wav")}},
                        {"type": "text", "text": "Why?"}]
-    assert {k: r.body[k] for k in ("stream", "temperature", "n", "max_tokens", "seed", "model")} == \
-        {"stream": True, "temperature": 0.7, "n": 3, "max_tokens": 9, "seed": 5, "model": "omni-fast"}
+    assert {k: r.body[k] for k in ("stream", "stream_options", "temperature", "n", "max_tokens", "seed", "model")} == \
+        {"stream": True, "stream_options": {"include_usage": True}, "temperature": 0.7, "n": 3, "max_tokens": 9,
+         "seed": 5, "model": "omni-fast"}
     assert "mm_processor_kwargs" not in r.body
     assert r.parts == {"messages[0].content[0]": "the video", "messages[0].content[1]": "the audio file"}
 
@@ -82,11 +83,14 @@ def test_missing_inputs_are_one_line(video, audio, modality, words):
 
 # --- the answer read back from the server ---------------------------------------------------------------------------
 def test_the_streamed_answer_is_the_apis(served, omni, clips):
+    """The page's answer equals the API's for the same clip and question, and the two share the engine's prefix
+    cache: the API's request after the page's reads the whole prompt from it."""
     server, engine = served
-    seen = _ask(server, _request(clips["mp4"]))
+    question = "Which emotion, and why? (asked once by the page, then by the API)"
+    seen = _ask(server, _request(clips["mp4"], question=question))
     api = server.client().chat.completions.create(model="omni-fast", messages=[{"role": "user", "content": [
         {"type": "video_url", "video_url": {"url": data_url(clips["mp4"])}},
-        {"type": "text", "text": DEFAULT_INSTRUCT}]}], temperature=0)
+        {"type": "text", "text": question}]}], temperature=0)
     last = seen[-1]
     assert last.done and last.texts == [api.choices[0].message.content] == [ANSWER]
     assert last.emotions == ["angry"] and last.reasonings == ["The brows are drawn together."]
@@ -98,6 +102,10 @@ def test_the_streamed_answer_is_the_apis(served, omni, clips):
     assert set(t) == {"media_s", "wait_s", "encode_s", "generate_s", "total_s"} and min(t.values()) >= 0
     assert t["media_s"] + t["wait_s"] + t["encode_s"] + t["generate_s"] <= t["total_s"] + 1e-6
     assert 0 < last.first_token_s < 60
+    prompt = api.usage.prompt_tokens
+    assert last.usage["prompt_tokens"] == prompt and last.usage["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert api.usage.prompt_tokens_details.cached_tokens == prompt
+    assert timings_line(last).endswith(f" · prefix cache: 0 of {prompt} prompt positions")
 
 
 def test_the_answer_grows_while_it_streams(omni, script, clips):
@@ -199,9 +207,12 @@ def test_error_and_timings_lines():
         "Error 400: the audio file: has no audio stream"
     assert error_line(None, "gone", {}) == "Error: gone"
     a = Answer(["x"], ["stop"], ["sad"], [None], {"media_s": 0.01, "wait_s": 0.0, "encode_s": 0.25,
-                                                  "generate_s": 1.5, "total_s": 1.8}, 0.3)
+                                                  "generate_s": 1.5, "total_s": 1.8},
+               {"prompt_tokens": 900, "prompt_tokens_details": {"cached_tokens": 900}}, 0.3)
     assert timings_line(a) == ("media 0.010 s · towers 0.250 s · waiting 0.000 s · generation 1.500 s · "
-                               "total 1.800 s · first token after 0.300 s")
+                               "total 1.800 s · first token after 0.300 s · prefix cache: 900 of 900 prompt positions")
+    a.usage, a.timings = None, {"total_s": 2.0}
+    assert timings_line(a) == "total 2.000 s · first token after 0.300 s"
 
 
 def test_data_url_guesses_the_type(tmp_path):

@@ -212,8 +212,8 @@ def test_errors_are_one_line(page, served, clips, omni, script):
 @pytest.mark.slow
 def test_the_page_on_omni_fast_serve(tiny_ckpt, chromium, tmp_path):
     """Upload a clip, wait for the streamed reasoning: the emotion (and the text) shown are the API's for the same
-    clip and question; an undecodable upload shows its one-line error; the page is saved as
-    test-artifacts/ui_page.png."""
+    clip and question, and the page and the API share the engine's prefix cache; an undecodable upload shows its
+    one-line error; the page is saved as test-artifacts/ui_page.png (and ui_error.png)."""
     from omni_fast.testing import make_clip
 
     clip = make_clip(tmp_path / "clip.mp4", seconds=2.0, size=(160, 120), seed=5)
@@ -238,7 +238,16 @@ def test_the_page_on_omni_fast_serve(tiny_ckpt, chromium, tmp_path):
         assert page.reasoning() == choice.message.content
         assert page.emotion() == (choice.emotion or NO_ANSWER)
         assert page.note() == label_note([choice.emotion], "mafw")
-        assert page.timings().startswith("media ")
+        prompt = api.usage.prompt_tokens
+        assert page.timings().startswith("media ") and page.timings().endswith(f"prefix cache: 0 of {prompt} prompt "
+                                                                                 "positions")
+        # the page and the API share the engine: the API's request read the page's prompt from the prefix cache,
+        # and the page's next one reads it too
+        assert api.usage.prompt_tokens_details.cached_tokens == prompt
+        page.recognize()
+        page.wait(lambda: page.timings().endswith(f"prefix cache: {prompt} of {prompt} prompt positions"),
+                  "the second answer, its prompt from the prefix cache")
+        assert page.reasoning() == choice.message.content
         page.screenshot("ui_page")
 
         page.open()

@@ -152,6 +152,7 @@ class Call:
         """The engine's outputs as (text deltas per choice, whether the choices are now finished)."""
         while True:
             event = await self.next_event()
+            out.cached_tokens = max(out.cached_tokens, event.num_cached_tokens)
             if any(event.new_token_ids):
                 self._running()
             deltas = out.add(event.new_token_ids)

@@ -69,7 +69,7 @@ def page_request(video: str | None, audio: str | None, modality: str, question: 
     if question.strip():
         content.append({"type": "text", "text": question})
     body = {"model": model, "messages": [{"role": "user", "content": content}], "stream": True,
-            "temperature": float(temperature), "n": int(n)}
+            "stream_options": {"include_usage": True}, "temperature": float(temperature), "n": int(n)}
     if modality == "video":
         body["mm_processor_kwargs"] = {"use_audio_in_video": False}
     if max_tokens:
@@ -95,6 +95,7 @@ class Answer:
     emotions: list[str | None] = field(default_factory=list)  # the server's parse of each final text
     reasonings: list[str | None] = field(default_factory=list)
     timings: dict | None = None  # the server's Timings, once the request has ended
+    usage: dict | None = None  # the server's Usage (prompt positions, and those read from the prefix cache)
     first_token_s: float | None = None  # seconds from sending to the first text, as the page saw it
 
     @property
@@ -147,6 +148,8 @@ def _add_chunk(answer: Answer, chunk: dict, sent: float) -> bool:
     grew = False
     if chunk.get("timings"):
         answer.timings = chunk["timings"]
+    if chunk.get("usage"):
+        answer.usage = chunk["usage"]
     for choice in chunk.get("choices", []):
         i = choice["index"]
         delta = choice.get("delta", {}).get("content") or ""
@@ -204,11 +207,15 @@ def answers_table(answer: Answer) -> list[list]:
 
 
 def timings_line(answer: Answer) -> str:
-    """The server's timings of the request (and the first token as the page saw it), one line."""
+    """The server's timings of the request, the first token as the page saw it, and the share of the prompt the
+    engine read from its prefix cache: one line."""
     t = answer.timings or {}
     parts = [f"{name} {t[key]:.3f} s" for name, key in (("media", "media_s"), ("towers", "encode_s"),
                                                         ("waiting", "wait_s"), ("generation", "generate_s"),
                                                         ("total", "total_s")) if key in t]
     if answer.first_token_s is not None:
         parts.append(f"first token after {answer.first_token_s:.3f} s")
+    if answer.usage:
+        cached = (answer.usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+        parts.append(f"prefix cache: {cached} of {answer.usage['prompt_tokens']} prompt positions")
     return " · ".join(parts)

@@ -135,10 +135,15 @@ class Choice(BaseModel):
     reasoning: str | None = None  # inside <think></think> (likewise)
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int  # prompt positions read from the engine's prefix cache instead of prefilled
+
+
 class Usage(BaseModel):
     prompt_tokens: int  # text tokens plus the spliced video and audio embeddings
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None  # OpenAI's field: the cached share of the prompt
 
 
 class Timings(BaseModel):

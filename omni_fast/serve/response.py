@@ -11,7 +11,8 @@ import time
 
 from omni_fast.task import parse_response
 from omni_fast.serve.protocol import (ChatCompletion, ChatCompletionChunk, ChatMessage, Choice, ChoiceLogprobs,
-                                      ChunkChoice, Delta, Timings, TokenLogprob, Usage)
+                                      ChunkChoice, Delta, PromptTokensDetails, Timings,
+                                      TokenLogprob, Usage)
 from omni_fast.serve.text import TextStream
 
 
@@ -34,6 +35,7 @@ class Outputs:
         self.created = int(time.time())
         self.choices = [ChoiceState(i, tokenizer, stops) for i in range(n)]
         self.prompt_tokens = 0  # set when the request starts
+        self.cached_tokens = 0  # of them, read from the engine's prefix cache (RequestOutput.num_cached_tokens)
         self.timings: Timings | None = None  # set when the request has ended
 
     # --- feeding -------------------------------------------------------------------------------------------------
@@ -72,7 +74,8 @@ class Outputs:
     def usage(self) -> Usage:
         generated = sum(len(c.text.ids) for c in self.choices)
         return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=generated,
-                     total_tokens=self.prompt_tokens + generated)
+                     total_tokens=self.prompt_tokens + generated,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=self.cached_tokens))
 
     def _logprobs(self, choice: ChoiceState) -> ChoiceLogprobs | None:
         if choice.logprobs is None:
