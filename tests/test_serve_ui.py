@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from browser import Page, require, start_chromium
+from browser_support import Page, require, start_chromium
 from omni_fast.serve.page import NO_ANSWER, agreement_line, error_line, label_note
 from omni_fast.task import DEFAULT_INSTRUCT
 from serve_support import (ANSWER, ServeProcess, ThreadServer, answer_script, data_url, scripted_engine,
@@ -182,8 +182,23 @@ def test_n_answers_and_their_agreement(page, served, clips):
     assert page.emotion() == Counter(e or NO_ANSWER for e in emotions).most_common(1)[0][0]
 
 
-def test_errors_are_one_line(page, served, clips, omni, script):
+def test_errors_are_one_line(page, served, clips, omni, script, monkeypatch):
     server, engine = served
+    import omni_fast.serve.ui as ui
+
+    async def broken(*args, **kwargs):  # a fault in the page's own code: one line, never a trace
+        raise RuntimeError("the page's own\nfault")
+        yield
+
+    monkeypatch.setattr(ui, "stream_answer", broken)
+    page.pick_sample(0)
+    page.recognize()
+    page.wait_done()
+    assert page.error() == "Error: RuntimeError: the page's own fault"
+    monkeypatch.undo()
+
+    page.open()  # a fresh page for each case: the last one's line stays until the next answer clears it
+
     page.upload_video(clips["mp4_wide"])  # 3.0 s; the server takes 2.5 s
     page.recognize()
     page.wait_done()

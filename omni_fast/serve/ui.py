@@ -17,14 +17,17 @@ from __future__ import annotations
 
 import hmac
 import html
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from omni_fast.serve.loop import one_line
 from omni_fast.serve.page import (MODALITIES, Answer, PageError, agreement, agreement_line, answers_table,
                                   label_note, page_request, stream_answer, timings_line)
 from omni_fast.serve.state import ServerState
 from omni_fast.task import DEFAULT_INSTRUCT, LABEL_SETS
 
+log = logging.getLogger(__name__)
 PATH = "/ui"
 MAX_N = 8  # the page's largest n (the server's --max_num_seqs caps it further)
 DELETE_UPLOADS = (3600, 3600)  # every hour, uploads older than an hour are deleted
@@ -103,6 +106,9 @@ def build_page(state: ServerState, samples: list[Sample]):
                     yield {named[k]: v for k, v in _shown(gr, answer, label_set).items()}
             except PageError as e:
                 yield {error: gr.HTML(_html(e.line), visible=True)}
+            except Exception as e:  # noqa: BLE001 - a fault of the page itself: one line there, the trace in the log
+                log.exception("the page's request failed")
+                yield {error: gr.HTML(_html(f"Error: {one_line(e)}"), visible=True)}
 
         event = run.click(recognize, [video, audio, modality, question, temperature, n, max_tokens, seed, label_set],
                           list(named.values()), concurrency_limit=None, show_progress="minimal")

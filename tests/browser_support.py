@@ -160,7 +160,8 @@ class Page:
                                         key=lambda c: int(c.get_attribute("aria-colindex")))] for r in rows]
 
     def wait_done(self) -> None:
-        """Until the answer is complete (its timings shown) or an error is."""
+        """Until the answer is complete (its timings shown) or an error is (on a freshly opened page: what an
+        earlier answer left shows until the next one clears it)."""
         self.wait(lambda: self.timings() or self.error(), "the finished answer or an error")
 
     def screenshot(self, name: str) -> Path:
