@@ -223,3 +223,12 @@ def test_data_url_guesses_the_type(tmp_path):
     assert page_data_url(p) == "data:video/webm;base64," + base64.b64encode(b"\x1a\x45").decode()
     (tmp_path / "b.weird").write_bytes(b"z")
     assert page_data_url(tmp_path / "b.weird").startswith("data:application/octet-stream;base64,")
+
+
+def test_the_page_reaches_its_own_server(served):
+    from omni_fast.serve.server import own_url
+
+    server, _ = served
+    assert server.state.url == server.url  # set once the server listens: where the page's requests go
+    assert own_url("0.0.0.0", 8000) == "http://127.0.0.1:8000" and own_url("::", 8000) == "http://[::1]:8000"
+    assert own_url("192.0.2.7", 81) == "http://192.0.2.7:81" and own_url("::1", 9) == "http://[::1]:9"
