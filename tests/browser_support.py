@@ -19,7 +19,7 @@ CHROMEDRIVER = Path("/usr/bin/chromedriver")
 # what runs here: no sandbox (root), no GPU, and no connection Chromium would make on its own (there is no network)
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-dev-shm-usage", "--window-size=1400,1500")
+         "--disable-dev-shm-usage", "--window-size=1280,960")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"  # screenshots (gitignored)
 WAIT_S = 90.0  # the longest wait for one thing on the page (a busy 2-core machine)
 
