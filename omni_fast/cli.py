@@ -218,6 +218,7 @@ def _add_serve_parser(sub) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from omni_fast.config import EngineConfig
     from omni_fast.serve.config import ServeConfig
 
     config = ServeConfig(host=args.host, port=args.port, served_model_name=args.served_model_name or args.model_path,
@@ -225,21 +226,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          allowed_media_domains=tuple(args.allowed_media_domains), max_num_seqs=args.max_num_seqs,
                          max_request_bytes=args.max_request_bytes, max_clip_seconds=args.max_clip_seconds,
                          max_queue=args.max_queue, request_timeout=args.request_timeout, ui=args.ui)
-    return _serve(args.model_path, args.bert_path, config, args.kv_cache_memory, args.device, args.dtype)
+    engine = EngineConfig(max_num_seqs=args.max_num_seqs, kv_cache_memory=args.kv_cache_memory)
+    return _serve(args.model_path, args.bert_path, config, engine, args.device, args.dtype)
 
 
-def _serve(model_path, bert_path, config, kv_cache_memory=None, device=None, dtype=None) -> int:
+def _serve(model_path, bert_path, config, engine_config=None, device=None, dtype=None) -> int:
     """Load the model and serve it (with the page's sample clips, written to a temporary directory, when the page
-    is on) until SIGTERM / Ctrl-C."""
+    is on) until SIGTERM / Ctrl-C. engine_config None: the engine's defaults."""
     from omni_fast.api import OmniModel
-    from omni_fast.config import EngineConfig
     from omni_fast.serve.server import serve
 
     if config.ui:
         _check_ui_installed()
-    engine = EngineConfig(max_num_seqs=config.max_num_seqs, kv_cache_memory=kv_cache_memory)
     t0 = time.perf_counter()
-    model = OmniModel.from_pretrained(model_path, device, _dtype(dtype), bert_path=bert_path, engine_config=engine)
+    model = OmniModel.from_pretrained(model_path, device, _dtype(dtype), bert_path=bert_path,
+                                      engine_config=engine_config)
     print(f"omni-fast serve: model loaded in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="omni-fast-samples-") as tmp:
         return serve(model, config, samples=_page_samples(Path(tmp)) if config.ui else ())
@@ -590,12 +591,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _demo_serve(ckpt: Path, port: int) -> int:
+    from omni_fast.config import EngineConfig
     from omni_fast.serve.config import ServeConfig
 
     print(f"[demo] serving {ckpt} with the page on (random tiny weights, so the answers are not meaningful); "
           "Ctrl-C stops", flush=True)
     config = ServeConfig(port=port, served_model_name="tiny-r1-omni", ui=True)
-    return _serve(ckpt, ckpt / "bert-base-uncased", config)
+    return _serve(ckpt, ckpt / "bert-base-uncased", config, EngineConfig(max_num_seqs=config.max_num_seqs))
 
 
 def _demo_training(root: Path, ckpt: Path, sft_steps: int, grpo_steps: int) -> None:

@@ -11,8 +11,7 @@ import time
 
 from omni_fast.task import parse_response
 from omni_fast.serve.protocol import (ChatCompletion, ChatCompletionChunk, ChatMessage, Choice, ChoiceLogprobs,
-                                      ChunkChoice, Delta, PromptTokensDetails, Timings,
-                                      TokenLogprob, Usage)
+                                      ChunkChoice, Delta, PromptTokensDetails, Timings, TokenLogprob, Usage)
 from omni_fast.serve.text import TextStream
 
 
