@@ -221,6 +221,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from omni_fast.config import EngineConfig
     from omni_fast.serve.config import ServeConfig
 
+    if args.ui:
+        _check_ui_installed()
     config = ServeConfig(host=args.host, port=args.port, served_model_name=args.served_model_name or args.model_path,
                          api_key=args.api_key, allowed_local_media_path=args.allowed_local_media_path,
                          allowed_media_domains=tuple(args.allowed_media_domains), max_num_seqs=args.max_num_seqs,
@@ -236,8 +238,6 @@ def _serve(model_path, bert_path, config, engine_config=None, device=None, dtype
     from omni_fast.api import OmniModel
     from omni_fast.serve.server import serve
 
-    if config.ui:
-        _check_ui_installed()
     t0 = time.perf_counter()
     model = OmniModel.from_pretrained(model_path, device, _dtype(dtype), bert_path=bert_path,
                                       engine_config=engine_config)
@@ -247,6 +247,7 @@ def _serve(model_path, bert_path, config, engine_config=None, device=None, dtype
 
 
 def _check_ui_installed() -> None:
+    """Before anything loads: --ui without Gradio is a one-line error naming the extra."""
     import importlib.util
 
     if importlib.util.find_spec("gradio") is None:
