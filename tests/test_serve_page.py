@@ -45,13 +45,22 @@ def _request(video=None, audio=None, modality="video + audio", question=DEFAULT_
 
 
 # --- the request the page sends -------------------------------------------------------------------------------------
+def _file_of(part: dict) -> tuple[str, str, bytes]:
+    """A media part -> (its type, the data URL's media type, the bytes it carries)."""
+    kind = part["type"]
+    header, _, data = part[kind]["url"].partition(",")
+    assert header.startswith("data:") and header.endswith(";base64")
+    return kind, header[5:-7], base64.b64decode(data)
+
+
 def test_each_modality_sends_the_parts_an_api_client_would(clips, awkward_clips):
     mp4, wav = clips["mp4"], awkward_clips["audio_only"]
     r = _request(mp4, wav, "video + audio", "Why?", temperature=0.7, n=3, max_tokens=9, seed=5)
     content = r.body["messages"][0]["content"]
-    assert content == [{"type": "video_url", "video_url": {"url": data_url(mp4)}},
-                       {"type": "audio_url", "audio_url": {"url": data_url(wav, "audio/x-wav")}},
-                       {"type": "text", "text": "Why?"}]
+    # (the audio type is the platform's name for wav, audio/wav or audio/x-wav: the server reads the bytes)
+    assert [_file_of(p) for p in content[:2]] == [("video_url", "video/mp4", mp4.read_bytes()),
+                                                  ("audio_url", _file_of(content[1])[1], wav.read_bytes())]
+    assert _file_of(content[1])[1] in ("audio/wav", "audio/x-wav") and content[2] == {"type": "text", "text": "Why?"}
     assert {k: r.body[k] for k in ("stream", "stream_options", "temperature", "n", "max_tokens", "seed", "model")} == \
         {"stream": True, "stream_options": {"include_usage": True}, "temperature": 0.7, "n": 3, "max_tokens": 9,
          "seed": 5, "model": "omni-fast"}
@@ -65,8 +74,8 @@ def test_each_modality_sends_the_parts_an_api_client_would(clips, awkward_clips)
     assert "seed" not in _request(mp4, seed=-1).body and _request(mp4, seed=0).body["seed"] == 0
 
     r = _request(mp4, wav, "audio")
-    wav_url = data_url(wav, "audio/x-wav")
-    assert r.body["messages"][0]["content"][0] == {"type": "audio_url", "audio_url": {"url": wav_url}}
+    (audio, text) = r.body["messages"][0]["content"]
+    assert _file_of(audio)[::2] == ("audio_url", wav.read_bytes()) and text["type"] == "text"
     r = _request(mp4, None, "audio", question="  ")  # no audio file: the video's track; a blank question: none
     assert r.body["messages"][0]["content"] == [{"type": "audio_url", "audio_url": {"url": data_url(mp4)}}]
     assert r.parts == {"messages[0].content[0]": "the video's audio track"}
