@@ -158,8 +158,8 @@ def test_stop_aborts_the_request(page, served, script):
         gate.set()
         engine.token = original
     page.wait(lambda: rid in engine.aborted, "the engine aborting the request")
-    assert rid not in engine.requests and len(engine.added[rid].ids[0]) < len(script)
-    assert page.timings() == "" and page.emotion() == ""
+    assert rid not in engine.requests and len(engine.added[rid].ids[0]) < len(script), engine.added[rid].ids
+    assert (page.timings(), page.emotion(), page.error()) == ("", "", "")
 
 
 def test_n_answers_and_their_agreement(page, served, clips):
