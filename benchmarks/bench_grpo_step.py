@@ -58,6 +58,7 @@ import torch
 from common import emit
 from omni_fast.config import EngineConfig, GRPOConfig, LoaderConfig
 from omni_fast.distributed import DistContext
+from omni_fast.engine.kv_cache import pool_bytes
 from omni_fast.features.key import FeatureSettings
 from omni_fast.features.store import FeatureStore
 from omni_fast.features.towers import CachedTowers
@@ -112,8 +113,11 @@ class Ours:
     def __init__(self, loaded, b: int, cfg: GRPOConfig, device: torch.device, steps: int):
         check_config(cfg)
         reference = loaded.model.copy_sharing_towers()  # the frozen initial weights, as the trainer keeps them
+        pool = 2 * pool_bytes(loaded.model.config, loaded.model.lm_head_weight.dtype, b * (1 + cfg.num_generations),
+                              2048 + cfg.max_completion_length)  # prompts and completions, twice over
         self.ctx = build_context(cfg, loaded, DistContext(device=device), reference, steps,
-                                 EngineConfig(max_prompts=b, max_samples=b * cfg.num_generations))
+                                 EngineConfig(max_num_seqs=b * cfg.num_generations, kv_cache_memory=pool,
+                                              max_num_batched_tokens=b * 2048))
         self.ctx.ignore_eos = True  # every completion has exactly N tokens, as in the reference path
 
     def step(self, frames, mel, ids, bert, labels, step: int, phases: Timer) -> float:

@@ -85,7 +85,8 @@ for bench in benchmarks/bench_*.py; do
   name=$(basename "$bench" .py)
   limit=120; extra=()
   case "$name" in
-    bench_rollout|bench_selective_logprob) limit=240 ;;
+    bench_rollout) limit=360; [ "$GPU" = 1 ] && extra=(--workload fixed mixed arrivals cache) ;;  # every workload
+    bench_selective_logprob) limit=240 ;;
     bench_grpo_step) limit=420 ;;  # full GRPO steps (ours, reference: warm-up + 3 timed; ours with the tower-feature store cold and warm: warm-up + 2), random weights of the real shape
     bench_sft_epoch) limit=180 ;;  # makes 24 clips, then three SFT epochs of the tiny model (no store, cold, warm)
     bench_infer) limit=180 ;;  # builds the real shape in float16 and encodes 16 clips

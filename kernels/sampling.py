@@ -3,8 +3,10 @@ log-probability.
 
 Sampling is Gumbel-max: token = argmax over the kept tokens of (logits / T + G), G = -log(-log(U)), which draws
 exactly from softmax(logits / T) restricted to the kept set. U comes from a counter-based hash of
-(seed, step, token id), so a row's draw depends only on its own seed and step: reproducible for a request
-whatever else is in the batch, and identical between the kernel and this reference.
+(seed, step, token id), where seed and step are the row's own (step = the index of the token being drawn in
+its sequence, an int for every row or one per row), so a row's draw depends only on its own seed and token
+index: reproducible for a request whatever else is in the batch and whenever it joined, and identical between
+the kernel and this reference.
 
 Per row: temperature 0 means greedy (argmax of the raw logits). Otherwise, in HF's warper order, logits are
 divided by the temperature, then only the top_k largest are kept (0 = all), then the smallest set of the most
@@ -39,8 +41,8 @@ def _fmix32(x):
     return x ^ (x >> 16)
 
 
-@triton.jit(do_not_specialize=["step"])
-def _sample_kernel(Logits, Temperature, Threshold, Seeds, Tokens, Logprobs, step, V, stride_row,
+@triton.jit
+def _sample_kernel(Logits, Temperature, Threshold, Seeds, Steps, Tokens, Logprobs, V, stride_row,
                    BLOCK_V: tl.constexpr):
     """One row: scaled = x / T; lse = logsumexp(scaled); token = argmax(x) if T <= 0 else
     argmax_{scaled >= thr}(scaled + gumbel(seed, step, id)); logprob = scaled[token] - lse."""
@@ -50,6 +52,7 @@ def _sample_kernel(Logits, Temperature, Threshold, Seeds, Tokens, Logprobs, step
     t = tl.where(greedy, 1.0, t)
     thr = tl.load(Threshold + row)
     seed = tl.load(Seeds + row)
+    step = tl.load(Steps + row)
     seed32 = (seed ^ (seed >> 32)) & 0xFFFFFFFF
     row_hash = _fmix32((seed32 * 0x9E3779B1 + step.to(tl.int64) * 0x85EBCA77 + 0x27D4EB2F) & 0xFFFFFFFF)
     m = float("-inf")
@@ -122,19 +125,27 @@ def keep_threshold(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch
     return thr
 
 
+def row_steps(step: torch.Tensor | int, rows: int, device: torch.device) -> torch.Tensor:
+    """`step` as an int64 [rows] tensor: the token index each row draws (an int is every row's)."""
+    steps = torch.as_tensor(step, dtype=torch.int64, device=device)
+    return steps.expand(rows).contiguous() if steps.dim() == 0 else steps
+
+
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-           seeds: torch.Tensor, step: int, filters: tuple[int, bool, bool] | None = None
+           seeds: torch.Tensor, step: torch.Tensor | int, filters: tuple[int, bool, bool] | None = None
            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton path; arguments as sample_ref."""
     b, v = logits.shape
     assert logits.stride(1) == 1, "logits rows must be contiguous"
-    for name, t in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("seeds", seeds)):
+    steps = row_steps(step, b, logits.device)
+    for name, t in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("seeds", seeds),
+                    ("step", steps)):
         assert t.shape == (b,), f"{name} must have one entry per row ({b}), got {tuple(t.shape)}"
     assert seeds.dtype == torch.int64, "seeds must be int64"
     thr = keep_threshold(logits, temperature, top_k, top_p, filters)
     tokens = torch.empty(b, dtype=torch.int64, device=logits.device)
     logprobs = torch.empty(b, dtype=torch.float32, device=logits.device)
-    _sample_kernel[(b,)](logits, temperature.float().contiguous(), thr, seeds, tokens, logprobs, step, v,
+    _sample_kernel[(b,)](logits, temperature.float().contiguous(), thr, seeds, steps, tokens, logprobs, v,
                          logits.stride(0), BLOCK_V=4096 if logits.is_cuda else 1024, num_warps=8)
     return tokens, logprobs
 
@@ -148,25 +159,26 @@ def _fmix32_ref(x: torch.Tensor) -> torch.Tensor:
 
 
 def uniform_noise_at(seeds: torch.Tensor, step: torch.Tensor | int, ids: torch.Tensor) -> torch.Tensor:
-    """seeds [B] int64, step (scalar), token ids [B, W] or [W] int64 -> U [B, W] float32 in (0, 1): the noise
-    of those tokens only. Integer hashing and an exact 24-bit conversion, so it equals the full-vocabulary
-    draw at the same ids bit for bit."""
+    """seeds [B] int64, step (an int or int64 [B]), token ids [B, W] or [W] int64 -> U [B, W] float32 in (0, 1):
+    the noise of those tokens only. Integer hashing and an exact 24-bit conversion, so it equals the
+    full-vocabulary draw at the same ids bit for bit."""
     seed32 = (seeds ^ (seeds >> 32)) & _MASK32
     step = torch.as_tensor(step, device=seeds.device, dtype=torch.int64)
-    row = _fmix32_ref((seed32 * 0x9E3779B1 + step * 0x85EBCA77 + 0x27D4EB2F) & _MASK32)  # (B,)
+    row = _fmix32_ref((seed32 * 0x9E3779B1 + step * 0x85EBCA77 + 0x27D4EB2F) & _MASK32)  # (B,), step broadcast
     x = _fmix32_ref((row[:, None] ^ ((ids.expand(seeds.shape[0], -1) * 0xC2B2AE3D) & _MASK32)) & _MASK32)
     return ((x >> 8).float() + 0.5) * (1.0 / 16777216.0)
 
 
 def uniform_noise_ref(seeds: torch.Tensor, step: torch.Tensor | int, vocab: int) -> torch.Tensor:
-    """seeds [B] int64, step (scalar) -> U [B, vocab] float32 in (0, 1)."""
+    """seeds [B] int64, step (an int or int64 [B]) -> U [B, vocab] float32 in (0, 1)."""
     return uniform_noise_at(seeds, step, torch.arange(vocab, device=seeds.device, dtype=torch.int64))
 
 
 def sample_ref(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-               seeds: torch.Tensor, step: int, filters: tuple[int, bool, bool] | None = None
+               seeds: torch.Tensor, step: torch.Tensor | int, filters: tuple[int, bool, bool] | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [B, V]; temperature/top_p [B] float; top_k [B] int (0 = off); seeds [B] int64; step int;
+    """logits [B, V]; temperature/top_p [B] float; top_k [B] int (0 = off); seeds [B] int64; step: the token
+    index each row draws (an int for all, or int64 [B]);
     filters: batch_filters(top_k, top_p) if known -> (tokens [B] int64, logprobs [B] float32).
     Plain torch: the definition of correct."""
     logits = logits.float()
@@ -230,7 +242,8 @@ def _gumbel_argmax(scores: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 _WIDE_CHUNK = 2**18  # noise hashed per chunk of this many logits: the int64 temporaries stay in cache
 
 
-def _draw_over_vocabulary(scaled: torch.Tensor, thr: torch.Tensor, seeds: torch.Tensor, step: int) -> torch.Tensor:
+def _draw_over_vocabulary(scaled: torch.Tensor, thr: torch.Tensor, seeds: torch.Tensor,
+                          steps: torch.Tensor) -> torch.Tensor:
     """The reference's draw for rows that keep more than their candidates: noise for the whole vocabulary, a
     few rows at a time, so the cost stays linear in the rows (the reference's B x V int64 temporaries outgrow
     the caches, and it slows down faster than the rows grow)."""
@@ -238,13 +251,13 @@ def _draw_over_vocabulary(scaled: torch.Tensor, thr: torch.Tensor, seeds: torch.
     out = []
     for r in range(0, scaled.shape[0], rows):
         x, t = scaled[r:r + rows], thr[r:r + rows, None]
-        u = uniform_noise_ref(seeds[r:r + rows], step, x.shape[1])
+        u = uniform_noise_ref(seeds[r:r + rows], steps[r:r + rows], x.shape[1])
         out.append(_gumbel_argmax(x.masked_fill(x < t, float("-inf")), u))
     return torch.cat(out)
 
 
 def sample_cpu(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-               seeds: torch.Tensor, step: int, filters: tuple[int, bool, bool] | None = None
+               seeds: torch.Tensor, step: torch.Tensor | int, filters: tuple[int, bool, bool] | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """The CPU path; arguments and results as sample_ref, the same tokens and log-probs for the same seeds.
 
@@ -258,6 +271,7 @@ def sample_cpu(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Ten
     logits = logits.float()
     b, v = logits.shape
     filters = filters or batch_filters(top_k, top_p)
+    steps = row_steps(step, b, logits.device)
     greedy = temperature <= 0
     t = torch.where(greedy, torch.ones_like(temperature), temperature).float()[:, None]
     scaled = logits if bool((t == 1).all()) else logits / t  # x / 1 == x: skip a pass over B x V
@@ -274,12 +288,12 @@ def sample_cpu(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Ten
         kept = ids < v
         ids = ids.clamp(max=v - 1)
         scores = scaled.gather(1, ids).masked_fill(~kept, float("-inf"))
-        picked = ids.gather(1, _gumbel_argmax(scores, uniform_noise_at(seeds, step, ids))[:, None])[:, 0]
+        picked = ids.gather(1, _gumbel_argmax(scores, uniform_noise_at(seeds, steps, ids))[:, None])[:, 0]
         narrow = ~greedy & ~overflow
         tokens = torch.where(narrow, picked, tokens)
         wide = ~greedy & overflow
     rows = wide.nonzero()[:, 0]
     if rows.numel():
-        tokens[rows] = _draw_over_vocabulary(scaled[rows], thr[rows], seeds[rows], step)
+        tokens[rows] = _draw_over_vocabulary(scaled[rows], thr[rows], seeds[rows], steps[rows])
     logprobs = torch.log_softmax(scaled, dim=1).gather(1, tokens[:, None])[:, 0]
     return tokens, logprobs

@@ -61,7 +61,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     _flag(p, "--tower_cache_dir", default=None,
           help="a tower-feature store (omni-fast cache-features --aspect stretch): clips found there skip decoding "
                "and both towers, the others are added to it; the results are the same")
-    _flag(p, "--max_samples", type=int, default=256, help="decode rows the engine runs at once")
+    _flag(p, "--max_num_seqs", type=int, default=256, help="sample rows the engine decodes at once")
+    _flag(p, "--max_num_batched_tokens", type=int, default=2048, help="prompt positions prefilled per engine step")
+    _flag(p, "--kv_cache_memory", type=int, default=None,
+          help="bytes of the engine's KV pool (default: --gpu_memory_utilization on a GPU, 2 GiB on the CPU)")
+    _flag(p, "--gpu_memory_utilization", type=float, default=0.9,
+          help="fraction of the GPU the weights, activations and KV pool may fill")
     _flag(p, "--no_cuda_graphs", action="store_true", help="decode eagerly (no CUDA graph capture)")
 
 
@@ -73,7 +78,10 @@ def _load_model(args: argparse.Namespace, device=None):
     return OmniModel.from_pretrained(
         args.model_path, device if device is not None else args.device, _dtype(args.dtype), bert_path=args.bert_path,
         vision_tower=args.vision_tower, audio_tower=args.audio_tower,
-        engine_config=EngineConfig(max_samples=args.max_samples, cuda_graphs=not args.no_cuda_graphs),
+        engine_config=EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                                   kv_cache_memory=args.kv_cache_memory,
+                                   gpu_memory_utilization=args.gpu_memory_utilization,
+                                   cuda_graphs=not args.no_cuda_graphs),
         loader_config=LoaderConfig(backend=args.media_backend, workers=args.media_workers, prefetch=1),
         tower_cache_dir=args.tower_cache_dir)
 
@@ -514,7 +522,7 @@ def _eval(args: argparse.Namespace, paths: tuple[Path, Path, Path] | None, devic
 
 def _check_counts(args: argparse.Namespace) -> None:
     """infer / eval: the counts that must be >= 1, before anything loads."""
-    for name in ("max_new_tokens", "batch_size", "media_workers", "max_samples"):
+    for name in ("max_new_tokens", "batch_size", "media_workers", "max_num_seqs", "max_num_batched_tokens"):
         value = getattr(args, name)
         if value < 1:
             raise ValueError(f"--{name} {value}: expected an integer >= 1")

@@ -175,20 +175,37 @@ class SamplingParams:
         return cls(n=1, temperature=0.0, max_tokens=max_tokens)
 
 
+ADMISSION = ("continuous", "static")  # EngineConfig.admission
+
+
 @dataclass(slots=True)
 class EngineConfig:
-    max_prompts: int = 32  # prompts prefilled together; larger requests run in several batches
-    max_samples: int = 256  # decode rows at once (prompts x n); the batch is split to stay under it
-    sync_every: int = 16  # decode steps between host checks for finished rows (the only per-step sync)
+    """The continuous-batching engine (omni_fast/engine/): how many rows run, how much prefill a step takes, and
+    the bounded KV pool (vLLM's names where the concept is the same)."""
+    max_num_seqs: int = 256  # sample rows decoding at once (requests x n); admission waits beyond it
+    max_num_batched_tokens: int = 2048  # prefill tokens per step; a longer prompt is prefilled in chunks
+    block_size: int = 16  # tokens per KV-pool block (a power of two)
+    kv_cache_memory: int | None = None  # bytes of the KV pool; None: gpu_memory_utilization on a GPU, 2 GiB on the CPU
+    gpu_memory_utilization: float = 0.9  # GPU: the fraction of the card the weights, activations and pool may fill
+    admission: str = "continuous"  # "continuous" (join at every step) or "static" (nothing joins until all drain)
     cuda_graphs: bool = True  # capture decode steps in CUDA graphs per batch-size bucket (CUDA only)
-    graph_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # captured decode batch sizes
+    graph_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # captured decode batch sizes
 
     def __post_init__(self) -> None:
-        if self.max_prompts < 1 or self.max_samples < 1:
-            raise ConfigError(f"EngineConfig: max_prompts and max_samples must be >= 1, got "
-                              f"{self.max_prompts}, {self.max_samples}")
-        if self.sync_every < 1:
-            raise ConfigError(f"EngineConfig.sync_every must be >= 1, got {self.sync_every}")
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ConfigError(f"EngineConfig: max_num_seqs and max_num_batched_tokens must be >= 1, got "
+                              f"{self.max_num_seqs}, {self.max_num_batched_tokens}")
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ConfigError(f"EngineConfig.block_size must be a power of two, got {self.block_size}")
+        if self.kv_cache_memory is not None and self.kv_cache_memory < 1:
+            raise ConfigError(f"EngineConfig.kv_cache_memory must be a positive number of bytes or None, got "
+                              f"{self.kv_cache_memory}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ConfigError(f"EngineConfig.gpu_memory_utilization must be in (0, 1], got "
+                              f"{self.gpu_memory_utilization}")
+        if self.admission not in ADMISSION:
+            raise ConfigError(f"EngineConfig.admission {self.admission!r}: expected one of {ADMISSION}")
+        self.graph_buckets = tuple(self.graph_buckets)
         if list(self.graph_buckets) != sorted(set(self.graph_buckets)) or self.graph_buckets[0] < 1:
             raise ConfigError(f"EngineConfig.graph_buckets must be increasing positive sizes, got {self.graph_buckets}")
 

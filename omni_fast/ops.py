@@ -175,24 +175,27 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal self-attention, q [B, T, Hq, D], k/v [B, T, Hkv, D] -> [B, T, Hq, D] (flash-attn where installed)."""
+    """Causal self-attention, q [B, Tq, Hq, D], k/v [B, Tk, Hkv, D] -> [B, Tq, Hq, D], the queries being the last
+    Tq of the Tk positions (flash-attn where installed)."""
     return _pick("causal_attention", q.device, q, k, v)(q, k, v)
 
 
-def cascade_attention(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor, prefix_lens: torch.Tensor,
-                      groups: torch.Tensor, gen_k: torch.Tensor, gen_v: torch.Tensor, slots: torch.Tensor,
+def cascade_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, prefix_tables: torch.Tensor,
+                      prefix_lens: torch.Tensor, groups: torch.Tensor, gen_tables: torch.Tensor,
                       gen_lens: torch.Tensor, group_offsets: torch.Tensor | None = None,
                       splits: int | None = None) -> torch.Tensor:
-    """Shared-prefix decode attention, q [B, Hq, D] -> [B, Hq, D] (kernels/cascade_attention.py)."""
-    return _pick("cascade_attention", q.device, q)(q, prefix_k, prefix_v, prefix_lens, groups, gen_k, gen_v, slots,
-                                                gen_lens, group_offsets, splits)
+    """Shared-prefix decode attention over one layer of a paged KV pool, q [B, Hq, D] -> [B, Hq, D]
+    (kernels/cascade_attention.py)."""
+    return _pick("cascade_attention", q.device, q)(q, k_cache, v_cache, prefix_tables, prefix_lens, groups,
+                                                gen_tables, gen_lens, group_offsets, splits)
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-           seeds: torch.Tensor, step: int, filters: tuple[int, bool, bool] | None = None
+           seeds: torch.Tensor, step: torch.Tensor | int, filters: tuple[int, bool, bool] | None = None
            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy / temperature / top-k / top-p sampling with per-row seeds -> (tokens, logprobs) (kernels/sampling.py).
-    filters (`sample_filters`) describes the batch so a step needs no host sync."""
+    """Greedy / temperature / top-k / top-p sampling with per-row seeds and per-row token indices `step` (an
+    int for all rows or an int64 [B]) -> (tokens, logprobs) (kernels/sampling.py). filters (`sample_filters`)
+    describes the batch so a step needs no host sync."""
     return _pick("sample", logits.device)(logits, temperature, top_k, top_p, seeds, step, filters)
 
 

@@ -91,7 +91,8 @@ def test_cli_device_errors_are_one_line(tiny_ckpt, clips, capsys, monkeypatch):
 @pytest.mark.parametrize("extra,said", [(["--max_new_tokens", "0"], "--max_new_tokens 0"),
                                         (["--batch_size", "0"], "--batch_size 0"),
                                         (["--batch_size", "-3"], "--batch_size -3"),
-                                        (["--max_samples", "0"], "--max_samples 0")])
+                                        (["--max_num_seqs", "0"], "--max_num_seqs 0"),
+                                        (["--max_num_batched_tokens", "0"], "--max_num_batched_tokens 0")])
 def test_cli_infer_refuses_counts_below_one_before_loading(tiny_ckpt, clips, capsys, monkeypatch, extra, said):
     from omni_fast.api import OmniModel
 
@@ -207,9 +208,10 @@ def test_engine_and_media_settings_reach_the_model(tiny_ckpt, clips, monkeypatch
     real = OmniModel.from_pretrained.__func__
     monkeypatch.setattr(OmniModel, "from_pretrained", classmethod(lambda c, *a, **k: seen.append(k) or real(c, *a, **k)))
     assert cli.main(["infer", "--model_path", str(tiny_ckpt), "--video_path", str(clips["mp4"]), "--device", "cpu",
-                     "--max_new_tokens", "4", "--media_workers", "1", "--max_samples", "8", "--no_cuda_graphs"]) == 0
+                     "--max_new_tokens", "4", "--media_workers", "1", "--max_num_seqs", "8", "--kv_cache_memory",
+                     str(64 << 20), "--no_cuda_graphs"]) == 0
     (kw,) = seen
-    assert kw["engine_config"] == EngineConfig(max_samples=8, cuda_graphs=False)
+    assert kw["engine_config"] == EngineConfig(max_num_seqs=8, kv_cache_memory=64 << 20, cuda_graphs=False)
     assert kw["loader_config"].workers == 1 and kw["loader_config"].backend == "pyav"
     model = OmniModel.from_pretrained(tiny_ckpt, "cpu", bert_path=tiny_ckpt / "bert-base-uncased",
                                       loader_config=LoaderConfig(workers=1, prefetch=0))

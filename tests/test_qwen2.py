@@ -68,3 +68,28 @@ def test_flash_attn_path_matches_sdpa():
     ref = causal_attention_ref(q.double(), k.double(), v.double())
     torch_err = (causal_attention_ref(q, k, v).double() - ref).abs().max()
     assert (ops.causal_attention(q, k, v).double() - ref).abs().max() <= 2 * torch_err
+
+
+@pytest.mark.parametrize("tq,tk", [(5, 5), (5, 12), (1, 40)])
+def test_causal_attention_with_earlier_keys_is_the_tail_of_the_full_pass(tq, tk):
+    """Queries for the last tq of tk positions (a prefill chunk after earlier ones) give the last tq rows of the
+    full causal pass: query i sees keys <= i + tk - tq (flash-attn's alignment)."""
+    from omni_fast.kernels.causal_attention import causal_attention_ref as sdpa_causal_attention
+
+    q = torch.randn(2, tk, 4, 16, dtype=torch.float64)
+    k, v = torch.randn(2, 2, tk, 2, 16, dtype=torch.float64).unbind(0)
+    full = sdpa_causal_attention(q, k, v)
+    assert (sdpa_causal_attention(q[:, tk - tq:], k, v) - full[:, tk - tq:]).abs().max() < 1e-12
+
+
+@pytest.mark.gpu
+def test_flash_attn_aligns_earlier_keys_like_sdpa():
+    pytest.importorskip("flash_attn")
+    from omni_fast import ops
+    from omni_fast.kernels.causal_attention import causal_attention_ref as sdpa_causal_attention
+
+    q = torch.randn(1, 100, 14, 64, device="cuda", dtype=torch.bfloat16)
+    k, v = torch.randn(2, 1, 300, 2, 64, device="cuda", dtype=torch.bfloat16).unbind(0)
+    ref = sdpa_causal_attention(q.double(), k.double(), v.double())
+    torch_err = (sdpa_causal_attention(q, k, v).double() - ref).abs().max()
+    assert (ops.causal_attention(q, k, v).double() - ref).abs().max() <= 2 * torch_err

@@ -93,10 +93,10 @@ def test_device_cuda_without_a_gpu_is_refused_before_anything_is_written(task, t
 
 
 def test_a_group_larger_than_the_engine_default_trains(task, tiny_ckpt, tmp_path):
-    """num_generations above EngineConfig's default max_samples (256): the trainer's engine takes the group."""
+    """num_generations above EngineConfig's default max_num_seqs (256): the trainer's engine takes the group."""
     trainer = Trainer(run_config(task, tiny_ckpt, tmp_path / "run", max_steps=1, num_generations=300,
                                  per_device_train_batch_size=1, max_completion_length=2))
-    assert trainer.engine.config.max_samples == 300
+    assert trainer.engine.config.max_num_seqs == 300
     history = trainer.train()
     assert len(history) == 1 and checkpoints.resolve(tmp_path / "run", "latest").name == "checkpoint-1"
 

@@ -79,6 +79,27 @@ def test_triton_distribution(kw):
     assert ((freq - expected).abs() <= 5 * (expected * (1 - expected) / 1500).sqrt() + 1e-12).all()
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+def test_per_row_steps_draw_each_row_at_its_own_token_index(backend):
+    """A batch whose rows draw at different token indices gives, row by row, the draw of that row alone at its
+    index: what lets a request join a running batch at any step and keep its tokens. Equal indices for two
+    copies of a row give equal draws, different ones (almost surely) not."""
+    logits, temperature, top_k, top_p, seeds = _mixed_batch(19, 4099)
+    steps = torch.tensor([0, 5, 11, 300, 7] * 4)[:19]
+    with ops.force_backend(backend, "sample"):
+        tokens, lp = ops.sample(logits, temperature, top_k, top_p, seeds, steps)
+        for r in range(19):
+            sl = slice(r, r + 1)
+            alone = ops.sample(logits[sl], temperature[sl], top_k[sl], top_p[sl], seeds[sl], int(steps[r]))
+            assert tokens[r] == alone[0][0] and torch.allclose(lp[r], alone[1][0], atol=1e-6), r
+        twice = logits[1:2].expand(64, -1).contiguous()
+        ones = torch.ones(64)
+        a, _ = ops.sample(twice, ones, torch.zeros(64, dtype=torch.long), ones, seeds[1].repeat(64),
+                          torch.arange(64))
+        b, _ = ops.sample(twice, ones, torch.zeros(64, dtype=torch.long), ones, seeds[1].repeat(64), 3)
+    assert len(set(b.tolist())) == 1 and len(set(a.tolist())) > 1
+
+
 def test_threshold_semantics():
     logits = torch.tensor([[3.0, 1.0, 2.0, 0.0]] * 4 + [[0.0, 0.0, 0.0, 5.0]])
     thr = keep_threshold(logits, torch.ones(5), torch.tensor([2, 0, 0, 2, 0]),

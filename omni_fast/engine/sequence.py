@@ -1,11 +1,14 @@
-"""What a generate() call asks for and returns: prompt groups, their sample rows, and the completions."""
+"""What the engine holds per request (its prompt, sampling parameters and samples, their tokens and KV blocks)
+and what it returns (RequestOutput, Completion)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import enum
+from dataclasses import dataclass, field
 
 import torch
 
 from omni_fast.config import SamplingParams
+from omni_fast.engine.block_manager import CachedPrefix
 
 
 @dataclass(slots=True)
@@ -13,6 +16,14 @@ class Completion:
     token_ids: list[int]  # generated ids, up to and including the stop token
     logprobs: torch.Tensor  # (len(token_ids),) float32, log p of each sampled token (see kernels/sampling.py)
     finish_reason: str  # "stop" (a stop token) or "length" (max_tokens reached)
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    request_id: str
+    new_token_ids: list[list[int]]  # per sample, the tokens it generated this step ([] for none)
+    finished: bool  # every sample has finished
+    completions: list[Completion] | None  # the n completions, once finished
 
 
 def row_seed(seed: int, sample: int) -> int:
@@ -23,49 +34,64 @@ def row_seed(seed: int, sample: int) -> int:
     return x & ((1 << 63) - 1)
 
 
-@dataclass(slots=True)
-class SampleRows:
-    """The decode rows of one batch of prompt groups: row r is sample j of group groups[r]."""
-    groups: torch.Tensor  # (S,) int64 prompt index of each row
-    seeds: torch.Tensor  # (S,) int64
-    temperature: torch.Tensor  # (S,) float32
-    top_k: torch.Tensor  # (S,) int64
-    top_p: torch.Tensor  # (S,) float32
-    repetition_penalty: torch.Tensor  # (S,) float32
-    max_tokens: torch.Tensor  # (S,) int64
-    stop_ids: torch.Tensor  # (S, n_stop) int64, padded with -1
-    max_len: int  # longest max_tokens
+class Status(enum.Enum):
+    WAITING = "waiting"  # not admitted yet, or preempted (holds no KV)
+    PREFILLING = "prefilling"  # admitted: its prompt (or a preempted sample's tokens) is being prefilled
+    RUNNING = "running"  # decoding one token per live sample each step
+    FINISHED = "finished"
 
-    @classmethod
-    def build(cls, params: list[SamplingParams], default_stop: tuple[int, ...], device: torch.device,
-              base_seeds: list[int]) -> SampleRows:
-        groups, seeds, stops = [], [], []
-        for g, (sp, base) in enumerate(zip(params, base_seeds)):
-            stop = () if sp.ignore_eos else (sp.stop_token_ids if sp.stop_token_ids is not None else default_stop)
-            for j in range(sp.n):
-                groups.append(g)
-                seeds.append(row_seed(base, j))
-                stops.append(stop)
-        per_row = [params[g] for g in groups]
-        width = max(1, max(len(s) for s in stops))
 
-        def col(values, dtype):
-            return torch.tensor(values, dtype=dtype, device=device)
+@dataclass(slots=True, eq=False)
+class Sample:
+    index: int  # j among the request's n samples
+    seed: int  # row_seed(request seed, j)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    blocks: list[int] = field(default_factory=list)  # KV blocks of its generated tokens
+    cached: int = 0  # generated tokens whose keys are in the pool (len(token_ids) - 1 when decoding)
+    row: int = -1  # its row of the sampler's and block tables' state while admitted
+    finish_reason: str | None = None
+    reported: int = 0  # tokens already returned in a RequestOutput
 
-        return cls(groups=col(groups, torch.int64), seeds=col(seeds, torch.int64),
-                   temperature=col([p.temperature for p in per_row], torch.float32),
-                   top_k=col([p.top_k for p in per_row], torch.int64),
-                   top_p=col([p.top_p for p in per_row], torch.float32),
-                   repetition_penalty=col([p.repetition_penalty for p in per_row], torch.float32),
-                   max_tokens=col([p.max_tokens for p in per_row], torch.int64),
-                   stop_ids=col([list(s) + [-1] * (width - len(s)) for s in stops], torch.int64),
-                   max_len=max(p.max_tokens for p in params))
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
 
-    def __len__(self) -> int:
-        return self.groups.numel()
 
-    def select(self, rows: torch.Tensor) -> SampleRows:
-        """The same table restricted to `rows` (gathered once per change of the active set, not every step)."""
-        gathered = {f: getattr(self, f)[rows] for f in ("groups", "seeds", "temperature", "top_k", "top_p",
-                                                         "repetition_penalty", "max_tokens", "stop_ids")}
-        return SampleRows(**gathered, max_len=self.max_len)
+@dataclass(slots=True, eq=False)
+class Request:
+    request_id: str
+    prompt: torch.Tensor  # (T, hidden) embeddings
+    params: SamplingParams
+    stop_ids: frozenset[int]
+    cache_key: str | None
+    arrival: int  # order of add_request calls (first come, first served)
+    samples: list[Sample]
+    status: Status = Status.WAITING
+    prefix_blocks: list[int] = field(default_factory=list)  # the prompt's KV blocks (the cache entry's, if any)
+    prefix_entry: CachedPrefix | None = None  # the prefix cache entry it reads
+    prompt_done: int = 0  # prompt positions whose KV is in the pool
+    group: int = -1  # its row of the prefix block table while admitted
+
+    @property
+    def prompt_len(self) -> int:
+        return self.prompt.shape[0]
+
+    @property
+    def live(self) -> list[Sample]:
+        return [s for s in self.samples if s.finish_reason is None]
+
+    @property
+    def fresh(self) -> bool:
+        """No token drawn yet: its first token comes from the prompt's last position."""
+        return not self.samples[0].token_ids
+
+    @property
+    def prefilled(self) -> bool:
+        """The prompt's KV and every live sample's generated KV (all but its last token) are in the pool."""
+        return self.prompt_done == self.prompt_len and all(
+            s.cached >= len(s.token_ids) - 1 for s in self.samples if s.finish_reason is None)
+
+    def completions(self) -> list[Completion]:
+        return [Completion(token_ids=list(s.token_ids), logprobs=torch.tensor(s.logprobs, dtype=torch.float32),
+                           finish_reason=s.finish_reason or "length") for s in self.samples]

@@ -32,6 +32,7 @@ from omni_fast.config import ConfigError, EngineConfig, GRPOConfig
 from omni_fast.devices import resolve_dtype
 from omni_fast.distributed import DistContext
 from omni_fast.engine.engine import Engine
+from omni_fast.engine.kv_cache import pool_bytes
 from omni_fast.features.store import FeatureStore
 from omni_fast.features.towers import CachedTowers
 from omni_fast.grpo import fsdp
@@ -131,7 +132,7 @@ def build_context(cfg: GRPOConfig, loaded, dist: DistContext, reference: nn.Modu
         schedule=lr_lambda(cfg.lr_scheduler_type, total_steps, math.ceil(cfg.warmup_ratio * total_steps)))
     return StepContext(cfg=cfg, dist=dist, rollout_model=model, trained=trained, trainable=trainable, policy=policy,
                        reference=reference, reference_call=reference_call,
-                       engine=Engine(model, engine_config or engine_for(cfg), loaded.generation.eos_token_ids),
+                       engine=Engine(model, engine_config or engine_for(cfg, model), loaded.generation.eos_token_ids),
                        tokenizer=loaded.tokenizer, bert_tokenizer=loaded.bert_tokenizer, optimizer=optimizer,
                        towers=CachedTowers(model, store))
 
@@ -144,9 +145,15 @@ def clip_features(ctx: StepContext, batch) -> ClipFeatures:
     return ClipFeatures(vision=feats.vision, audio=feats.audio)
 
 
-def engine_for(cfg: GRPOConfig) -> EngineConfig:
-    """The rollout engine's config: the defaults, with room for a whole group of G completions at once."""
-    return EngineConfig(max_samples=max(EngineConfig().max_samples, cfg.num_generations))
+def engine_for(cfg: GRPOConfig, model: nn.Module) -> EngineConfig:
+    """The rollout engine's config: rows for a whole group of G completions at least, and a KV pool of twice
+    what one step's prompts (spliced with 392 video and 500 audio embeddings) and their G completions each hold
+    at most; preemption covers anything beyond."""
+    dtype, prompts = model.lm_head_weight.dtype, cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    memory = pool_bytes(model.config, dtype, prompts, cfg.max_prompt_length + 892) + pool_bytes(
+        model.config, dtype, prompts * cfg.num_generations, cfg.max_completion_length)
+    return EngineConfig(max_num_seqs=max(EngineConfig().max_num_seqs, cfg.num_generations),
+                        kv_cache_memory=2 * memory)
 
 
 def grpo_prompt(ctx: StepContext) -> tuple[torch.Tensor, dict]:
