@@ -285,9 +285,9 @@ def cascade_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     if group_offsets is None:
         group_offsets = _offsets(groups, prefix_tables.shape[0])
     offsets, lens = group_offsets.tolist(), prefix_lens.tolist()
-    live = [g for g in range(min(len(lens), len(offsets) - 1)) if offsets[g + 1] > offsets[g] and lens[g] > 0]
-    tables = prefix_tables[live].tolist() if live else []
-    spans = [(t, offsets[g], offsets[g + 1], lens[g]) for g, t in zip(live, tables)]
+    tables = prefix_tables.tolist()
+    spans = [(tables[g], offsets[g], offsets[g + 1], lens[g]) for g in range(min(len(lens), len(offsets) - 1))
+             if offsets[g + 1] > offsets[g] and lens[g] > 0]
     qs = (q.to(acc) * d ** -0.5).view(b, hkv, hq // hkv, d)  # (B, Hkv, rep, D), the scale folded into q
     o_p, lse_p = _prefix_attention(qs, k_cache, v_cache, spans)
     tg = int(gen_lens.max())

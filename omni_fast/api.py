@@ -3,7 +3,7 @@
     model = OmniModel.from_pretrained("R1-Omni-0.5B", bert_path="bert-base-uncased")
     for r in model.recognize(["a.mp4", "b.mp4"]):
         print(r.emotion, r.reasoning)
-    for r in model.recognize_iter(many_clips):       # each result as soon as its batch finishes
+    for r in model.recognize_iter(many_clips):       # each result as soon as it (and those before it) finish
         print(r.video, r.emotion, r.timings.total)
 
 recognize() reproduces the reference inference.py (greedy, the checkpoint's chat template, stretched frames,
@@ -12,14 +12,20 @@ HF generate applies it) for many clips at once; generate() samples n completions
 forward_logits() is the full model on preprocessed inputs, the entry other implementations are compared through.
 
 Results come back one per input clip, in input order, each with its own timings and, for a clip skipped with
-on_error="skip", the error that stopped it: nothing about a call is kept on the model between calls, except in
-the tower-feature store when one is given (tower_cache_dir, omni_fast/features/): clips found there skip
-decoding and both towers, the others are added to it, and the results are the same either way.
+on_error="skip", the error that stopped it. Clips go through one continuous-batching engine: a decoded batch's
+prompts join the requests already decoding, and each prompt carries a prefix-cache key (the clip's bytes, its
+decoding settings, the question), so a clip asked the same question again reuses its prompt's KV while the
+engine's pool holds it (Timings.prompt_cached says so) and gives the same tokens. With a tower-feature store
+(tower_cache_dir, omni_fast/features/), clips found there skip decoding and both towers, the others are added to
+it, and the results are the same either way.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import itertools
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -32,7 +38,7 @@ from omni_fast.config import (AUDIO_TOKEN_INDEX, INFER_DTYPE, ON_ERROR, VIDEO_TO
                               SamplingParams)
 from omni_fast.engine.engine import Engine
 from omni_fast.engine.sequence import Completion
-from omni_fast.features.key import FeatureSettings
+from omni_fast.features.key import FeatureSettings, content_hash
 from omni_fast.features.store import FeatureStore, StoreUnwritable
 from omni_fast.features.towers import BatchFeatures, CachedTowers
 from omni_fast.media.loader import MediaLoader
@@ -47,17 +53,39 @@ log = logging.getLogger(__name__)
 @dataclass(slots=True)
 class Timings:
     """Seconds one clip spent per stage: its share (1/B) of its batch's media wait (decoding not hidden behind
-    the previous batch's generation), encoders + projectors, and generation."""
+    the previous batch's generation) and of its batch's encoders + projectors, and its generation (from joining
+    the engine to its last token, while other clips decode beside it); and what was a cache hit."""
     media: float = 0.0
     encode: float = 0.0
     generate: float = 0.0
+    prompt_cached: bool = False  # the engine read this prompt's KV from its prefix cache (no prefill)
 
     @property
     def total(self) -> float:
         return self.media + self.encode + self.generate
 
-    def as_dict(self) -> dict[str, float]:
-        return {"media_s": self.media, "encode_s": self.encode, "generate_s": self.generate}
+    def as_dict(self) -> dict[str, float | bool]:
+        return {"media_s": self.media, "encode_s": self.encode, "generate_s": self.generate,
+                "prompt_cached": self.prompt_cached}
+
+
+@dataclass(slots=True)
+class _Run:
+    """One generate_iter call's state: its requests in the engine, the results not yet yielded."""
+    instructs: list[str]
+    modal: str
+    aspect: str
+    sampling: SamplingParams
+    total: int  # clips in the call
+    towers: CachedTowers  # the towers, behind the tower-feature store when there is one
+    call: int = field(default_factory=lambda: next(_CALLS))  # request ids are unique per call
+    feeding: bool = True  # decoded batches remain
+    next_out: int = 0  # the next clip to yield
+    live: dict = field(default_factory=dict)  # request id -> (index, video, Timings, time added, features_from)
+    done: dict = field(default_factory=dict)  # index -> its Generation, not yet yielded
+
+
+_CALLS = itertools.count()
 
 
 @dataclass(slots=True)
@@ -263,48 +291,89 @@ class OmniModel:
             raise ValueError(f"on_error {on_error!r}: expected one of {ON_ERROR}")
         return [v if hasattr(v, "video") else str(v) for v in videos]
 
+    def prefix_key(self, record, instruct: str, modal: str, aspect: str, system: str | None = None) -> str | None:
+        """The engine's prefix-cache key of one clip's prompt: the SHA-256 of the clip's bytes (and of its separate
+        audio file), everything its decoding depends on (modal, aspect, backend, frames, mel bins) and the text
+        the prompt and the BERT gate read (instruct, system turn); None when a file cannot be read (no reuse).
+        The model's weights are not in it: the cache belongs to this model's engine (reset_prefix_cache after
+        changing them)."""
+        try:
+            content = content_hash(record, uses_audio=modal != "video")
+        except OSError:
+            return None
+        settings = [modal, aspect, self.loader_config.backend, self.device.type, self.config.num_frames,
+                    self.model.towers.audio.num_mel_bins]
+        return hashlib.sha256(json.dumps([content, settings, instruct, system]).encode()).hexdigest()
+
     # --- entry points ------------------------------------------------------------------------------------------
     def generate_iter(self, videos, instruct: str | list[str] | None = None, sampling: SamplingParams | None = None,
                       modal: str = "video_audio", batch_size: int = 8, aspect: str = "stretch",
                       on_error: str = "raise") -> Iterator[Generation]:
-        """generate(), one Generation per clip in input order, each yielded as soon as its batch is done."""
+        """generate(), one Generation per clip in input order, each yielded as soon as it and every clip before it
+        are done. The engine is fed continuously: a decoded batch's requests join the running ones whenever the
+        engine has admitted everything it was given, so clips never wait for a batch to drain."""
         videos = self._check(videos, modal, on_error)
         sampling = sampling or SamplingParams()
         instructs = [instruct] * len(videos) if instruct is None or isinstance(instruct, str) else list(instruct)
         instructs = [DEFAULT_INSTRUCT if i is None else i for i in instructs]
         if len(instructs) != len(videos):
             raise ValueError(f"{len(videos)} videos but {len(instructs)} instructs")
-        towers = self._towers(modal, aspect)
+        if self.engine.has_unfinished_requests():
+            raise RuntimeError("OmniModel.generate drives its engine itself; it holds requests added elsewhere")
+        run = _Run(instructs, modal, aspect, sampling, len(videos), self._towers(modal, aspect))
         with contextlib.closing(iter(self._media(videos, modal, aspect, batch_size, on_error,
-                                                 towers.lookup))) as batches:
-            while True:
-                t0 = time.perf_counter()
-                batch = next(batches, None)  # media time: the wait for decoding not hidden behind generation
-                media_s = time.perf_counter() - t0
-                if batch is None:
-                    return
-                yield from self._generate_batch(batch, towers, instructs, modal, sampling, media_s)
+                                                 run.towers.lookup))) as batches:
+            try:
+                while run.next_out < run.total:
+                    if run.feeding and not self.engine.num_waiting_requests():
+                        self._feed(run, batches)
+                    if self.engine.has_unfinished_requests():
+                        self._step(run)
+                    elif not run.feeding and run.next_out not in run.done:
+                        raise RuntimeError(f"clip {run.next_out} was neither generated nor failed")
+                    while run.next_out in run.done:
+                        yield run.done.pop(run.next_out)
+                        run.next_out += 1
+            finally:
+                for request_id in list(run.live):
+                    self.engine.abort_request(request_id)  # an early stop leaves the engine empty
 
-    def _generate_batch(self, batch, towers: CachedTowers, instructs: list[str], modal: str,
-                        sampling: SamplingParams, media_s: float) -> list[Generation]:
-        """One decoded batch -> its Generations and its failures, merged in input order."""
-        out = [Generation(video=f.path, texts=[], completions=[], index=f.index, error=f.error)
-               for f in batch.failures]
-        if len(batch):
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                feats: BatchFeatures = towers.features(batch)  # stored clips read, the others through the towers
-            embeds = self.feature_embeds(feats.vision, feats.audio, [instructs[i] for i in batch.positions], modal)
-            t1 = time.perf_counter()
-            results = self.engine.generate(embeds, self.fit_positions(embeds, sampling, batch.records))
-            t2 = time.perf_counter()
-            n = len(batch)
-            share = Timings(media=media_s / n, encode=(t1 - t0) / n, generate=(t2 - t1) / n)
-            for video, index, completions, source in zip(batch.records, batch.positions, results, feats.sources):
-                texts = [self.tokenizer.decode(c.token_ids, skip_special_tokens=True).strip() for c in completions]
-                out.append(Generation(video=_video_name(video), texts=texts, completions=completions, index=index,
-                                      timings=dataclasses.replace(share), features_from=source))
-        return sorted(out, key=lambda g: g.index)
+    def _feed(self, run: _Run, batches) -> None:
+        """The next decoded batch into the engine: its prompts (with their prefix-cache keys), and its failures."""
+        t0 = time.perf_counter()
+        batch = next(batches, None)  # media time: the wait for decoding not hidden behind generation
+        media_s = time.perf_counter() - t0
+        if batch is None:
+            run.feeding = False
+            return
+        for f in batch.failures:
+            run.done[f.index] = Generation(video=f.path, texts=[], completions=[], index=f.index, error=f.error)
+        if not len(batch):
+            return
+        t0 = time.perf_counter()
+        instructs = [run.instructs[i] for i in batch.positions]
+        with torch.inference_mode():
+            feats: BatchFeatures = run.towers.features(batch)  # stored clips read, the others through the towers
+        embeds = self.feature_embeds(feats.vision, feats.audio, instructs, run.modal)
+        params = self.fit_positions(embeds, run.sampling, batch.records)
+        n, now = len(batch), time.perf_counter()
+        for video, index, instruct, e, sp, source in zip(batch.records, batch.positions, instructs, embeds, params,
+                                                         feats.sources):
+            request_id = f"clip-{run.call}-{index}"
+            self.engine.add_request(request_id, e, sp, self.prefix_key(video, instruct, run.modal, run.aspect))
+            run.live[request_id] = (index, _video_name(video), Timings(media=media_s / n, encode=(now - t0) / n),
+                                    time.perf_counter(), source)
+
+    def _step(self, run: _Run) -> None:
+        for out in self.engine.step():
+            if out.finished:
+                index, video, timings, added, source = run.live.pop(out.request_id)
+                timings.generate = time.perf_counter() - added
+                timings.prompt_cached = out.num_cached_tokens > 0
+                texts = [self.tokenizer.decode(c.token_ids, skip_special_tokens=True).strip()
+                         for c in out.completions]
+                run.done[index] = Generation(video=video, texts=texts, completions=out.completions, index=index,
+                                             timings=timings, features_from=source)
 
     def generate(self, videos, instruct: str | list[str] | None = None, sampling: SamplingParams | None = None,
                  modal: str = "video_audio", batch_size: int = 8, aspect: str = "stretch",
@@ -317,8 +386,8 @@ class OmniModel:
     def recognize_iter(self, videos, instruct: str | list[str] | None = None, modal: str = "video_audio",
                        max_new_tokens: int = 2048, batch_size: int = 8,
                        on_error: str = "raise") -> Iterator[Recognition]:
-        """recognize(), one Recognition per clip in input order, each yielded as soon as its batch is done (a
-        caller that stops early, or a KeyboardInterrupt, keeps every result already yielded)."""
+        """recognize(), one Recognition per clip in input order, each yielded as soon as it and the clips before it
+        are done (a caller that stops early, or a KeyboardInterrupt, keeps every result already yielded)."""
         gen = self.loaded.generation
         params = SamplingParams(n=1, temperature=0.0, max_tokens=max_new_tokens,
                                 repetition_penalty=gen.repetition_penalty, stop_token_ids=gen.eos_token_ids)

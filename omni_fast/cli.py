@@ -362,7 +362,8 @@ def _infer_line(r, as_json: bool) -> str:
     return json.dumps({"video": r.video, "text": r.text, "reasoning": r.reasoning, "emotion": r.emotion,
                        "num_tokens": len(r.token_ids), "finish_reason": r.finish_reason, "error": r.error,
                        "features_from": r.features_from,
-                       "timings": {k: round(v, 4) for k, v in r.timings.as_dict().items()}}, ensure_ascii=False)
+                       "timings": {k: v if isinstance(v, bool) else round(v, 4)
+                                   for k, v in r.timings.as_dict().items()}}, ensure_ascii=False)
 
 
 def cmd_infer(args: argparse.Namespace) -> int:

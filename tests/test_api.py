@@ -35,7 +35,9 @@ def test_cli_json_gives_each_clip_its_own_timings(tiny_ckpt, clips, capsys):
     assert rc == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["video"] for r in rows] == [str(clips["mp4"]), str(clips["webm"])]
-    assert all(r["num_tokens"] <= 8 and set(r["timings"]) == {"media_s", "encode_s", "generate_s"} for r in rows)
+    assert all(r["num_tokens"] <= 8 and set(r["timings"]) == {"media_s", "encode_s", "generate_s", "prompt_cached"}
+               for r in rows)
+    assert [r["timings"]["prompt_cached"] for r in rows] == [False, False]
     assert all(r["timings"]["generate_s"] > 0 and r["error"] is None for r in rows)
     assert rows[0]["timings"] != rows[1]["timings"]  # one batch each: not the call's totals repeated
 
@@ -358,3 +360,35 @@ def test_save_pretrained_of_float16_weights_says_they_went_through_float16(tiny_
     (line,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert "went through float16" in line and "dtype=torch.bfloat16" in line and "--dtype bfloat16" in line
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+def test_clips_join_the_running_engine_and_a_repeat_reuses_its_prompt(tiny_ckpt, clips):
+    """One clip per media batch, three batches: a later clip's request joins while an earlier one still decodes
+    (no batch waits for the previous one to drain); the third clip is the first again with the same question, so
+    the engine reads its prompt's KV from the prefix cache (no prefill) and gives the same tokens; a later call
+    hits too, and an early stop leaves the engine empty."""
+    from omni_fast.api import OmniModel
+    from omni_fast.config import LoaderConfig
+
+    model = OmniModel.from_pretrained(tiny_ckpt, "cpu", bert_path=tiny_ckpt / "bert-base-uncased",
+                                      loader_config=LoaderConfig(workers=1, prefetch=1))
+    live_per_step, step = [], model.engine.step
+    model.engine.step = lambda: (live_per_step.append(len(model.engine.requests)), step())[1]
+    paths = [clips["mp4"], clips["webm"], clips["mp4"]]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    first = model.generate(paths, sampling=params, batch_size=1)
+    assert max(live_per_step) >= 2
+    assert [g.timings.prompt_cached for g in first] == [False, False, True]
+    assert first[2].completions[0].token_ids == first[0].completions[0].token_ids
+    prefilled = []
+    prefill = model.engine.runner.prefill
+    model.engine.runner.prefill = lambda chunks: (prefilled.extend(chunks), prefill(chunks))[1]
+    again = model.generate([paths[1]], sampling=params)[0]
+    assert again.timings.prompt_cached and not prefilled
+    assert again.completions[0].token_ids == first[1].completions[0].token_ids
+    other = model.generate([paths[1]], instruct="Which emotion?", sampling=params)[0]  # another question: a miss
+    assert not other.timings.prompt_cached and prefilled
+    stream = model.recognize_iter(paths, max_new_tokens=8, batch_size=1)
+    next(stream)
+    stream.close()
+    assert not model.engine.has_unfinished_requests()

@@ -12,8 +12,8 @@ PrefixCache keeps the prompt KV of requests that came with a `cache_key` after t
 blocks and the final hidden state at the prompt's last position (what the first token is sampled from), is
 reference-counted by the requests reading it, and is evicted least recently used, only when unreferenced, when
 the allocator runs short. A key identifies the prompt: an entry is used only when the new prompt has the same
-length and the same probe rows (its first, middle and last embedding), so a key reused for another prompt is a
-miss, never a wrong answer.
+length and the same probe rows (8 embeddings evenly spaced over it), so a key reused for another prompt is a
+miss rather than a wrong answer (unless the two agree on every probe row: the key is the caller's promise).
 """
 from __future__ import annotations
 
@@ -60,10 +60,14 @@ class BlockTables:
         table[row, start:len(blocks)] = blocks[start:]
 
 
+PROBE_ROWS = 8
+
+
 def prompt_probe(prompt: torch.Tensor) -> torch.Tensor:
-    """The rows a cache entry is checked against: the prompt's first, middle and last embedding."""
+    """The rows a cache entry is checked against: PROBE_ROWS embeddings evenly spaced over the prompt, first and
+    last included."""
     t = prompt.shape[0]
-    return prompt[[0, t // 2, t - 1]].clone()
+    return prompt[[i * (t - 1) // (PROBE_ROWS - 1) for i in range(PROBE_ROWS)]].clone()
 
 
 @dataclass(slots=True, eq=False)

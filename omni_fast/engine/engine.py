@@ -88,6 +88,10 @@ class Engine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def num_waiting_requests(self) -> int:
+        """Requests added (or preempted) and not admitted yet: a caller feeding the engine adds more when none wait."""
+        return len(self.scheduler.waiting)
+
     def reset_prefix_cache(self) -> None:
         """Forget every cached prompt KV (call it after the weights change)."""
         self.prefix_cache.clear()
@@ -172,7 +176,8 @@ class Engine:
             if done:
                 self.scheduler.finish(req)
                 del self.requests[req.request_id]
-            outputs.append(RequestOutput(req.request_id, new, done, req.completions() if done else None))
+            outputs.append(RequestOutput(req.request_id, new, done, req.completions() if done else None,
+                                         req.num_cached_tokens or 0))
         return outputs
 
     # --- generate ----------------------------------------------------------------------------------------------

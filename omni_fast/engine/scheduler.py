@@ -150,6 +150,8 @@ class Scheduler:
         else:
             req.prefix_blocks = self.allocator.allocate(blocks_for(req.prompt_len, self.block_size))
             self.cache_misses += req.cache_key is not None
+        if req.num_cached_tokens is None:
+            req.num_cached_tokens = req.prompt_len if entry is not None else 0
         req.group = self.tables.free_groups.pop()
         self.tables.set(self.tables.prefix, req.group, req.prefix_blocks)
         for s in live:

@@ -24,6 +24,7 @@ class RequestOutput:
     new_token_ids: list[list[int]]  # per sample, the tokens it generated this step ([] for none)
     finished: bool  # every sample has finished
     completions: list[Completion] | None  # the n completions, once finished
+    num_cached_tokens: int = 0  # prompt positions read from the prefix cache instead of prefilled (vLLM's name)
 
 
 def row_seed(seed: int, sample: int) -> int:
@@ -72,6 +73,7 @@ class Request:
     prefix_entry: CachedPrefix | None = None  # the prefix cache entry it reads
     prompt_done: int = 0  # prompt positions whose KV is in the pool
     group: int = -1  # its row of the prefix block table while admitted
+    num_cached_tokens: int | None = None  # prompt positions its first admission read from the prefix cache
 
     @property
     def prompt_len(self) -> int:
