@@ -229,14 +229,19 @@ def test_prefix_cache_hit_skips_the_prefill_and_gives_the_miss_tokens(pair):
     params = SamplingParams(n=3, temperature=1.0, top_k=40, max_tokens=10, seed=3)
     engine = Engine(ours, _config(), stop_token_ids=(STOP,))
     prefilled = _count_prefill(engine)
+    finals = {}
+    step = engine.step
+    engine.step = lambda: [finals.setdefault(o.request_id, o) if o.finished else o for o in step()]
     miss = engine.generate([prompt], params, cache_keys=["clip"])[0]
     hit = engine.generate([prompt], params, cache_keys=["clip"])[0]
     assert [c.token_ids for c in hit] == [c.token_ids for c in miss]
     assert all(torch.equal(a.logprobs, b.logprobs) for a, b in zip(hit, miss))
     assert sum(n for _, n in prefilled) == 23 and engine.scheduler.cache_hits == 1
+    assert [o.num_cached_tokens for o in finals.values()] == [0, 23]
     reused = engine.generate([other], params, cache_keys=["clip"])[0]  # same key, another prompt: a miss
     _assert_reference(ours, other, params, reused)
     assert sum(n for _, n in prefilled) == 46 and engine.scheduler.cache_hits == 1
+    assert list(finals.values())[-1].num_cached_tokens == 0
     engine.reset_prefix_cache()
     engine.generate([prompt], params, cache_keys=["clip"])
     assert sum(n for _, n in prefilled) == 69 and engine.allocator.num_free < engine.allocator.num_blocks
