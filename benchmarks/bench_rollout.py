@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
+import sys
 import time
 
 import torch
@@ -225,6 +226,8 @@ def run_stream(engine: Engine, requests: list[tuple[float, torch.Tensor, Samplin
             outs = engine.step()
             stamp = time.perf_counter() - t0
             steps += 1
+            if steps % 100 == 0:
+                print(f"  step {steps}, {stamp:.0f} s: {len(tokens)} of {len(requests)} requests done", file=sys.stderr)
             admitted = engine.scheduler.running
             held += (engine.allocator.num_blocks - engine.allocator.num_free) * bs
             filled += sum(r.prompt_done + sum(s.cached for s in r.live) for r in admitted)
