@@ -310,6 +310,9 @@ class GRPOConfig:
     max_grad_norm: float = _field(1.0, "global gradient-norm clip; 0 disables it")
     per_device_train_batch_size: int | None = _field(None, "prompts per micro-step (GRPO 1, SFT 2); any value works")
     gradient_accumulation_steps: int | None = _field(None, "micro-steps per optimizer step (GRPO 2, SFT 1)")
+    generation_batch_size: int | None = _field(None, "GRPO: prompts rolled out together in one engine call (TRL's "
+                                                     "name), a multiple of per_device_train_batch_size dividing a "
+                                                     "step's prompts; None: the whole step's")
     num_train_epochs: int | None = _field(None, "passes over the data (GRPO 2, SFT 5)")
     max_steps: int = _field(-1, "optimizer steps; > 0 overrides num_train_epochs")
     # --- bookkeeping ---
@@ -372,6 +375,12 @@ class GRPOConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+        gen = self.generation_batch_size
+        if gen is not None and (not isinstance(gen, int) or isinstance(gen, bool) or gen < 1
+                                or gen % self.per_device_train_batch_size or self.prompts_per_step % gen):
+            raise ConfigError(f"generation_batch_size must be None or a multiple of per_device_train_batch_size "
+                              f"({self.per_device_train_batch_size}) that divides a step's "
+                              f"{self.prompts_per_step} prompts, got {gen!r}")
         if not isinstance(self.max_steps, int) or (self.max_steps < 1 and self.max_steps != -1):
             raise ConfigError(f"max_steps must be -1 (use num_train_epochs) or >= 1, got {self.max_steps!r}")
         if self.save_total_limit is not None and self.save_total_limit < 1:
@@ -402,6 +411,11 @@ class GRPOConfig:
     def prompts_per_step(self) -> int:
         """Prompts in one optimizer step (per process)."""
         return self.per_device_train_batch_size * self.gradient_accumulation_steps
+
+    @property
+    def generation_prompts(self) -> int:
+        """Prompts rolled out in one engine call: generation_batch_size, or the whole step's."""
+        return self.generation_batch_size or self.prompts_per_step
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
@@ -530,6 +544,7 @@ RESUME_RULES: dict[str, tuple[str, str]] = {
     "max_grad_norm": (RESUME_FREE, ""),
     "per_device_train_batch_size": (RESUME_BATCH, _BATCH),
     "gradient_accumulation_steps": (RESUME_BATCH, _BATCH),
+    "generation_batch_size": (RESUME_FREE, ""),
     "num_train_epochs": (RESUME_SCHEDULE, ""),
     "max_steps": (RESUME_SCHEDULE, ""),
     "save_steps": (RESUME_FREE, ""),

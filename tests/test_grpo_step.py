@@ -184,9 +184,9 @@ def test_the_seeds_are_the_same_after_a_resume(tiny_ckpt, tmp_path, monkeypatch)
 def _recording_prompts(prompts: list):
     real = step_module.sample_completions
 
-    def record(model, engine, features, prompt_ids, bert, indices, step, cfg, ignore_eos=False):
-        prompts.append(list(indices))
-        return real(model, engine, features, prompt_ids, bert, indices, step, cfg, ignore_eos)
+    def record(model, engine, batches, bert, step, cfg, ignore_eos=False):
+        prompts.append([i for b in batches for i in b.indices])
+        return real(model, engine, batches, bert, step, cfg, ignore_eos)
     return record
 
 
@@ -253,3 +253,53 @@ def test_the_reference_log_probs_are_the_initial_weights_after_several_steps(loa
     scale = float(want.abs().max())
     assert float((ref - want).abs().max()) <= 1e-5 * scale
     assert float((logp - ref).abs().max()) > 1e-3 * scale  # the policy has moved: the check can tell them apart
+
+
+# --- rollouts per generation batch ------------------------------------------------------------------------------
+def test_a_generation_batch_in_one_engine_call_equals_per_micro_batch_rollouts(tiny_ckpt, monkeypatch):
+    """The real engine, two steps of two micro-batches of one prompt, a reward that varies between completions:
+    rolled out per micro-batch (generation_batch_size 1, two engine calls a step) and as one generation batch (the
+    default: the step's two prompts in one call), the completions, every loss and the weights after both steps
+    are equal bit for bit (and the weights have moved)."""
+    reward_registry.register_reward("chars", lambda completions: [float(len(c) % 5) for c in completions])
+    runs, real_make = {}, step_module.make_rollout
+    try:
+        for gen in (1, None):
+            loaded = load_checkpoint(tiny_ckpt, device="cpu", dtype=torch.float32)
+            calls, rollouts = [], []
+            monkeypatch.setattr(step_module, "make_rollout", lambda *a, **k: rollouts.append(real_make(*a, **k))
+                                or rollouts[-1])
+            cfg = GRPOConfig(num_generations=G, max_completion_length=6, learning_rate=1e-2, seed=7,
+                             per_device_train_batch_size=1, gradient_accumulation_steps=2, generation_batch_size=gen,
+                             reward_funcs=("chars",), temperature=1.3)
+            ctx = step_module.build_context(cfg, loaded, DistContext(), loaded.model.copy_sharing_towers(), 10)
+            real_generate = ctx.engine.generate
+            ctx.engine.generate = lambda prefixes, params: calls.append(len(prefixes)) or real_generate(prefixes,
+                                                                                                      params)
+            micro = _micro(loaded, ["sad"], [0], seed=1) + _micro(loaded, ["happy"], [1], seed=2)
+            metrics = [m for step in (1, 2) for m in _run(ctx, micro, step)]
+            weights = {k: v.detach().clone() for k, v in loaded.model.state_dict().items()}
+            runs[gen] = (calls, [ro.completions for ro in rollouts], [ro.advantages for ro in rollouts],
+                         [m["loss"] for m in metrics], weights)
+    finally:
+        reward_registry.REWARD_FUNCS.pop("chars")
+    (calls_a, comp_a, adv_a, loss_a, w_a), (calls_b, comp_b, _, loss_b, w_b) = runs[1], runs[None]
+    assert calls_a == [1, 1, 1, 1] and calls_b == [2, 2]
+    assert len(comp_a) == len(comp_b) == 4 and all(torch.equal(a, b) for a, b in zip(comp_a, comp_b))
+    assert len({tuple(c.flatten().tolist()) for c in comp_a}) == 4  # the rollouts differ: the check can fail
+    assert any(bool(a.abs().max() > 0) for a in adv_a)  # some advantage is not zero: the weights must move
+    assert loss_a == loss_b
+    assert all(torch.equal(w_a[k], w_b[k]) for k in w_a)
+    start = load_checkpoint(tiny_ckpt, device="cpu", dtype=torch.float32).model.state_dict()
+    assert any(not torch.equal(start[k], w_a[k]) for k in w_a)
+
+
+def test_generation_batch_size_must_split_the_step():
+    from omni_fast.config import ConfigError
+
+    assert GRPOConfig(per_device_train_batch_size=2, gradient_accumulation_steps=3).generation_prompts == 6
+    assert GRPOConfig(per_device_train_batch_size=2, gradient_accumulation_steps=3,
+                      generation_batch_size=2).generation_prompts == 2
+    for bad in (0, 3, 4, 12):
+        with pytest.raises(ConfigError, match="generation_batch_size"):
+            GRPOConfig(per_device_train_batch_size=2, gradient_accumulation_steps=3, generation_batch_size=bad)

@@ -1,7 +1,8 @@
-"""The no-grad half of a GRPO micro-step: completions, their rewards and advantages, and log-probs under a model.
+"""The no-grad half of a GRPO step: completions, their rewards and advantages, and log-probs under a model.
 
-    clip features --policy prefixes (no grad)--> engine: G completions per prompt, prefix prefilled once
-      (sample_completions; seeds keyed by the run's seed, the optimizer step and the prompt's index)
+    clip features --policy prefixes (no grad)--> engine: G completions per prompt, prefix prefilled once, a
+      whole generation batch of micro-batches in one call (sample_completions; seeds keyed by the run's seed,
+      the optimizer step and the prompt's index)
       --decode (skip_special_tokens=True, NOT stripped, as the reference scores them)--> texts
       --score: each completion against its own prompt's label--> rewards [K, B*G]
       --make_rollout: group advantage kernel, padded completions and their mask--> Rollout
@@ -45,19 +46,31 @@ def rollout_seed(seed: int, step: int, index: int) -> int:
     return row_seed(row_seed(seed, step), index)
 
 
+@dataclass(slots=True)
+class RolloutPrompts:
+    """One micro-batch's prompts as the engine is handed them."""
+    features: ClipFeatures  # its clips' tower features
+    prompt_ids: list[torch.Tensor]  # per prompt, ids with placeholders
+    indices: list[int]  # the prompts' entries in the annotation file (their rollout seeds)
+
+
 @torch.no_grad()
-def sample_completions(model, engine, features: ClipFeatures, prompt_ids: list[torch.Tensor], bert: dict,
-                       indices: list[int], step: int, cfg, ignore_eos: bool = False) -> list[list[int]]:
-    """G completions (token ids, stop token included) of each of the B prompts, prompt-major (B*G lists), sampled
-    by the engine from the model's prompt embeddings; `indices` are the prompts' entries in the annotation file,
-    `step` the optimizer step the rollouts are for, cfg the GRPOConfig. ignore_eos forces every completion to
+def sample_completions(model, engine, batches: list[RolloutPrompts], bert: dict, step: int, cfg,
+                       ignore_eos: bool = False) -> list[list[list[int]]]:
+    """G completions (token ids, stop token included) of each prompt of several micro-batches, all sampled in
+    one engine call (a generation batch) from the model's prompt embeddings -> per micro-batch, its B*G lists,
+    prompt-major. `step` is the optimizer step the rollouts are for, cfg the GRPOConfig; each prompt's seed is
+    rollout_seed(seed, step, its index), and the engine's draws depend on a request's own seed only, so the
+    completions are the same however the micro-batches are grouped. ignore_eos forces every completion to
     max_completion_length tokens (benchmarks)."""
-    prefixes = model.prompt_embeddings(prompt_ids, features.vision, features.audio, bert)
-    params = [SamplingParams(n=cfg.num_generations, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                             max_tokens=cfg.max_completion_length, seed=rollout_seed(cfg.seed, step, i),
-                             ignore_eos=ignore_eos)
-              for i in indices]
-    return [c.token_ids for group in engine.generate(prefixes, params) for c in group]
+    prefixes, params = [], []
+    for b in batches:
+        prefixes += model.prompt_embeddings(b.prompt_ids, b.features.vision, b.features.audio, bert)
+        params += [SamplingParams(n=cfg.num_generations, temperature=cfg.temperature, top_k=cfg.top_k,
+                                  top_p=cfg.top_p, max_tokens=cfg.max_completion_length,
+                                  seed=rollout_seed(cfg.seed, step, i), ignore_eos=ignore_eos) for i in b.indices]
+    groups = iter(engine.generate(prefixes, params))
+    return [[c.token_ids for _ in b.indices for c in next(groups)] for b in batches]
 
 
 def weighted_rewards(names, weights, texts: list[str], solutions: list[str]) -> dict[str, list[float]]:

@@ -4,11 +4,13 @@
     ctx = build_context(cfg, loaded, dist, reference, total_steps)
     for metrics in grpo_step(ctx, micro_batches, step, phases): ...     # one dict per optimizer step
 
-`grpo_step` reads top to bottom as the step runs, per micro-batch of B prompts then once for the step:
+`grpo_step` reads top to bottom as the step runs, per generation batch (GRPOConfig.generation_batch_size
+prompts, the whole step's by default), per micro-batch of B prompts, then once for the step:
     towers      the frozen towers once per clip, no grad; with a tower-feature store, clips the loader found
                 there are read instead and the others are added to it            (features/towers.py)
-    rollout     the policy's prompt embeddings (no grad) -> the engine: G completions per prompt, sampled with
-                seeds keyed by (seed, step, prompt index), decoded                   (grpo/rollout.py)
+    rollout     the policy's prompt embeddings (no grad) -> ONE engine call for the generation batch (its
+                rows decode together, each prompt's group sharing its prefilled prompt): G completions per
+                prompt, sampled with seeds keyed by (seed, step, prompt index), decoded   (grpo/rollout.py)
     rewards     each completion against its own prompt's label -> group advantages, the completion mask
     reference   the frozen initial weights' log-probs of the completions, no grad   (shared-prefix forward)
     policy      the policy's log-probs with grad -> the loss over the whole step's totals -> backward
@@ -41,7 +43,8 @@ from omni_fast.grpo.inputs import ClipFeatures, grpo_bert_inputs, grpo_prompt_id
 from omni_fast.grpo.loss import LOSS_TYPES, grpo_loss
 from omni_fast.grpo.optim import MasterAdamW, lr_lambda
 from omni_fast.grpo.rewards import metric_name, resolve_rewards
-from omni_fast.grpo.rollout import Rollout, make_rollout, rollout_logprobs, rollout_sums, sample_completions, score
+from omni_fast.grpo.rollout import (Rollout, RolloutPrompts, make_rollout, rollout_logprobs, rollout_sums,
+                                    sample_completions, score)
 from omni_fast.grpo.sft import sft_batch, sft_loss
 
 
@@ -174,21 +177,10 @@ def grpo_step(ctx: StepContext, micro: list, step: int, phases) -> Iterator[dict
     manager timing each phase."""
     cfg, g, model = ctx.cfg, ctx.cfg.num_generations, ctx.rollout_model
     ids, bert = grpo_prompt(ctx)
+    per_call = cfg.generation_prompts // cfg.per_device_train_batch_size  # micro-batches per engine call
     rollouts: list[Rollout] = []
-    for batch in micro:
-        labels, indices = [r.label for r in batch.records], [r.index for r in batch.records]
-        with phases("towers"):
-            feats = clip_features(ctx, batch)
-        with phases("rollout"):
-            prompt_ids = [ids] * len(batch.records)
-            token_ids = sample_completions(model, ctx.engine, feats, prompt_ids, bert, indices, step, cfg,
-                                           ctx.ignore_eos)
-            texts = [ctx.tokenizer.decode(t, skip_special_tokens=True) for t in token_ids]
-            rewards = score(cfg, texts, labels)
-            ro = make_rollout(feats, prompt_ids, token_ids, texts, rewards, g, cfg.scale_rewards,
-                              ctx.engine.default_stop[0])
-        ctx.check_finite(ro.total_rewards, "reward")
-        rollouts.append(ro)
+    for lo in range(0, len(micro), per_call):
+        rollouts += generation_batch(ctx, micro[lo:lo + per_call], ids, bert, step, phases)
     pads = fsdp.pad_rollouts(ctx.dist, ctx.sharded, model, rollouts, ids, g, ctx.engine.default_stop[0])
     ref_logps: list[torch.Tensor | None] = [None] * len(rollouts)
     if ctx.reference_call is not None:
@@ -222,6 +214,30 @@ def grpo_step(ctx: StepContext, micro: list, step: int, phases) -> Iterator[dict
         with phases("optimizer"):
             grad_norm, lr = optimizer_step(ctx)
         yield grpo_metrics(ctx, rollouts, loss, kl, clipped, grad_norm, lr)
+
+
+def generation_batch(ctx: StepContext, micro: list, ids: torch.Tensor, bert: dict, step: int,
+                     phases) -> list[Rollout]:
+    """The rollouts of a generation batch (GRPOConfig.generation_batch_size prompts): the towers per
+    micro-batch, every prompt's G completions from one engine call, then each micro-batch's rewards and
+    Rollout."""
+    cfg, g, model = ctx.cfg, ctx.cfg.num_generations, ctx.rollout_model
+    prompts = []
+    for batch in micro:
+        with phases("towers"):
+            feats = clip_features(ctx, batch)
+        prompts.append(RolloutPrompts(feats, [ids] * len(batch.records), [r.index for r in batch.records]))
+    rollouts = []
+    with phases("rollout"):
+        completions = sample_completions(model, ctx.engine, prompts, bert, step, cfg, ctx.ignore_eos)
+        for batch, p, token_ids in zip(micro, prompts, completions):
+            texts = [ctx.tokenizer.decode(t, skip_special_tokens=True) for t in token_ids]
+            rewards = score(cfg, texts, [r.label for r in batch.records])
+            rollouts.append(make_rollout(p.features, p.prompt_ids, token_ids, texts, rewards, g, cfg.scale_rewards,
+                                         ctx.engine.default_stop[0]))
+    for ro in rollouts:
+        ctx.check_finite(ro.total_rewards, "reward")
+    return rollouts
 
 
 def grpo_metrics(ctx: StepContext, rollouts: list[Rollout], loss: float, kl: float, clipped: float,
