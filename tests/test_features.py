@@ -588,6 +588,9 @@ def test_recognize_and_generate_give_the_same_tokens_and_logprobs_from_a_cold_an
 
     videos = [clips[k] for k in ("mp4", "webm", "avi", "mp4_wide", "mp4_silent")]
     params = SamplingParams(n=3, temperature=1.0, top_k=20, max_tokens=10, seed=5)
+    # prompts KV that earlier tests left in the shared model's prefix cache was prefilled beside other prompts, so
+    # its bits may differ from a fresh prefill's: the comparison is between fresh prefills and the store's reads
+    omni.engine.reset_prefix_cache()
     plain_greedy = omni.generate(videos, sampling=SamplingParams.greedy_params(12), batch_size=2)
     plain_sampled = omni.generate(videos, sampling=params, batch_size=2, modal="video", aspect="pad")
     stored = _stored_model(omni, tmp_path / "store")
