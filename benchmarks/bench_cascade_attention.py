@@ -3,7 +3,7 @@
 R1-Omni rollout shapes: 1, 8, 32 prompt groups x n = 8 samples, 1,000-token prefix, 256 generated tokens so
 far, 14 query / 2 KV heads, head dim 64, bf16; one layer's attention for one decode step. Roofline: the bytes
 the step must read (each prefix once per group, each sample's own keys/values, q and out) at the device's copy
-bandwidth, measured in the same run. `--device cpu` times the CPU path (fp32, 2 threads) at the rollout
+bandwidth, measured in the same run; the pool is paged as the engine's (16-position blocks). `--device cpu` times the CPU path (fp32, 2 threads) at the rollout
 benchmark's CPU configs: 1 x 8, 1 x 16, 4 x 8 samples, 1,000-token prefix, 16 generated.
 Last stdout line: one JSON object; --quick is a CPU smoke run (tiny shapes, not timed).
 """
@@ -16,14 +16,20 @@ from omni_fast import ops
 from omni_fast.kernels.cascade_attention import cascade_attention_ref
 
 
-def inputs(groups: int, n: int, prefix: int, gen: int, device, dtype=torch.bfloat16, hq=14, hkv=2, d=64):
+def inputs(groups: int, n: int, prefix: int, gen: int, device, dtype=torch.bfloat16, hq=14, hkv=2, d=64,
+           block_size=16):
+    """One layer's paged pool as the engine lays it out: each group's prefix and each row's generated keys in
+    consecutive blocks of `block_size` positions (the allocator hands out the lowest ids first), int32 tables."""
     b = groups * n
+    wp, wg = -(-prefix // block_size), -(-(gen + 64) // block_size)
+    blocks = groups * wp + b * wg
+    k_cache, v_cache = (torch.randn(blocks, block_size, hkv, d, device=device, dtype=dtype) for _ in range(2))
+    ids = torch.arange(blocks, device=device, dtype=torch.int32)
+    prefix_tables, gen_tables = ids[:groups * wp].view(groups, wp), ids[groups * wp:].view(b, wg)
     q = torch.randn(b, hq, d, device=device, dtype=dtype)
-    pk, pv = (torch.randn(groups, prefix, hkv, d, device=device, dtype=dtype) for _ in range(2))
-    gk, gv = (torch.randn(b, gen + 64, hkv, d, device=device, dtype=dtype) for _ in range(2))
     lens = torch.full((groups,), prefix, device=device)
     rows = torch.arange(b, device=device)
-    return q, pk, pv, lens, rows // n, gk, gv, rows, torch.full((b,), gen, device=device)
+    return q, k_cache, v_cache, prefix_tables, lens, rows // n, gen_tables, torch.full((b,), gen, device=device)
 
 
 def bytes_read(groups, n, prefix, gen, hq=14, hkv=2, d=64, elem=2) -> int:

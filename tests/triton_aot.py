@@ -61,11 +61,11 @@ def record_all() -> None:
 
     b, hq, hkv, d, p = 64, 14, 2, 64, 8
     for dtype in (torch.bfloat16, torch.float32):
+        blocks, bs = 4096, 16  # the paged pool: (num_blocks, block_size, Hkv, D), int32 block tables
         cascade_attention.cascade_attention(
-            meta(b, hq, d, dtype=dtype), meta(p + 1, 1024, hkv, d, dtype=dtype), meta(p + 1, 1024, hkv, d, dtype=dtype),
-            meta(p + 1, dtype=torch.int64), meta(b, dtype=torch.int64), meta(b + 1, 576, hkv, d, dtype=dtype),
-            meta(b + 1, 576, hkv, d, dtype=dtype), meta(b, dtype=torch.int64), meta(b, dtype=torch.int64),
-            group_offsets=meta(p + 2, dtype=torch.int64))
+            meta(b, hq, d, dtype=dtype), meta(blocks, bs, hkv, d, dtype=dtype), meta(blocks, bs, hkv, d, dtype=dtype),
+            meta(p, 1024 // bs, dtype=torch.int32), meta(p, dtype=torch.int64), meta(b, dtype=torch.int64),
+            meta(b, 576 // bs, dtype=torch.int32), meta(b, dtype=torch.int64), group_offsets=meta(p + 1, dtype=torch.int64))
     logits = meta(b, 151936, dtype=torch.float32)
     vec = meta(b, dtype=torch.float32)
     sampling.sample(logits, vec, meta(b, dtype=torch.int64), vec, meta(b, dtype=torch.int64), 3, (50, True, False))
