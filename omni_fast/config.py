@@ -252,6 +252,7 @@ STAGES = ("sft", "grpo")
 SCHEDULERS = ("linear", "cosine", "constant")
 TRAIN_DTYPES = ("auto", "float32", "bfloat16")
 PROMPT_TEMPLATES = ("qwen2vl", "chat_template")  # omni_fast.grpo.inputs.grpo_prompt_ids
+OVERLONG_REWARD = "overlong"  # the registered name of DAPO's soft overlong punishment (omni_fast.grpo.rewards)
 # Per-stage recipe defaults for the fields left as None: R1-Omni's GRPO run (run_grpo_humanomni.sh + trl 0.14.0
 # GRPOConfig) and its EMER cold-start SFT (finetune_omni_emer.sh), docs/REFERENCE.md §7.
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -299,6 +300,13 @@ class GRPOConfig:
     max_prompt_length: int = _field(512, "prompt token ids kept (left-truncated; a placeholder counts as one)")
     max_completion_length: int = _field(512, "new tokens per rollout")
     max_length: int = _field(2048, "SFT: prompt + target token ids kept (the reference's model_max_length)")
+    # --- DAPO's overlong shaping (off by default: R1-Omni's recipe) ---
+    mask_truncated_completions: bool = _field(False, "completions cut at max_completion_length (no stop token) are "
+                                                     "left out of the loss (TRL; DAPO's overlong filtering)")
+    overlong_buffer_len: int = _field(0, "> 0: the reward overlong (DAPO's soft overlong punishment) falls linearly "
+                                         "over the last this many tokens before max_completion_length")
+    overlong_penalty_factor: float = _field(1.0, "the reward overlong at max_completion_length tokens is minus this "
+                                                 "(verl's name)")
     # --- optimisation (None: the stage's default) ---
     learning_rate: float | None = _field(None, "AdamW peak learning rate (GRPO 1e-6, SFT 2e-5)")
     lr_scheduler_type: str | None = _field(None, "linear (GRPO), cosine (SFT) or constant, after warmup")
@@ -360,6 +368,9 @@ class GRPOConfig:
                               f"{len(self.reward_funcs)} reward_funcs")
         if not self.label_set:
             raise ConfigError("label_set must name at least one label")
+        if OVERLONG_REWARD in self.reward_funcs and self.overlong_buffer_len == 0:
+            raise ConfigError(f"reward_funcs names {OVERLONG_REWARD!r} but overlong_buffer_len is 0: set "
+                              "overlong_buffer_len (the tokens before max_completion_length it penalises)")
 
     def _check_numbers(self) -> None:
         for f in fields(self):  # inf passes every range check below (and NaN fails them with a muddled message)
@@ -397,6 +408,12 @@ class GRPOConfig:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if not 0 < self.epsilon < 1 or (self.epsilon_high is not None and self.epsilon_high <= 0):
             raise ConfigError(f"epsilon must be in (0, 1) and epsilon_high > 0, got {self.epsilon}, {self.epsilon_high}")
+        buffer = self.overlong_buffer_len
+        if not isinstance(buffer, int) or isinstance(buffer, bool) or not 0 <= buffer <= self.max_completion_length:
+            raise ConfigError(f"overlong_buffer_len must be an integer in [0, max_completion_length "
+                              f"{self.max_completion_length}], got {buffer!r}")
+        if self.overlong_penalty_factor < 0:
+            raise ConfigError(f"overlong_penalty_factor must be >= 0, got {self.overlong_penalty_factor}")
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be > 0 for rollouts (sampling), got {self.temperature}")
         if self.top_k < 0 or not 0 < self.top_p <= 1:
@@ -406,6 +423,15 @@ class GRPOConfig:
     def describe(cls) -> list[tuple[str, Any, str]]:
         """(field, default, its help) for every field, in order (for `omni-fast train --help`)."""
         return [(f.name, f.default, f.metadata.get("help", "")) for f in fields(cls)]
+
+    @property
+    def rewards(self) -> tuple[tuple[str, float], ...]:
+        """(reward name, weight) of every reward a step scores: reward_funcs with reward_weights (None: 1.0), and
+        "overlong" at weight 1 when overlong_buffer_len > 0 and reward_funcs does not name it already."""
+        weights = self.reward_weights or (1.0,) * len(self.reward_funcs)
+        extra = ((OVERLONG_REWARD, 1.0),) if self.overlong_buffer_len and OVERLONG_REWARD not in self.reward_funcs \
+            else ()
+        return tuple(zip(self.reward_funcs, weights)) + extra
 
     @property
     def prompts_per_step(self) -> int:
@@ -534,6 +560,9 @@ RESUME_RULES: dict[str, tuple[str, str]] = {
     "max_prompt_length": (RESUME_FREE, ""),
     "max_completion_length": (RESUME_FREE, ""),
     "max_length": (RESUME_FREE, ""),
+    "mask_truncated_completions": (RESUME_FREE, ""),
+    "overlong_buffer_len": (RESUME_FREE, ""),
+    "overlong_penalty_factor": (RESUME_FREE, ""),
     "learning_rate": (RESUME_SCHEDULE, ""),
     "lr_scheduler_type": (RESUME_SCHEDULE, ""),
     "warmup_ratio": (RESUME_SCHEDULE, ""),

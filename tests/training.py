@@ -43,3 +43,53 @@ def wait_for(condition, proc: subprocess.Popen | None = None, timeout: float = 2
 def metrics_lines(out: Path) -> int:
     path = out / "metrics.jsonl"
     return path.read_text().count("\n") if path.is_file() else 0
+
+
+# --- one GRPO step with a scripted engine ---------------------------------------------------------------------
+class ScriptedEngine:
+    """The engine's generate(): per prompt, the G completions `script(prompt, call)` returns (token ids, a stop
+    token ending those that stop; one reaching `max_tokens` without one finishes with "length"); every call's
+    SamplingParams are kept in `params`."""
+
+    def __init__(self, default_stop: tuple[int, ...], script):
+        self.default_stop, self.script, self.params = default_stop, script, []
+
+    def generate(self, prefixes, params):
+        import torch
+
+        from omni_fast.engine.sequence import Completion
+
+        assert len(prefixes) == len(params)
+        self.params.append(list(params))
+        call = len(self.params) - 1
+        out = []
+        for b, p in enumerate(params):
+            rows = self.script(b, call)
+            assert len(rows) == p.n and all(len(ids) <= p.max_tokens for ids in rows)
+            out.append([Completion(token_ids=list(ids), logprobs=torch.zeros(len(ids)),
+                                   finish_reason="stop" if ids and ids[-1] in self.default_stop else "length")
+                        for ids in rows])
+        return out
+
+
+def scripted_micro(loaded, labels: list[str], indices: list[int], seed: int = 0) -> list:
+    """One micro-batch of random clips (frames, mel) with records of these labels and annotation indices."""
+    from types import SimpleNamespace
+
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    b = len(labels)
+    frames = torch.randn(b, loaded.config.num_frames, 3, 224, 224, generator=gen)
+    mel = torch.randn(b, loaded.model.towers.audio.num_mel_bins, 3000, generator=gen) * 0.5
+    records = [SimpleNamespace(label=label, index=i) for label, i in zip(labels, indices)]
+    return [SimpleNamespace(frames=frames, mel=mel, records=records)]
+
+
+def run_step(ctx, micro, step: int) -> list[dict]:
+    """grpo_step's metrics, untimed."""
+    import contextlib
+
+    from omni_fast.grpo.step import grpo_step
+
+    return list(grpo_step(ctx, micro, step, lambda name: contextlib.nullcontext()))

@@ -1,7 +1,8 @@
-"""R1-Omni's verifiable rewards (src/r1-v/src/open_r1/grpo.py), with the same matching rules.
+"""R1-Omni's verifiable rewards (src/r1-v/src/open_r1/grpo.py), with the same matching rules, DAPO's soft
+overlong punishment, and the registry GRPOConfig's reward names are looked up in.
 
-Both take the decoded completion texts (special tokens skipped) and return one float per completion; the
-reference sums them into a total reward in {0, 1, 2}.
+The accuracy and format rewards take the decoded completion texts (special tokens skipped) and return one float
+per completion; the reference sums them into a total reward in {0, 1, 2}.
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import inspect
 from typing import Callable
 
 from omni_fast import task
-from omni_fast.config import ConfigError
+from omni_fast.config import OVERLONG_REWARD, ConfigError
 
 
 def accuracy_reward(completions: list[str], solutions: list[str]) -> list[float]:
@@ -32,16 +33,36 @@ def format_reward(completions: list[str]) -> list[float]:
     return [float(task.well_formed(c)) for c in completions]
 
 
+def soft_overlong_punishment(lengths: list[int], max_length: int, buffer_len: int, factor: float) -> list[float]:
+    """DAPO's soft overlong punishment (its eq. 13, times factor) of completions of `lengths` tokens (stop token
+    included): 0 up to max_length - buffer_len tokens, then falling linearly by factor / buffer_len a token to
+    -factor at max_length, and -factor beyond it (a length the engine never returns)."""
+    start = max_length - buffer_len
+    return [0.0 if n <= start else -factor * (n - start) / buffer_len if n <= max_length else -factor
+            for n in lengths]
+
+
+def overlong_reward(completions: list[str], *, completion_lengths: list[int], config) -> list[float]:
+    """The registry's "overlong": soft_overlong_punishment with GRPOConfig's max_completion_length,
+    overlong_buffer_len and overlong_penalty_factor."""
+    return soft_overlong_punishment(completion_lengths, config.max_completion_length, config.overlong_buffer_len,
+                                    config.overlong_penalty_factor)
+
+
 # --- the registry ---------------------------------------------------------------------------------------------
 # A reward function takes the decoded completions (and, when it declares a second parameter, the solutions,
-# one per completion) and returns one float per completion. GRPOConfig.reward_funcs names entries of this
-# registry; the metric of each is logged as "rewards/<function name>", as the reference trainer logs it.
+# one per completion) and returns one float per completion; keyword-only parameters named `completion_lengths`
+# (each completion's tokens, its stop token included) and `config` (the run's GRPOConfig) are passed by name.
+# GRPOConfig.rewards names entries of this registry; the metric of each is logged as "rewards/<function name>",
+# as the reference trainer logs it.
 RewardFn = Callable[..., list[float]]
+REWARD_CONTEXT = ("completion_lengths", "config")  # what a keyword-only parameter of a reward may ask for
 
 
 class RewardError(ValueError):
     """A reward function that raised or returned the wrong number of values; the message names it."""
-REWARD_FUNCS: dict[str, RewardFn] = {"accuracy": accuracy_reward, "format": format_reward}
+REWARD_FUNCS: dict[str, RewardFn] = {"accuracy": accuracy_reward, "format": format_reward,
+                                     OVERLONG_REWARD: overlong_reward}
 
 
 def register_reward(name: str, fn: RewardFn | None = None):
@@ -112,14 +133,24 @@ def metric_name(name: str) -> str:
     return f"rewards/{getattr(resolve_reward(name), '__name__', name)}"
 
 
-def compute_rewards(names: tuple[str, ...] | list[str], completions: list[str],
-                    solutions: list[str]) -> dict[str, list[float]]:
-    """{"rewards/<function name>": one float per completion} for each named reward, in order."""
+def _context_wanted(fn: RewardFn) -> list[str]:
+    return [p.name for p in inspect.signature(fn).parameters.values() if p.kind == p.KEYWORD_ONLY]
+
+
+def compute_rewards(names: tuple[str, ...] | list[str], completions: list[str], solutions: list[str],
+                    **context) -> dict[str, list[float]]:
+    """{"rewards/<function name>": one float per completion} for each named reward, in order; `context` holds
+    what keyword-only parameters may ask for (REWARD_CONTEXT)."""
     out = {}
     for name in names:
         fn = resolve_reward(name)
         try:
-            values = fn(completions, solutions) if _takes_solutions(fn) else fn(completions)
+            wanted = {k: context[k] for k in _context_wanted(fn)}
+        except KeyError as e:
+            raise RewardError(f"reward {name!r} has a keyword-only parameter {e.args[0]!r}; those a reward may "
+                              f"declare are {list(REWARD_CONTEXT)}") from None
+        try:
+            values = fn(completions, solutions, **wanted) if _takes_solutions(fn) else fn(completions, **wanted)
             values = [float(v) for v in values]
         except Exception as e:  # noqa: BLE001 - a user's function: whatever it raises is reported with its name
             raise RewardError(f"reward {name!r} raised {type(e).__name__}: {e}") from e

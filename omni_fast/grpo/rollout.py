@@ -9,7 +9,9 @@
 
 The completion mask comes from each completion's own length (its stop token included), whichever stop token
 ended it; the reference builds it from <|im_end|> alone and so also trains on the pad tail of a completion
-that ended on <|endoftext|>.
+that ended on <|endoftext|>. With mask_truncated_completions (TRL's name; DAPO's overlong filtering) a completion
+cut at max_completion_length without a stop token has a mask of 0: it is left out of the loss, while its reward
+still counts in its group's mean and std.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import torch
 
 from omni_fast import task
 from omni_fast.config import SamplingParams
-from omni_fast.engine.sequence import row_seed
+from omni_fast.engine.sequence import Completion, row_seed
 from omni_fast.grpo.advantage import group_advantages
 from omni_fast.grpo.inputs import ClipFeatures, pad_rows
 from omni_fast.grpo.logprobs import completion_logprobs
@@ -33,11 +35,12 @@ class Rollout:
     prompt_ids: list[torch.Tensor]  # per prompt, ids with placeholders
     completions: torch.Tensor  # (B*G, C) int64, padded past `lengths`
     lengths: torch.Tensor  # (B*G,) int64, stop token included
-    mask: torch.Tensor  # (B*G, C) float32: t < lengths[r]
+    mask: torch.Tensor  # (B*G, C) float32: t < lengths[r] (a row of 0 for a completion left out of the loss)
     advantages: torch.Tensor  # (B*G,) float32
     rewards: dict[str, list[float]]  # "rewards/<name>" -> one weighted value per completion
     total_rewards: torch.Tensor  # (B*G,) float32, the sum of the weighted rewards
     texts: list[str]  # decoded completions
+    truncated: torch.Tensor  # (B*G,) bool: cut at max_completion_length, no stop token
 
 
 def rollout_seed(seed: int, step: int, index: int) -> int:
@@ -56,10 +59,10 @@ class RolloutPrompts:
 
 @torch.no_grad()
 def sample_completions(model, engine, batches: list[RolloutPrompts], bert: dict, step: int, cfg,
-                       ignore_eos: bool = False) -> list[list[list[int]]]:
-    """G completions (token ids, stop token included) of each prompt of several micro-batches, all sampled in
-    one engine call (a generation batch) from the model's prompt embeddings -> per micro-batch, its B*G lists,
-    prompt-major. `step` is the optimizer step the rollouts are for, cfg the GRPOConfig; each prompt's seed is
+                       ignore_eos: bool = False) -> list[list[Completion]]:
+    """G completions (token ids, stop token included; finish_reason "length" for one cut at max_completion_length)
+    of each prompt of several micro-batches, all sampled in one engine call (a generation batch) from the model's
+    prompt embeddings -> per micro-batch, its B*G completions, prompt-major. `step` is the optimizer step the rollouts are for, cfg the GRPOConfig; each prompt's seed is
     rollout_seed(seed, step, its index), and the engine's draws depend on a request's own seed only, so the
     completions are the same however the micro-batches are grouped. ignore_eos forces every completion to
     max_completion_length tokens (benchmarks)."""
@@ -70,36 +73,35 @@ def sample_completions(model, engine, batches: list[RolloutPrompts], bert: dict,
                                   top_p=cfg.top_p, max_tokens=cfg.max_completion_length,
                                   seed=rollout_seed(cfg.seed, step, i), ignore_eos=ignore_eos) for i in b.indices]
     groups = iter(engine.generate(prefixes, params))
-    return [[c.token_ids for _ in b.indices for c in next(groups)] for b in batches]
+    return [[c for _ in b.indices for c in next(groups)] for b in batches]
 
 
-def weighted_rewards(names, weights, texts: list[str], solutions: list[str]) -> dict[str, list[float]]:
-    raw = compute_rewards(names, texts, solutions)
-    weights = weights or [1.0] * len(raw)
-    return {k: [w * v for v in values] for (k, values), w in zip(raw.items(), weights)}
-
-
-def score(cfg, texts: list[str], labels: list[str]) -> dict[str, list[float]]:
-    """The weighted rewards of B*G decoded completions, prompt-major: completion r is scored against the
-    solution of prompt r // G's label."""
+def score(cfg, texts: list[str], lengths: list[int], labels: list[str]) -> dict[str, list[float]]:
+    """The weighted rewards (cfg.rewards) of B*G decoded completions of `lengths` tokens, prompt-major:
+    completion r is scored against the solution of prompt r // G's label."""
     solutions = [task.solution(label) for label in labels for _ in range(cfg.num_generations)]
-    return weighted_rewards(cfg.reward_funcs, cfg.reward_weights, texts, solutions)
+    names, weights = zip(*cfg.rewards)
+    raw = compute_rewards(names, texts, solutions, completion_lengths=lengths, config=cfg)
+    return {k: [w * v for v in values] for (k, values), w in zip(raw.items(), weights)}
 
 
 def make_rollout(features: ClipFeatures, prompt_ids: list[torch.Tensor], token_ids: list[list[int]],
                  texts: list[str], rewards: dict[str, list[float]], group_size: int, scale: str,
-                 pad_id: int) -> Rollout:
+                 pad_id: int, truncated: list[bool] | None = None, mask_truncated: bool = False) -> Rollout:
     """The one place a Rollout is filled: the rewards [K, B*G] summed and normalised per group of G (the group
-    advantage kernel; no rewards: all zero), the completions padded with pad_id and their mask (1 at positions
-    t < each completion's length)."""
+    advantage kernel, over every completion; no rewards: all zero), the completions padded with pad_id and their
+    mask (1 at positions t < each completion's length; all 0 for a truncated completion with mask_truncated)."""
     device = features.vision.device
     values = list(rewards.values()) or [[0.0] * len(token_ids)]
     stacked = torch.tensor(values, dtype=torch.float32, device=device)                  # (K, B*G)
     completions, lengths = pad_rows(token_ids, pad_id, device)
+    cut = torch.tensor(truncated or [False] * len(token_ids), dtype=torch.bool, device=device)
     mask = (torch.arange(completions.shape[1], device=device)[None] < lengths[:, None]).float()
+    if mask_truncated:
+        mask[cut] = 0.0
     return Rollout(features=features, prompt_ids=prompt_ids, completions=completions, lengths=lengths, mask=mask,
                    advantages=group_advantages(stacked, group_size, scale=scale), rewards=rewards,
-                   total_rewards=stacked.sum(0), texts=texts)
+                   total_rewards=stacked.sum(0), texts=texts, truncated=cut)
 
 
 def rollout_logprobs(model, ro: Rollout, bert: dict, group_size: int, temperature: float) -> torch.Tensor:
@@ -112,9 +114,10 @@ def rollout_logprobs(model, ro: Rollout, bert: dict, group_size: int, temperatur
 
 def rollout_sums(rollouts: list[Rollout], reward_keys: list[str], g: int) -> dict[str, float]:
     """Sums over a rank's rollouts that, added over ranks and divided by their counts, give the step's
-    metrics: completions, groups, total reward, each reward, completion length, and the per-group
+    metrics: completions, groups, total reward, each reward, completion length, truncated completions, and the per-group
     (unbiased) reward std that the reference averages into reward_std."""
-    sums = {"sequences": 0.0, "groups": 0.0, "reward": 0.0, "reward_std": 0.0, "completion_length": 0.0}
+    sums = {"sequences": 0.0, "groups": 0.0, "reward": 0.0, "reward_std": 0.0, "completion_length": 0.0,
+            "truncated": 0.0}
     sums.update({k: 0.0 for k in reward_keys})
     for r in rollouts:
         sums["sequences"] += r.total_rewards.numel()
@@ -122,6 +125,7 @@ def rollout_sums(rollouts: list[Rollout], reward_keys: list[str], g: int) -> dic
         sums["reward"] += float(r.total_rewards.sum())
         sums["reward_std"] += float(r.total_rewards.view(-1, g).std(dim=1).sum())
         sums["completion_length"] += float(r.lengths.sum())
+        sums["truncated"] += float(r.truncated.sum())
         for k in reward_keys:
             sums[k] += sum(r.rewards[k])
     return sums

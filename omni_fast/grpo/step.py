@@ -58,7 +58,7 @@ def check_config(cfg: GRPOConfig) -> None:
         check_scale(cfg.scale_rewards)
     except ValueError as e:
         raise ConfigError(f"scale_rewards: {e}") from None
-    resolve_rewards(cfg.reward_funcs)
+    resolve_rewards([name for name, _ in cfg.rewards])
 
 
 def train_dtype(cfg: GRPOConfig, device: torch.device) -> torch.dtype:
@@ -188,8 +188,8 @@ def grpo_step(ctx: StepContext, micro: list, step: int, phases) -> Iterator[dict
             ref_logps = [ctx.reference_call(rollout_logprobs, ro, bert, g, cfg.temperature) for ro in rollouts]
             for pad in pads:  # FSDP2: the sharded reference gathers its layers on every rank alike
                 ctx.reference_call(rollout_logprobs, pad, bert, g, cfg.temperature)
-    counts = torch.tensor([sum(r.mask.shape[0] for r in rollouts), sum(float(r.mask.sum()) for r in rollouts)],
-                          dtype=torch.float64)
+    counts = torch.tensor([sum(int(r.mask.any(1).sum()) for r in rollouts),  # completions in the loss, their tokens
+                           sum(float(r.mask.sum()) for r in rollouts)], dtype=torch.float64)
     sequences, tokens = distributed.all_reduce_sum(ctx.dist, counts).tolist()  # the global batch's
     old_logps: list[torch.Tensor | None] = [None] * len(rollouts)
     for iteration in range(cfg.num_iterations):
@@ -230,11 +230,13 @@ def generation_batch(ctx: StepContext, micro: list, ids: torch.Tensor, bert: dic
     rollouts = []
     with phases("rollout"):
         completions = sample_completions(model, ctx.engine, prompts, bert, step, cfg, ctx.ignore_eos)
-        for batch, p, token_ids in zip(micro, prompts, completions):
+        for batch, p, done in zip(micro, prompts, completions):
+            token_ids = [c.token_ids for c in done]
             texts = [ctx.tokenizer.decode(t, skip_special_tokens=True) for t in token_ids]
-            rewards = score(cfg, texts, [r.label for r in batch.records])
+            rewards = score(cfg, texts, [len(t) for t in token_ids], [r.label for r in batch.records])
             rollouts.append(make_rollout(p.features, p.prompt_ids, token_ids, texts, rewards, g, cfg.scale_rewards,
-                                         ctx.engine.default_stop[0]))
+                                         ctx.engine.default_stop[0], [c.finish_reason == "length" for c in done],
+                                         cfg.mask_truncated_completions))
     for ro in rollouts:
         ctx.check_finite(ro.total_rewards, "reward")
     return rollouts
@@ -246,7 +248,7 @@ def grpo_metrics(ctx: StepContext, rollouts: list[Rollout], loss: float, kl: flo
     per-sequence means; clipped: completion tokens whose ratio was clipped). "_tokens" is the step's completion
     tokens, for the caller's throughput."""
     cfg = ctx.cfg
-    keys = [metric_name(n) for n in cfg.reward_funcs]
+    keys = [metric_name(n) for n, _ in cfg.rewards]
     sums = rollout_sums(rollouts, keys, cfg.num_generations)
     sums.update(loss=loss, kl=kl, clipped=clipped)
     names = sorted(sums)
@@ -256,7 +258,7 @@ def grpo_metrics(ctx: StepContext, rollouts: list[Rollout], loss: float, kl: flo
     return {"loss": total["loss"], "reward": total["reward"] / n,
             "reward_std": total["reward_std"] / max(total["groups"], 1.0), **{k: total[k] / n for k in keys},
             "kl": total["kl"] / n if ctx.reference is not None else math.nan,
-            "completion_length": total["completion_length"] / n,
+            "completion_length": total["completion_length"] / n, "truncated_ratio": total["truncated"] / n,
             "clip_ratio": total["clipped"] / max(total["completion_length"], 1.0), "grad_norm": grad_norm,
             "learning_rate": lr, "_tokens": total["completion_length"]}
 

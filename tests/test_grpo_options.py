@@ -1,0 +1,155 @@
+"""The RL options of GRPOConfig that are off by default, each pinned through the one GRPO step (grpo/step.py's
+grpo_step, with a scripted engine: the completions are chosen) against an independent computation:
+
+* overlong filtering (mask_truncated_completions): the step's gradient equals that of the loss computed
+  without the truncated rows; DAPO's soft overlong punishment (overlong_buffer_len, overlong_penalty_factor) at
+  its boundary values and as the registry's "overlong" reward in the step's rewards and metrics.
+"""
+import copy
+
+import pytest
+import torch
+
+from omni_fast.config import ConfigError, GRPOConfig
+from omni_fast.distributed import DistContext
+from omni_fast.grpo import rewards as reward_registry
+from omni_fast.grpo import step as step_module
+from omni_fast.grpo.inputs import tower_features
+from omni_fast.grpo.logprobs import naive_completion_logprobs
+from omni_fast.grpo.rewards import soft_overlong_punishment
+from omni_fast.model.checkpoint import load_checkpoint
+from training import ScriptedEngine, run_step, scripted_micro
+
+G = 4
+MAX_LEN = 6
+
+
+@pytest.fixture
+def loaded(tiny_ckpt):
+    return load_checkpoint(tiny_ckpt, device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture
+def length_reward():
+    """A reward that reads the completions' token counts (a keyword-only parameter the registry fills)."""
+    reward_registry.register_reward("by_length", lambda completions, *, completion_lengths: [
+        float(n * n % 7) for n in completion_lengths])
+    yield
+    reward_registry.REWARD_FUNCS.pop("by_length")
+
+
+def _context(loaded, script, **overrides):
+    kw = dict(num_generations=G, max_completion_length=MAX_LEN, learning_rate=1e-3, lr_scheduler_type="constant",
+              reward_funcs=("by_length",), seed=7, max_grad_norm=0.0, beta=0.0)
+    cfg = GRPOConfig(**{**kw, **overrides})
+    reference = loaded.model.copy_sharing_towers() if cfg.beta > 0 else None
+    ctx = step_module.build_context(cfg, loaded, DistContext(), reference, total_steps=10)
+    ctx.engine = ScriptedEngine(ctx.engine.default_stop, script)
+    return ctx
+
+
+def _gradients(monkeypatch, ctx) -> dict:
+    """The gradients the step hands its optimizer, by parameter name."""
+    seen = {}
+    real = step_module.optimizer_step
+
+    def spy(c):
+        seen.update({n: p.grad.detach().clone() for n, p in c.trainable if p.grad is not None})
+        return real(c)
+    monkeypatch.setattr(step_module, "optimizer_step", spy)
+    return seen
+
+
+def _rows(stop: int, endoftext: int) -> list[list[int]]:
+    """2 prompts x G: early stops, rows cut at MAX_LEN without a stop token (truncated), and a row that stops on
+    its last allowed position (not truncated)."""
+    return [[100, 101, stop], [100, 101, 102, 103, 104, 105], [100, 101, 102, 103, 104, stop], [100, endoftext],
+            [200, 201, 202, 203, 204, 205], [100, 101, 102, stop], [201, 202, 203, 204, 205, 206], [stop]]
+
+
+def _independent_gradients(initial, ctx, micro, rows, keep, loss_type) -> dict:
+    """The loss over the kept rows only, from scratch: each row's naive forward on its own prompt, advantages
+    over its whole group (every completion's reward), the normaliser over the kept rows (grpo: their count;
+    dapo: their tokens), backward."""
+    ids, bert = step_module.grpo_prompt(ctx)
+    feats = tower_features(initial, micro[0].frames, micro[0].mel)
+    prefixes = initial.prompt_embeddings([ids, ids], feats.vision, feats.audio, bert)
+    lengths = [len(r) for r in rows]
+    rewards = torch.tensor([float(n * n % 7) for n in lengths], dtype=torch.float64).view(-1, G)
+    adv = ((rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-4)).flatten()
+    terms, tokens = [], 0
+    for r in (r for r in range(len(rows)) if keep[r]):
+        ids_r = torch.tensor(rows[r])[None]
+        logp = naive_completion_logprobs(initial, [prefixes[r // G]], ids_r, [lengths[r]], 1)[0]
+        per_token = -torch.exp(logp - logp.detach()) * float(adv[r])
+        terms.append(per_token.mean() if loss_type == "grpo" else per_token.sum())
+        tokens += lengths[r]
+    loss = sum(terms) / (len(terms) if loss_type == "grpo" else tokens)
+    loss.backward()
+    return {n: p.grad for n, p in initial.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_truncated_completions_are_left_out_of_the_loss(loaded, monkeypatch, length_reward, loss_type):
+    """The step's gradient with mask_truncated_completions equals the loss computed on the other rows alone
+    (their rewards still in their groups' advantages); without the option it does not (the check can tell)."""
+    initial = copy.deepcopy(loaded.model)
+    rows = []
+    ctx = _context(loaded, lambda b, call: rows[b * G:(b + 1) * G], mask_truncated_completions=True,
+                   loss_type=loss_type)
+    rows += _rows(*ctx.engine.default_stop)
+    grads = _gradients(monkeypatch, ctx)
+    micro = scripted_micro(loaded, ["sad", "happy"], [0, 1])
+    (metrics,) = run_step(ctx, micro, step=1)
+    truncated = [len(r) == MAX_LEN and r[-1] not in ctx.engine.default_stop for r in rows]
+    assert truncated == [False, True, False, False, True, False, True, False]
+    assert metrics["truncated_ratio"] == pytest.approx(3 / 8)
+    want = _independent_gradients(copy.deepcopy(initial), ctx, micro, rows, [not t for t in truncated], loss_type)
+    scale = max(float(g.abs().max()) for g in want.values())
+    assert want.keys() == grads.keys()
+    assert max(float((grads[n] - want[n]).abs().max()) for n in want) <= 1e-5 * scale
+    every = _independent_gradients(copy.deepcopy(initial), ctx, micro, rows, [True] * len(rows), loss_type)
+    assert max(float((grads[n] - every[n]).abs().max()) for n in want) > 1e-2 * scale
+
+
+# --- DAPO's soft overlong punishment -----------------------------------------------------------------------------
+def test_soft_overlong_punishment_at_its_boundaries():
+    """max 10 tokens, the last 4 penalised, factor 0.5: nothing up to the buffer's start (6), -factor/4 at its
+    first token, -factor at the last allowed token, and -factor beyond."""
+    got = soft_overlong_punishment([1, 5, 6, 7, 9, 10, 11, 40], max_length=10, buffer_len=4, factor=0.5)
+    assert got == [0.0, 0.0, 0.0, -0.125, -0.375, -0.5, -0.5, -0.5]
+    assert soft_overlong_punishment([3, 4], max_length=4, buffer_len=4, factor=2.0) == [-1.5, -2.0]
+
+
+def test_the_overlong_reward_is_on_when_its_buffer_is_set():
+    assert GRPOConfig().rewards == (("accuracy", 1.0), ("format", 1.0))
+    cfg = GRPOConfig(reward_weights=(1.0, 0.5), overlong_buffer_len=64)
+    assert cfg.rewards == (("accuracy", 1.0), ("format", 0.5), ("overlong", 1.0))
+    named = GRPOConfig(reward_funcs=("format", "overlong"), reward_weights=(1.0, 2.0), overlong_buffer_len=64)
+    assert named.rewards == (("format", 1.0), ("overlong", 2.0))  # named once, at its own weight
+    with pytest.raises(ConfigError, match="overlong_buffer_len is 0"):
+        GRPOConfig(reward_funcs=("format", "overlong"))
+    with pytest.raises(ConfigError, match="overlong_buffer_len must be an integer in \\[0, max_completion_length 8\\]"):
+        GRPOConfig(max_completion_length=8, overlong_buffer_len=9)
+    with pytest.raises(ConfigError, match="overlong_penalty_factor must be >= 0"):
+        GRPOConfig(overlong_buffer_len=4, overlong_penalty_factor=-1.0)
+
+
+def test_the_overlong_reward_scores_each_completion_by_its_tokens(loaded, monkeypatch, length_reward):
+    """Through the step: the "overlong" reward of each completion is the punishment of its token count (stop
+    token included), it adds to the total reward the advantages are taken from, and it is logged as
+    rewards/overlong_reward."""
+    rows = []
+    ctx = _context(loaded, lambda b, call: rows[b * G:(b + 1) * G], overlong_buffer_len=3,
+                   overlong_penalty_factor=0.6)
+    rows += _rows(*ctx.engine.default_stop)
+    seen = {}
+    real = step_module.make_rollout
+    monkeypatch.setattr(step_module, "make_rollout", lambda *a, **k: seen.setdefault("rollout", real(*a, **k)))
+    (metrics,) = run_step(ctx, scripted_micro(loaded, ["sad", "happy"], [0, 1]), step=1)
+    lengths = [len(r) for r in rows]
+    want = [-0.6 * max(0, n - 3) / 3 for n in lengths]  # max 6, buffer 3: lengths 4..6 penalised
+    ro = seen["rollout"]
+    assert ro.rewards["rewards/overlong_reward"] == pytest.approx(want)
+    assert ro.total_rewards.tolist() == pytest.approx([float(n * n % 7) + w for n, w in zip(lengths, want)])
+    assert metrics["rewards/overlong_reward"] == pytest.approx(sum(want) / len(want))
