@@ -1,9 +1,10 @@
-"""omni-fast command line: infer (the reference inference.py's arguments), eval (WAR/UAR), train, serve,
+"""omni-fast command line: infer (the reference inference.py's arguments), eval (WAR/UAR), train, export, serve,
 cache-features and demo.
 
     omni-fast infer --model_path R1-Omni-0.5B --video_path clip.mp4 --modal video_audio --instruct "..."
     omni-fast eval --model_path R1-Omni-0.5B --annotations DFEW_val.json --data_root /data --out results.json
     omni-fast train --config grpo.yaml [--key value ...] [--resume_from_checkpoint PATH|latest]
+    omni-fast export --merge output_dir/checkpoint-500 --out R1-Omni-LoRA-merged   # a LoRA run's adapter merged
     omni-fast serve --model_path R1-Omni-0.5B [--port 8000] [--api_key KEY] [--allowed_local_media_path DIR] [--ui]
     omni-fast cache-features --annotations train.json --video_root /data --model_path R1-Omni-0.5B \
         --tower_cache_dir /fast/tower-cache [--aspect pad|stretch]
@@ -142,6 +143,23 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(train, "--config", default=None, help="YAML or JSON file of GRPOConfig fields")
     _flag(train, "--resume_from_checkpoint", default=None,
           help="a checkpoint-<step> directory, or 'latest' (the newest one in output_dir)")
+
+    export = sub.add_parser("export", formatter_class=_Formatter,
+                            help="a HumanOmni checkpoint from a training checkpoint (--merge: a LoRA run's adapter "
+                                 "merged into its base model)",
+                            description="Writes what OmniModel.from_pretrained and the reference code load: the "
+                                        "weights, config, tokenizer and BERT files, without the trainer's state.")
+    export.add_argument("checkpoint", help="a checkpoint-<step> directory of omni-fast train (or a PEFT adapter "
+                                           "directory written by it)")
+    _flag(export, "--out", required=True, help="the checkpoint directory to write")
+    _flag(export, "--merge", action="store_true",
+          help="merge the LoRA adapter (W + lora_alpha / lora_r x B A, in float32) into the base model")
+    _flag(export, "--model_path", default=None,
+          help="the base model of a LoRA checkpoint (default: the one its adapter_config.json names)")
+    _flag(export, "--bert_path", default=None, help="the base model's BERT directory (default: its own)")
+    _flag(export, "--dtype", default=None, choices=sorted(DTYPE_NAMES),
+          help="the dtype the weights are written in (default: the checkpoint's torch_dtype)")
+    _flag(export, "--overwrite", action="store_true", help="replace --out if it is a checkpoint")
 
     _add_serve_parser(sub)
     _add_cache_features_parser(sub)
@@ -364,6 +382,32 @@ def _infer_line(r, as_json: bool) -> str:
                        "features_from": r.features_from,
                        "timings": {k: v if isinstance(v, bool) else round(v, 4)
                                    for k, v in r.timings.as_dict().items()}}, ensure_ascii=False)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from omni_fast.model import lora
+    from omni_fast.model.checkpoint import load_checkpoint, save_checkpoint
+
+    path = Path(args.checkpoint).expanduser()
+    dtype = DTYPE_NAMES[args.dtype] if args.dtype else None
+    if (path / lora.ADAPTER_CONFIG).is_file():
+        if not args.merge:
+            raise ValueError(f"{path} holds a LoRA adapter, not a whole model: pass --merge to write it merged into "
+                             "its base model")
+        out = lora.merged_checkpoint(path, args.out, base=args.model_path, bert_path=args.bert_path,
+                                     overwrite=args.overwrite, dtype=dtype)
+    else:
+        if args.merge:
+            raise ValueError(f"{path}: --merge needs a LoRA checkpoint (with adapter_config.json); this one holds the "
+                             "whole model (export it without --merge)")
+        loaded = load_checkpoint(path, bert_path=args.bert_path, device="cpu")
+        if dtype is not None:
+            loaded = dataclasses.replace(loaded, config=dataclasses.replace(loaded.config, torch_dtype=dtype))
+        out = save_checkpoint(loaded, args.out, overwrite=args.overwrite)
+    print(f"wrote {out}")
+    return 0
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
@@ -656,7 +700,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             return cmd_train(args, extra, argv)
         return {"infer": cmd_infer, "eval": cmd_eval, "serve": cmd_serve, "demo": cmd_demo,
-                "cache-features": cmd_cache_features}[args.command](args)
+                "cache-features": cmd_cache_features, "export": cmd_export}[args.command](args)
     except (FileNotFoundError, FileExistsError, IsADirectoryError, PermissionError, ValueError, TrainingError,
             LockedError) as e:
         print(f"omni-fast {args.command}: error: {e}", file=sys.stderr)

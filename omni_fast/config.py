@@ -252,6 +252,8 @@ STAGES = ("sft", "grpo")
 SCHEDULERS = ("linear", "cosine", "constant")
 TRAIN_DTYPES = ("auto", "float32", "bfloat16")
 PROMPT_TEMPLATES = ("qwen2vl", "chat_template")  # omni_fast.grpo.inputs.grpo_prompt_ids
+# the decoder's linears, as Hugging Face's Qwen2 names them (omni_fast.model.lora checks lora_target_modules)
+LORA_DECODER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 OVERLONG_REWARD = "overlong"  # the registered name of DAPO's soft overlong punishment (omni_fast.grpo.rewards)
 # Per-stage recipe defaults for the fields left as None: R1-Omni's GRPO run (run_grpo_humanomni.sh + trl 0.14.0
 # GRPOConfig) and its EMER cold-start SFT (finetune_omni_emer.sh), docs/REFERENCE.md §7.
@@ -307,6 +309,15 @@ class GRPOConfig:
                                          "over the last this many tokens before max_completion_length")
     overlong_penalty_factor: float = _field(1.0, "the reward overlong at max_completion_length tokens is minus this "
                                                  "(verl's name)")
+    # --- LoRA (TRL's names; off by default) ---
+    use_peft: bool = _field(False, "train LoRA adapters (peft) only; the reference is the policy with its adapters "
+                                   "off")
+    lora_r: int = _field(16, "adapter rank")
+    lora_alpha: int = _field(32, "adapter scale numerator: the update is lora_alpha / lora_r x B A")
+    lora_dropout: float = _field(0.0, "dropout on the adapters' input, in the policy's gradient pass only")
+    lora_target_modules: tuple[str, ...] = _field(LORA_DECODER_TARGETS, "linears with adapters, Hugging Face's names "
+                                                                        "(q_proj ... down_proj); add mm_projector / "
+                                                                        "audio_projector for the projectors'")
     # --- optimisation (None: the stage's default) ---
     learning_rate: float | None = _field(None, "AdamW peak learning rate (GRPO 1e-6, SFT 2e-5)")
     lr_scheduler_type: str | None = _field(None, "linear (GRPO), cosine (SFT) or constant, after warmup")
@@ -347,6 +358,7 @@ class GRPOConfig:
             if getattr(self, name) is None:
                 setattr(self, name, value)
         self.label_set = tuple(self.label_set)
+        self.lora_target_modules = tuple(self.lora_target_modules)
         self.reward_funcs = tuple(self.reward_funcs)
         if self.reward_weights is not None:
             self.reward_weights = tuple(float(w) for w in self.reward_weights)
@@ -412,6 +424,12 @@ class GRPOConfig:
         if not isinstance(buffer, int) or isinstance(buffer, bool) or not 0 <= buffer <= self.max_completion_length:
             raise ConfigError(f"overlong_buffer_len must be an integer in [0, max_completion_length "
                               f"{self.max_completion_length}], got {buffer!r}")
+        for name in ("lora_r", "lora_alpha"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.overlong_penalty_factor < 0:
             raise ConfigError(f"overlong_penalty_factor must be >= 0, got {self.overlong_penalty_factor}")
         if self.temperature <= 0:
@@ -563,6 +581,11 @@ RESUME_RULES: dict[str, tuple[str, str]] = {
     "mask_truncated_completions": (RESUME_FREE, ""),
     "overlong_buffer_len": (RESUME_FREE, ""),
     "overlong_penalty_factor": (RESUME_FREE, ""),
+    "use_peft": (RESUME_FIXED, "which weights the checkpoint holds (an adapter, or the whole model)"),
+    "lora_r": (RESUME_FIXED, "the adapter's shape"),
+    "lora_alpha": (RESUME_FIXED, "the adapter's scale: the saved A and B mean another update under another"),
+    "lora_dropout": (RESUME_FREE, ""),
+    "lora_target_modules": (RESUME_FIXED, "which linears the saved adapter has"),
     "learning_rate": (RESUME_SCHEDULE, ""),
     "lr_scheduler_type": (RESUME_SCHEDULE, ""),
     "warmup_ratio": (RESUME_SCHEDULE, ""),

@@ -232,3 +232,38 @@ def test_fsdp_checkpoint_resumes_under_fsdp_and_under_one_process(fsdp_runs, tas
         # exact under the same world size; under one process the same global batch, RNG states aside (unused
         # by GRPO's seeded rollouts), so it also lands on the straight single-process run
         assert _relative_diff(_weights(straight / "checkpoint-3"), _weights(out / "checkpoint-3")) <= 1e-6
+
+
+# --- LoRA (use_peft) under DDP and FSDP2 ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def lora_runs(task, tiny_ckpt, tmp_path_factory):
+    """LoRA (adapters on the decoder and the projectors, the reference = the adapters off) on 2 ranks under DDP
+    and under FSDP2, and on 1 process, on the same global batch (step 2 uneven under FSDP, as above)."""
+    d = tmp_path_factory.mktemp("lora")
+    kw = dict(use_peft=True, lora_r=4, lora_target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                             "up_proj", "down_proj", "mm_projector"), beta=0.1)
+    jobs = {"ddp2": _write_config(task, tiny_ckpt, d / "ddp2.json", d / "ddp2", per_device=2, **kw),
+            "fsdp2": _write_config(task, tiny_ckpt, d / "fsdp2.json", d / "fsdp2", per_device=2, parallelism="fsdp",
+                                   **kw),
+            "one": _write_config(task, tiny_ckpt, d / "one.json", d / "one", per_device=4, **kw)}
+    for name, config in jobs.items():
+        rc, out = _finish(_torchrun(config)) if name.endswith("2") else _single(config)
+        assert rc == 0, f"{name}: {out[-3000:]}"
+    return d
+
+
+def _adapter(checkpoint: Path) -> dict:
+    return load_file(str(checkpoint / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("run", ["ddp2", "fsdp2"])
+def test_lora_two_ranks_equal_one_process(lora_runs, run):
+    for step in (1, 2, 3):
+        assert _relative_diff(_adapter(lora_runs / "one" / f"checkpoint-{step}"),
+                              _adapter(lora_runs / run / f"checkpoint-{step}")) <= 1e-6, step
+    b = {k: v for k, v in _adapter(lora_runs / "one" / "checkpoint-3").items() if ".lora_B." in k}
+    assert min(float(v.abs().max()) for v in b.values()) > 1e-3  # every adapter moved from B = 0
+    for m1, m2 in zip(read_metrics(lora_runs / "one"), read_metrics(lora_runs / run), strict=True):
+        for key in ("loss", "reward", "kl", "grad_norm", "completion_length"):
+            assert m2[key] == pytest.approx(m1[key], rel=1e-5, abs=1e-7), key
+    assert read_metrics(lora_runs / run)[-1]["kl"] > 0  # the reference (adapters off) is not the policy

@@ -3,7 +3,9 @@ grpo_step, with a scripted engine: the completions are chosen) against an indepe
 
 * overlong filtering (mask_truncated_completions): the step's gradient equals that of the loss computed
   without the truncated rows; DAPO's soft overlong punishment (overlong_buffer_len, overlong_penalty_factor) at
-  its boundary values and as the registry's "overlong" reward in the step's rewards and metrics.
+  its boundary values and as the registry's "overlong" reward in the step's rewards and metrics;
+* LoRA (use_peft): only the adapters change, the reference log-probs are a separate base model's, the first
+  rollout is the base model's, a resumed run equals the straight one.
 """
 import copy
 
@@ -17,11 +19,19 @@ from omni_fast.grpo import step as step_module
 from omni_fast.grpo.inputs import tower_features
 from omni_fast.grpo.logprobs import naive_completion_logprobs
 from omni_fast.grpo.rewards import soft_overlong_punishment
+from omni_fast.model import lora
 from omni_fast.model.checkpoint import load_checkpoint
 from training import ScriptedEngine, run_step, scripted_micro
 
 G = 4
 MAX_LEN = 6
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    from omni_fast.toy import make_toy_task
+
+    return make_toy_task(tmp_path_factory.mktemp("toy"), clips_per_label=2)
 
 
 @pytest.fixture
@@ -42,7 +52,7 @@ def _context(loaded, script, **overrides):
     kw = dict(num_generations=G, max_completion_length=MAX_LEN, learning_rate=1e-3, lr_scheduler_type="constant",
               reward_funcs=("by_length",), seed=7, max_grad_norm=0.0, beta=0.0)
     cfg = GRPOConfig(**{**kw, **overrides})
-    reference = loaded.model.copy_sharing_towers() if cfg.beta > 0 else None
+    reference = loaded.model.copy_sharing_towers() if cfg.beta > 0 and not cfg.use_peft else None
     ctx = step_module.build_context(cfg, loaded, DistContext(), reference, total_steps=10)
     ctx.engine = ScriptedEngine(ctx.engine.default_stop, script)
     return ctx
@@ -153,3 +163,122 @@ def test_the_overlong_reward_scores_each_completion_by_its_tokens(loaded, monkey
     assert ro.rewards["rewards/overlong_reward"] == pytest.approx(want)
     assert ro.total_rewards.tolist() == pytest.approx([float(n * n % 7) + w for n, w in zip(lengths, want)])
     assert metrics["rewards/overlong_reward"] == pytest.approx(sum(want) / len(want))
+
+
+# --- LoRA -------------------------------------------------------------------------------------------------------
+def _bang_rows(tok, b, call):
+    return [_ids(tok, "ok" + "!" * (k + call + 3 * b)) for k in range(G)]
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+@pytest.fixture
+def bang_reward():
+    reward_registry.register_reward("bangs", lambda completions: [float(c.count("!")) for c in completions])
+    yield
+    reward_registry.REWARD_FUNCS.pop("bangs")
+
+
+def test_lora_trains_the_adapters_and_nothing_else(loaded, bang_reward):
+    """Only adapter parameters are stepped; after two steps every other weight is bit-equal to the start, B has
+    moved at step 1 and A at step 2 (its gradient is B^T ..., zero while B is 0)."""
+    initial = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
+    ctx = _context(loaded, lambda b, call: _bang_rows(loaded.tokenizer, b, call), reward_funcs=("bangs",),
+                   use_peft=True, lora_r=4, lora_target_modules=lora.TARGETS, beta=0.1, max_completion_length=16)
+    assert ctx.trainable and all(lora.is_adapter(n) for n, _ in ctx.trainable)
+    start = {n: p.detach().clone() for n, p in ctx.trainable}
+    micro = scripted_micro(loaded, ["sad", "happy"], [0, 1])
+    run_step(ctx, micro, 1)
+    after_one = {n: p.detach().clone() for n, p in ctx.trainable}
+    run_step(ctx, micro, 2)
+    for name, p in loaded.model.named_parameters():
+        if not lora.is_adapter(name):
+            assert torch.equal(p, initial[name.replace(".base_layer.", ".")]), name
+    now = dict(ctx.trainable)
+    a_names, b_names = [n for n in now if ".lora_A." in n], [n for n in now if ".lora_B." in n]
+    assert all(not torch.equal(after_one[n], start[n]) for n in b_names)
+    assert all(torch.equal(after_one[n], start[n]) for n in a_names)  # B = 0 at step 1: A's gradient is 0
+    assert all(not torch.equal(now[n], after_one[n]) for n in a_names)
+
+
+def test_lora_reference_log_probs_are_the_base_models(loaded, monkeypatch, bang_reward):
+    """Three steps move the adapters; the third step's reference log-probs (the policy with its adapters off, no
+    second model) equal the naive forward of a separate copy of the base model, and differ from the policy's."""
+    tok = loaded.tokenizer
+    initial = copy.deepcopy(loaded.model)
+    calls = []
+    real = step_module.grpo_loss
+
+    def spy(logp, advantages, mask, **kw):
+        calls.append((logp.detach().clone(), mask.clone(), kw["ref_logp"]))
+        return real(logp, advantages, mask, **kw)
+    monkeypatch.setattr(step_module, "grpo_loss", spy)
+    ctx = _context(loaded, lambda b, call: _bang_rows(tok, b, call), reward_funcs=("bangs",), beta=0.3,
+                   learning_rate=3e-2, use_peft=True, lora_r=4, max_completion_length=16)
+    assert ctx.reference is None  # no reference copy
+    micro = scripted_micro(loaded, ["sad", "happy"], [0, 1])
+    for step in (1, 2, 3):
+        run_step(ctx, micro, step)
+    logp, mask, ref = calls[-1]
+    ids, bert = step_module.grpo_prompt(ctx)
+    rows = _bang_rows(tok, 0, 2) + _bang_rows(tok, 1, 2)
+    lengths = torch.tensor([len(r) for r in rows])
+    completions = torch.tensor([r + [0] * (mask.shape[1] - len(r)) for r in rows])
+    with torch.no_grad():
+        feats = tower_features(initial, micro[0].frames, micro[0].mel)
+        prefixes = initial.prompt_embeddings([ids, ids], feats.vision, feats.audio, bert)
+        want = naive_completion_logprobs(initial, prefixes, completions, lengths, G)
+    scale = float(want.abs().max())
+    assert float((ref - want).abs().max()) <= 1e-5 * scale
+    assert float((logp - ref).abs().max()) > 1e-3 * scale  # the adapters have moved: the check can tell
+    assert all(p.requires_grad for _, p in ctx.trainable)  # the reference pass left the adapters trainable
+
+
+def test_zero_initialised_adapters_roll_out_as_the_base_model(loaded):
+    """The first rollout of a LoRA run (B = 0) is the base model's, token for token, with the same seeds."""
+    from omni_fast.engine.engine import Engine
+    from omni_fast.grpo.rollout import sample_completions
+
+    base = copy.deepcopy(loaded.model)
+    cfg = GRPOConfig(num_generations=G, max_completion_length=MAX_LEN, use_peft=True, lora_r=4,
+                     lora_target_modules=lora.TARGETS)
+    ctx = step_module.build_context(cfg, loaded, DistContext(), None, total_steps=1)
+    ids, bert = step_module.grpo_prompt(ctx)
+    micro = scripted_micro(loaded, ["sad", "happy"], [0, 1])
+    out = {}
+    for name, model, engine in (("lora", loaded.model, ctx.engine),
+                                ("base", base, Engine(base, stop_token_ids=ctx.engine.default_stop))):
+        feats = tower_features(model, micro[0].frames, micro[0].mel)
+        done = sample_completions(model, engine, feats, [ids, ids], bert, [0, 1], 1, cfg)
+        out[name] = [c.token_ids for c in done]
+    assert out["lora"] == out["base"] and len({tuple(t) for t in out["base"]}) > 1
+
+
+@pytest.mark.slow  # about 15 s: six toy steps
+def test_lora_resume_is_exact(task, tiny_ckpt, tmp_path):
+    """Three LoRA steps straight, and one step saved then resumed for two: the same adapter and metrics; the
+    checkpoint holds the adapter in PEFT's format, not the model."""
+    from safetensors.torch import load_file
+
+    from omni_fast.grpo.trainer import Trainer
+    from training import run_config
+
+    kw = dict(save_steps=1, use_peft=True, lora_r=4, beta=0.1, reward_funcs=("rewards_for_tests:text_length",))
+    straight = Trainer(run_config(task, tiny_ckpt, tmp_path / "a", max_steps=3, **kw))
+    history = straight.train()
+    first = Trainer(run_config(task, tiny_ckpt, tmp_path / "b", max_steps=1, **kw))
+    first.train()
+    files = sorted(p.name for p in (tmp_path / "b" / "checkpoint-1").iterdir())
+    assert files == ["adapter_config.json", "adapter_model.safetensors", "optimizer.pt", "rng_state.pt",
+                     "trainer_state.json"]
+    resumed = Trainer(run_config(task, tiny_ckpt, tmp_path / "b", max_steps=3, **kw), "latest")
+    again = resumed.train()
+    a = load_file(str(tmp_path / "a" / "checkpoint-3" / lora.ADAPTER_WEIGHTS))
+    b = load_file(str(tmp_path / "b" / "checkpoint-3" / lora.ADAPTER_WEIGHTS))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [m["loss"] for m in again] == [m["loss"] for m in history[1:]]
+    assert history[-1]["kl"] > 0  # the adapters moved away from the reference
+    with pytest.raises(ConfigError, match="lora_r 4 -> 8"):
+        Trainer(run_config(task, tiny_ckpt, tmp_path / "b", max_steps=4, **{**kw, "lora_r": 8}), "latest")

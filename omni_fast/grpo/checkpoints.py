@@ -9,6 +9,10 @@
       master_weights.safetensors   fp32 master weights, only when the parameters are bf16
     latest                   the name of the newest complete checkpoint
 
+With use_peft (LoRA) the weights of a checkpoint are the adapter alone, in PEFT's format (model/lora.py:
+adapter_config.json, naming the run's initial model as base_model_name_or_path, and adapter_model.safetensors);
+`omni-fast export --merge` makes a HumanOmni checkpoint of it.
+
 A checkpoint is assembled in a hidden sibling directory and renamed into place only once every file is
 written; `latest` is replaced (os.replace) after that rename. A run killed during a save leaves the
 previous checkpoint whole and `latest` pointing at it; leftovers are removed when the next run starts.
@@ -28,6 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from omni_fast.atomic import sibling, write_text
 from omni_fast.diskerrors import os_error
+from omni_fast.model import lora
 from omni_fast.model.checkpoint import move_into_place, save_checkpoint
 
 STATE_FILE = "trainer_state.json"
@@ -85,17 +90,23 @@ def clean_partial(output_dir: Path) -> None:
 
 
 def save(output_dir: Path, step: int, loaded, optimizer_state: dict, masters: dict[str, torch.Tensor],
-         trainer_state: dict, rng_states: list[dict], total_limit: int | None = None) -> Path:
+         trainer_state: dict, rng_states: list[dict], total_limit: int | None = None,
+         adapter: dict | None = None) -> Path:
     """Write checkpoint-<step> atomically, point `latest` at it, and drop the oldest beyond total_limit.
     optimizer_state and masters are MasterAdamW.state_dict() / master_state() (full tensors, whatever the
-    sharding)."""
+    sharding). With `adapter` (LoRA: r, alpha, dropout, targets, base_model) the weights written are the
+    model's adapter, in PEFT's format, instead of the whole model."""
     final = output_dir / f"checkpoint-{step}"
     partial = sibling(final, "partial")
     shutil.rmtree(partial, ignore_errors=True)
     dtype = next(loaded.model.parameters()).dtype
     config = dataclasses.replace(loaded.config, torch_dtype=str(dtype).removeprefix("torch."))
     try:
-        save_checkpoint(dataclasses.replace(loaded, config=config), partial)
+        if adapter is not None:
+            partial.mkdir(parents=True)
+            lora.save_adapter(loaded.model, partial, adapter["base_model"], adapter)
+        else:
+            save_checkpoint(dataclasses.replace(loaded, config=config), partial)
         _torch_save(optimizer_state, partial / "optimizer.pt")
         _torch_save({"world_size": len(rng_states), "ranks": rng_states}, partial / "rng_state.pt")
         if masters:

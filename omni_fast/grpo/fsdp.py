@@ -94,10 +94,11 @@ def like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def gather_into(sharded: nn.Module, replica: nn.Module) -> None:
-    """Copy the sharded model's current weights into the replica's tensors, in place (every rank calls it)."""
+    """Copy the sharded model's trained weights (those that require grad: the frozen ones never change, which
+    with LoRA is all but the adapters) into the replica's tensors, in place (every rank calls it)."""
     plain = dict(replica.named_parameters())
     for name, p in sharded.named_parameters():
-        if isinstance(p, DTensor):
+        if isinstance(p, DTensor) and p.requires_grad:
             plain[name].copy_(p.full_tensor())
 
 

@@ -12,7 +12,8 @@ prompts, the whole step's by default), per micro-batch of B prompts, then once f
                 rows decode together, each prompt's group sharing its prefilled prompt): G completions per
                 prompt, sampled with seeds keyed by (seed, step, prompt index), decoded   (grpo/rollout.py)
     rewards     each completion against its own prompt's label -> group advantages, the completion mask
-    reference   the frozen initial weights' log-probs of the completions, no grad   (shared-prefix forward)
+    reference   the frozen initial weights' log-probs of the completions, no grad   (shared-prefix forward;
+                with use_peft the policy's pass with its LoRA adapters off: the base weights, no second copy)
     policy      the policy's log-probs with grad -> the loss over the whole step's totals -> backward
     optimizer   gradients summed over ranks, their norm clipped, AdamW (fp32 masters for bf16 weights); the
                 engine decodes the next step with the new weights, in place
@@ -22,8 +23,10 @@ clipped ratio against the rollout policy's log-probs), each time one optimizer s
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -46,12 +49,14 @@ from omni_fast.grpo.rewards import metric_name, resolve_rewards
 from omni_fast.grpo.rollout import (Rollout, RolloutPrompts, make_rollout, rollout_logprobs, rollout_sums,
                                     sample_completions, score)
 from omni_fast.grpo.sft import sft_batch, sft_loss
+from omni_fast.model import lora
 
 
 def check_config(cfg: GRPOConfig) -> None:
     """The GRPOConfig choices whose lists live with the code that uses them (the config imports none of it):
     loss_type (grpo/loss.NORMALIZERS), scale_rewards (the advantage kernels' scales), reward_funcs (the reward
-    registry, importing "module:function" names). A ConfigError names the field."""
+    registry, importing "module:function" names), lora_target_modules (model/lora.py's targets). A ConfigError
+    names the field."""
     if cfg.loss_type not in LOSS_TYPES:
         raise ConfigError(f"loss_type {cfg.loss_type!r}: expected one of {LOSS_TYPES}")
     try:
@@ -59,6 +64,11 @@ def check_config(cfg: GRPOConfig) -> None:
     except ValueError as e:
         raise ConfigError(f"scale_rewards: {e}") from None
     resolve_rewards([name for name, _ in cfg.rewards])
+    if cfg.use_peft:
+        try:
+            lora.check_targets(cfg.lora_target_modules)
+        except lora.LoraError as e:
+            raise ConfigError(str(e)) from None
 
 
 def train_dtype(cfg: GRPOConfig, device: torch.device) -> torch.dtype:
@@ -92,8 +102,8 @@ class StepContext:
     trained: nn.Module  # the model the optimizer updates: rollout_model, or its FSDP2-sharded copy
     trainable: list[tuple[str, nn.Parameter]]  # trained's (name, parameter) pairs the optimizer steps
     policy: fsdp.ModelCall  # what the policy pass runs through (trained itself, or the FSDP2 root over it)
-    reference: nn.Module | None  # the frozen initial weights (None: beta == 0, or SFT)
-    reference_call: fsdp.ModelCall | None  # what the reference pass runs through
+    reference: nn.Module | None  # the frozen initial weights (None: beta == 0, SFT, or LoRA)
+    reference_call: Callable | None  # what the reference pass runs through (LoRA: the policy, adapters off)
     engine: Engine  # decodes with rollout_model's own weights
     tokenizer: object  # the checkpoint's tokenizer
     bert_tokenizer: object  # the gate's
@@ -103,21 +113,50 @@ class StepContext:
     towers: CachedTowers | None = None  # the towers, behind the tower-feature store when the run has one
     prompt: tuple[torch.Tensor, dict] | None = None  # the GRPO prompt's ids and BERT inputs, made at the first step
 
+    def policy_pass(self):
+        """What the policy's gradient passes run under: the adapters' dropout on (LoRA), else nothing."""
+        if self.cfg.use_peft and self.cfg.lora_dropout > 0:
+            return lora.dropout_active(self.trained)
+        return contextlib.nullcontext()
+
     @property
     def sharded(self) -> bool:
         """FSDP2 over more than one rank: the trained model is a sharded copy of the rollout model."""
         return self.trained is not self.rollout_model
 
 
+class AdaptersOff:
+    """The LoRA reference: the policy's pass (`call`, a ModelCall or FSDP2's root) with the adapters of `model`
+    (the trained model) disabled, so the base weights alone compute it."""
+
+    def __init__(self, call, model: nn.Module):
+        self.call, self.model = call, model
+
+    def __call__(self, fn, *args):
+        with lora.disabled(self.model):
+            return self.call(fn, *args)
+
+
 def build_context(cfg: GRPOConfig, loaded, dist: DistContext, reference: nn.Module | None, total_steps: int,
                   engine_config: EngineConfig | None = None, log=None,
-                  store: FeatureStore | None = None) -> StepContext:
+                  store: FeatureStore | None = None, adapter: Path | None = None) -> StepContext:
     """The StepContext of a run on `loaded` (a LoadedCheckpoint, its model in eval mode: no dropout anywhere):
-    the stage's trainable parameters, the policy (and `reference`, the frozen initial weights sharing the
-    towers, or None) as they are under DDP or sharded by FSDP2, the engine on the full weights, AdamW with the
-    config's schedule over total_steps, and the towers behind `store` (a tower-feature store, or None)."""
+    the stage's trainable parameters (with use_peft: LoRA adapters injected, `adapter` a saved one to start
+    from), the policy (and `reference`, the frozen initial weights sharing the towers, or None; with use_peft the
+    policy with its adapters off) as they are under DDP or sharded by FSDP2, the engine on the full weights, AdamW
+    with the config's schedule over total_steps, and the towers behind `store` (a tower-feature store, or None)."""
     model = loaded.model
-    trainable = set_trainable(model, cfg.stage)
+    if cfg.use_peft and reference is not None:
+        raise ValueError("with use_peft the reference is the policy with its adapters off: pass no reference model")
+    if cfg.use_peft:
+        device = model.lm_head_weight.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(cfg.seed)  # A's random start is the run's, whatever ran before
+            trainable = lora.apply(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+        if adapter is not None:
+            lora.load_adapter(model, adapter)
+    else:
+        trainable = set_trainable(model, cfg.stage)
     if reference is not None:
         reference.requires_grad_(False).eval()
     trained, policy, reference_call = model, fsdp.ModelCall(model), None if reference is None else \
@@ -129,6 +168,8 @@ def build_context(cfg: GRPOConfig, loaded, dist: DistContext, reference: nn.Modu
         reference_call = None if reference is None else fsdp.shard(reference, dist)
     elif cfg.parallelism == "fsdp" and log is not None:
         log.info("parallelism fsdp in one process: nothing to shard, the model stays whole")
+    if cfg.use_peft and cfg.stage == "grpo" and cfg.beta > 0:
+        reference_call = AdaptersOff(policy, trained)
     optimizer = MasterAdamW(
         [p for _, p in trainable], lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
         weight_decay=cfg.weight_decay,
@@ -195,7 +236,7 @@ def grpo_step(ctx: StepContext, micro: list, step: int, phases) -> Iterator[dict
     for iteration in range(cfg.num_iterations):
         loss = kl = clipped = 0.0
         for i, ro in enumerate(rollouts):
-            with phases("policy"):
+            with phases("policy"), ctx.policy_pass():
                 logp = ctx.policy(rollout_logprobs, ro, bert, g, cfg.temperature)
                 out = grpo_loss(logp, ro.advantages, ro.mask, ref_logp=ref_logps[i], old_logp=old_logps[i],
                                 beta=cfg.beta, eps_low=cfg.epsilon, eps_high=cfg.epsilon_high or cfg.epsilon,
@@ -209,7 +250,7 @@ def grpo_step(ctx: StepContext, micro: list, step: int, phases) -> Iterator[dict
             kl += float(out.kl) * ro.mask.shape[0]
             clipped += float(out.clip_ratio) * float(ro.mask.sum())
         for pad in pads:
-            with phases("policy"):
+            with phases("policy"), ctx.policy_pass():
                 (ctx.policy(rollout_logprobs, pad, bert, g, cfg.temperature).sum() * 0.0).backward()
         with phases("optimizer"):
             grad_norm, lr = optimizer_step(ctx)
@@ -257,7 +298,7 @@ def grpo_metrics(ctx: StepContext, rollouts: list[Rollout], loss: float, kl: flo
     n = max(total["sequences"], 1.0)
     return {"loss": total["loss"], "reward": total["reward"] / n,
             "reward_std": total["reward_std"] / max(total["groups"], 1.0), **{k: total[k] / n for k in keys},
-            "kl": total["kl"] / n if ctx.reference is not None else math.nan,
+            "kl": total["kl"] / n if ctx.reference_call is not None else math.nan,
             "completion_length": total["completion_length"] / n, "truncated_ratio": total["truncated"] / n,
             "clip_ratio": total["clipped"] / max(total["completion_length"], 1.0), "grad_norm": grad_norm,
             "learning_rate": lr, "_tokens": total["completion_length"]}
@@ -279,13 +320,13 @@ def sft_step(ctx: StepContext, micro: list, phases, pad_record) -> Iterator[dict
                                 x_start_end, pad)
     loss = 0.0
     for b in batches:
-        with phases("policy"):
+        with phases("policy"), ctx.policy_pass():
             scaled = ctx.policy(sft_loss, ctx.bert_tokenizer, b, tokens)
             ctx.check_finite(scaled, "loss")
             scaled.backward()
         loss += float(scaled.detach())
     for b in pads:
-        with phases("policy"):
+        with phases("policy"), ctx.policy_pass():
             (ctx.policy(sft_loss, ctx.bert_tokenizer, b, tokens) * 0.0).backward()
     with phases("optimizer"):
         grad_norm, lr = optimizer_step(ctx)

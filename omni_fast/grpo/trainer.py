@@ -97,17 +97,18 @@ class Trainer:
         self.log = make_logger(self.out, self.dist.rank)
         self.init_model_path = state.get("init_model_path", str(Path(cfg.model_path).expanduser().resolve()))
         self.device = self.dist.device
-        self.loaded = load_checkpoint(resume or cfg.model_path, bert_path=None if resume else cfg.bert_path,
+        whole = resume if resume and not cfg.use_peft else None  # a LoRA checkpoint holds the adapter only
+        self.loaded = load_checkpoint(whole or self.init_model_path, bert_path=None if whole else cfg.bert_path,
                                       device=self.device, dtype=train_dtype(cfg, self.device))
         self.loaded.model.eval()  # no dropout anywhere (docs/REFERENCE.md §8)
-        reference = self._reference(resume) if cfg.stage == "grpo" and cfg.beta > 0 else None
+        reference = self._reference(resume) if cfg.stage == "grpo" and cfg.beta > 0 and not cfg.use_peft else None
         self.records, self.skipped = self._records(state)
         self.step_prompts = cfg.prompts_per_step * self.dist.world_size  # the global batch of one step
         rollouts_per_epoch = math.ceil(len(self.records) / self.step_prompts)
         self.total_steps = cfg.max_steps if cfg.max_steps > 0 else rollouts_per_epoch * cfg.num_train_epochs \
             * cfg.num_iterations
         self.ctx: StepContext = build_context(cfg, self.loaded, self.dist, reference, self.total_steps, log=self.log,
-                                              store=self._store())
+                                              store=self._store(), adapter=resume if cfg.use_peft else None)
         self.ctx.check_finite = self._check_finite
         if cfg.stage == "grpo":
             grpo_prompt(self.ctx)  # a max_prompt_length that cuts the placeholders is refused here, before training
@@ -132,7 +133,7 @@ class Trainer:
     model = property(lambda self: self.ctx.trained, doc="the model the optimizer updates (the rollout model, or "
                                                         "its FSDP2-sharded copy)")
     rollout_model = property(lambda self: self.ctx.rollout_model, doc="full weights: towers, engine, checkpoints")
-    reference = property(lambda self: self.ctx.reference, doc="the frozen initial weights (None: beta 0, SFT)")
+    reference = property(lambda self: self.ctx.reference, doc="the frozen initial weights (None: beta 0, SFT, LoRA)")
     trainable = property(lambda self: self.ctx.trainable, doc="(name, parameter) pairs the optimizer steps")
     optimizer = property(lambda self: self.ctx.optimizer)
     engine = property(lambda self: self.ctx.engine)
@@ -334,6 +335,12 @@ class Trainer:
             self.save()
 
     # --- stopping and saving ----------------------------------------------------------------------------------
+    def _adapter_settings(self) -> dict | None:
+        """What checkpoints.save writes in the adapter's config (use_peft), else None (the whole model is saved)."""
+        cfg = self.cfg
+        return dict(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_target_modules,
+                    base_model=self.init_model_path) if cfg.use_peft else None
+
     def _kept(self) -> str:
         return f"the last good checkpoint, {self.last_checkpoint}, is untouched" if self.last_checkpoint \
             else "no checkpoint was written"
@@ -367,7 +374,7 @@ class Trainer:
         if self.dist.is_main:
             try:
                 checkpoints.save(self.out, self.pos.step, self.loaded, optimizer, masters, state, rng,
-                                 self.cfg.save_total_limit)
+                                 self.cfg.save_total_limit, adapter=self._adapter_settings())
             except OSError as e:
                 raise TrainingError(f"step {self.pos.step}: cannot save {describe(e, path)}; "
                                     f"{self._kept()}") from None

@@ -310,6 +310,9 @@ def load_checkpoint(path: str | Path, *, bert_path: str | Path | None = None,
     root = Path(path).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such checkpoint directory")
+    if not (root / "config.json").exists() and (root / "adapter_config.json").is_file():
+        raise CheckpointError(f"{root}: holds a LoRA adapter (adapter_config.json), not a whole model; "
+                              f"`omni-fast export --merge {root} --out DIR` writes the HumanOmni checkpoint of it")
     try:
         cfg = ModelConfig.from_json(root / "config.json")
     except PermissionError as e:
