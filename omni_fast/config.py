@@ -309,6 +309,11 @@ class GRPOConfig:
                                          "over the last this many tokens before max_completion_length")
     overlong_penalty_factor: float = _field(1.0, "the reward overlong at max_completion_length tokens is minus this "
                                                  "(verl's name)")
+    # --- DAPO's dynamic sampling (off by default) ---
+    dynamic_sampling: bool = _field(False, "groups whose rewards are all equal leave the step, and more prompts are "
+                                           "rolled out until it is full (DAPO)")
+    max_num_gen_batches: int = _field(10, "dynamic sampling: generation batches a step draws at most, its own "
+                                          "included (verl's name)")
     # --- LoRA (TRL's names; off by default) ---
     use_peft: bool = _field(False, "train LoRA adapters (peft) only; the reference is the policy with its adapters "
                                    "off")
@@ -380,6 +385,9 @@ class GRPOConfig:
                               f"{len(self.reward_funcs)} reward_funcs")
         if not self.label_set:
             raise ConfigError("label_set must name at least one label")
+        if self.dynamic_sampling and self.stage != "grpo":
+            raise ConfigError("dynamic_sampling is a GRPO option (it drops groups of completions); stage is "
+                              f"{self.stage!r}")
         if OVERLONG_REWARD in self.reward_funcs and self.overlong_buffer_len == 0:
             raise ConfigError(f"reward_funcs names {OVERLONG_REWARD!r} but overlong_buffer_len is 0: set "
                               "overlong_buffer_len (the tokens before max_completion_length it penalises)")
@@ -392,7 +400,7 @@ class GRPOConfig:
                     raise ConfigError(f"{f.name} must be a finite number, got {values!r}")
         at_least = {"per_device_train_batch_size": 1, "gradient_accumulation_steps": 1, "num_train_epochs": 1,
                     "max_prompt_length": 1, "max_completion_length": 1, "max_length": 2, "save_steps": 1,
-                    "logging_steps": 1, "num_iterations": 1, "media_workers": 1,
+                    "logging_steps": 1, "num_iterations": 1, "media_workers": 1, "max_num_gen_batches": 1,
                     "num_generations": 2 if self.stage == "grpo" else 1}
         for name, low in at_least.items():
             value = getattr(self, name)
@@ -581,6 +589,8 @@ RESUME_RULES: dict[str, tuple[str, str]] = {
     "mask_truncated_completions": (RESUME_FREE, ""),
     "overlong_buffer_len": (RESUME_FREE, ""),
     "overlong_penalty_factor": (RESUME_FREE, ""),
+    "dynamic_sampling": (RESUME_FREE, ""),
+    "max_num_gen_batches": (RESUME_FREE, ""),
     "use_peft": (RESUME_FIXED, "which weights the checkpoint holds (an adapter, or the whole model)"),
     "lora_r": (RESUME_FIXED, "the adapter's shape"),
     "lora_alpha": (RESUME_FIXED, "the adapter's scale: the saved A and B mean another update under another"),

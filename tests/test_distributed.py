@@ -267,3 +267,32 @@ def test_lora_two_ranks_equal_one_process(lora_runs, run):
         for key in ("loss", "reward", "kl", "grad_norm", "completion_length"):
             assert m2[key] == pytest.approx(m1[key], rel=1e-5, abs=1e-7), key
     assert read_metrics(lora_runs / run)[-1]["kl"] > 0  # the reference (adapters off) is not the policy
+
+
+# --- dynamic sampling -----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def dynamic_runs(task, tiny_ckpt, tmp_path_factory):
+    """Dynamic sampling on 2 ranks and on 1 process: only the "happy" clips' groups have varied rewards, so steps
+    draw more generation batches, and the ranks must agree on the step's groups (and on which surplus group
+    goes) before the policy pass."""
+    d = tmp_path_factory.mktemp("dynamic")
+    kw = dict(dynamic_sampling=True, max_num_gen_batches=3)
+    for name, per_device in (("two", 2), ("one", 4)):
+        config = _write_config(task, tiny_ckpt, d / f"{name}.json", d / name, per_device=per_device, **kw)
+        raw = json.loads(config.read_text())
+        raw["reward_funcs"] = ["rewards_for_tests:varied_for_happy"]
+        config.write_text(json.dumps(raw))
+        rc, out = _finish(_torchrun(config)) if name == "two" else _single(config)
+        assert rc == 0, f"{name}: {out[-3000:]}"
+    return d
+
+
+def test_dynamic_sampling_two_ranks_equal_one_process(dynamic_runs):
+    for step in (1, 2, 3):
+        assert _relative_diff(_weights(dynamic_runs / "one" / f"checkpoint-{step}"),
+                              _weights(dynamic_runs / "two" / f"checkpoint-{step}")) <= 1e-6, step
+    one, two = read_metrics(dynamic_runs / "one"), read_metrics(dynamic_runs / "two")
+    assert sum(m["groups_dropped"] for m in one) > 0 and max(m["num_gen_batches"] for m in one) > 1
+    for m1, m2 in zip(one, two, strict=True):
+        for key in ("loss", "reward", "grad_norm", "num_gen_batches", "prompts_consumed", "groups_dropped", "groups"):
+            assert m2[key] == pytest.approx(m1[key], rel=1e-5, abs=1e-7), key

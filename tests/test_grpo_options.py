@@ -5,7 +5,10 @@ grpo_step, with a scripted engine: the completions are chosen) against an indepe
   without the truncated rows; DAPO's soft overlong punishment (overlong_buffer_len, overlong_penalty_factor) at
   its boundary values and as the registry's "overlong" reward in the step's rewards and metrics;
 * LoRA (use_peft): only the adapters change, the reference log-probs are a separate base model's, the first
-  rollout is the base model's, a resumed run equals the straight one.
+  rollout is the base model's, a resumed run equals the straight one;
+* dynamic sampling: a step whose first generation batch has only zero-variance groups draws the next ones, its
+  gradient equals a plain step's on the kept groups alone, it stops at max_num_gen_batches or the end of the
+  data, and a resumed run equals the straight one.
 """
 import copy
 
@@ -282,3 +285,113 @@ def test_lora_resume_is_exact(task, tiny_ckpt, tmp_path):
     assert history[-1]["kl"] > 0  # the adapters moved away from the reference
     with pytest.raises(ConfigError, match="lora_r 4 -> 8"):
         Trainer(run_config(task, tiny_ckpt, tmp_path / "b", max_steps=4, **{**kw, "lora_r": 8}), "latest")
+
+
+# --- dynamic sampling -------------------------------------------------------------------------------------------
+def _draws(loaded, n: int) -> list:
+    """n generation batches of 2 prompts each (distinct clips and annotation indices)."""
+    return [scripted_micro(loaded, ["sad", "happy"], [2 * d, 2 * d + 1], seed=d) for d in range(n)]
+
+
+def _same(length: int) -> list[list[int]]:
+    return [[100 + k for k in range(length)]] * G  # G completions of one length: one reward, zero variance
+
+
+def _varied(first: int) -> list[list[int]]:
+    return [[100 + k for k in range(n)] for n in (first, first + 1, first + 2, first + 3)]
+
+
+# per generation batch (engine call), per prompt: draw 0 all constant, draw 1 one varied group, draw 2 two (one
+# more than the step needs: the first in data order is kept)
+DYNAMIC_SCRIPT = [[_same(2), _same(3)], [_varied(1), _same(4)], [_varied(2), _varied(3)]]
+
+
+def _dynamic_context(loaded, script, **kw):
+    return _context(loaded, script, per_device_train_batch_size=2, gradient_accumulation_steps=1,
+                    dynamic_sampling=True, max_completion_length=8, **kw)
+
+
+def test_dynamic_sampling_draws_until_the_step_is_full_and_trains_on_the_kept_groups_alone(loaded, monkeypatch,
+                                                                                           length_reward):
+    """The first generation batch holds only zero-variance groups, so the step draws the next ones until it has
+    its 2 groups (the third batch has one more than needed: the first is kept); its gradient equals that of a
+    plain step on the kept groups alone."""
+    initial = copy.deepcopy(loaded.model)
+    draws = _draws(loaded, 3)
+    ctx = _dynamic_context(loaded, lambda b, call: DYNAMIC_SCRIPT[call][b])
+    grads = _gradients(monkeypatch, ctx)
+    asked = []
+
+    def more():
+        asked.append(len(asked) + 1)
+        return draws[len(asked)]
+    (metrics,) = list(step_module.grpo_step(ctx, draws[0], 1, lambda name: _no_timer(), more))
+    assert asked == [1, 2] and len(ctx.engine.params) == 3
+    assert (metrics["num_gen_batches"], metrics["prompts_consumed"], metrics["groups_dropped"],
+            metrics["groups"]) == (3, 6, 4, 2)
+    # the kept groups: batch 1's first prompt and batch 2's first, in one plain step
+    kept = [(draws[1][0], 0), (draws[2][0], 0)]
+    from types import SimpleNamespace
+    micro = [SimpleNamespace(frames=torch.cat([b.frames[i:i + 1] for b, i in kept]),
+                             mel=torch.cat([b.mel[i:i + 1] for b, i in kept]),
+                             records=[b.records[i] for b, i in kept])]
+    plain_loaded = copy.copy(loaded)
+    plain_loaded.model = initial
+    plain = _context(plain_loaded, lambda b, call: [DYNAMIC_SCRIPT[1][0], DYNAMIC_SCRIPT[2][0]][b],
+                     per_device_train_batch_size=2, gradient_accumulation_steps=1, max_completion_length=8)
+    want = {}
+    monkeypatch.setattr(step_module, "optimizer_step",
+                        lambda c: want.update({n: p.grad.clone() for n, p in c.trainable if p.grad is not None})
+                        or (0.0, 0.0))
+    (plain_metrics,) = run_step(plain, micro, 1)
+    scale = max(float(g.abs().max()) for g in want.values())
+    assert scale > 0 and want.keys() == grads.keys()
+    assert max(float((grads[n] - want[n]).abs().max()) for n in want) <= 1e-5 * scale
+    assert metrics["loss"] == pytest.approx(plain_metrics["loss"], rel=1e-5, abs=1e-7)
+    assert metrics["reward"] == pytest.approx(plain_metrics["reward"])  # the metrics are the kept groups'
+
+
+@pytest.mark.parametrize("limit,data,want", [(2, 3, (2, 4, 3, 1)),   # max_num_gen_batches reached
+                                             (10, 2, (2, 4, 3, 1)),  # the epoch has no more prompts
+                                             (1, 3, (1, 2, 2, 0))])  # no draw at all: a step without a group
+def test_dynamic_sampling_stops_at_its_limit_or_the_end_of_the_data(loaded, length_reward, limit, data, want):
+    draws = _draws(loaded, data)
+    ctx = _dynamic_context(loaded, lambda b, call: DYNAMIC_SCRIPT[call][b], max_num_gen_batches=limit)
+    before = {n: p.detach().clone() for n, p in ctx.trainable}
+    it = iter(draws[1:])
+    (metrics,) = list(step_module.grpo_step(ctx, draws[0], 1, lambda name: _no_timer(), lambda: next(it, None)))
+    assert (metrics["num_gen_batches"], metrics["prompts_consumed"], metrics["groups_dropped"],
+            metrics["groups"]) == want
+    moved = any(not torch.equal(p, before[n]) for n, p in ctx.trainable)
+    assert moved == (want[3] > 0)  # no group: no gradient, the weights stay
+
+
+def _no_timer():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+@pytest.mark.slow  # about 40 s: nine toy steps with up to 3 generation batches each
+def test_dynamic_sampling_resumes_exactly(task, tiny_ckpt, tmp_path):
+    """Steps that drop groups and draw more prompts: a run stopped after step 1 and resumed draws from where the
+    straight run was (the data position advanced by every batch drawn), and lands on the same weights."""
+    from safetensors.torch import load_file
+
+    from omni_fast.grpo.metrics import read_metrics
+    from omni_fast.grpo.trainer import Trainer
+    from training import run_config
+
+    kw = dict(save_steps=1, dynamic_sampling=True, max_num_gen_batches=3,
+              reward_funcs=("rewards_for_tests:varied_for_happy",))
+    Trainer(run_config(task, tiny_ckpt, tmp_path / "a", max_steps=3, **kw)).train()
+    Trainer(run_config(task, tiny_ckpt, tmp_path / "b", max_steps=1, **kw)).train()
+    Trainer(run_config(task, tiny_ckpt, tmp_path / "b", max_steps=3, **kw), "latest").train()
+    straight, resumed = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    assert sum(m["groups_dropped"] for m in straight) > 0 and max(m["num_gen_batches"] for m in straight) > 1
+    for m1, m2 in zip(straight, resumed, strict=True):
+        for key in ("loss", "num_gen_batches", "prompts_consumed", "groups_dropped", "epoch"):
+            assert m2[key] == pytest.approx(m1[key], rel=1e-6), key
+    a = load_file(str(tmp_path / "a" / "checkpoint-3" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "checkpoint-3" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

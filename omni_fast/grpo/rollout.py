@@ -42,6 +42,10 @@ class Rollout:
     texts: list[str]  # decoded completions
     truncated: torch.Tensor  # (B*G,) bool: cut at max_completion_length, no stop token
 
+    def __len__(self) -> int:
+        """B, its prompts."""
+        return len(self.prompt_ids)
+
 
 def rollout_seed(seed: int, step: int, index: int) -> int:
     """The engine seed of one prompt's group: keyed by the run's seed, the optimizer step and the prompt's
@@ -102,6 +106,20 @@ def make_rollout(features: ClipFeatures, prompt_ids: list[torch.Tensor], token_i
     return Rollout(features=features, prompt_ids=prompt_ids, completions=completions, lengths=lengths, mask=mask,
                    advantages=group_advantages(stacked, group_size, scale=scale), rewards=rewards,
                    total_rewards=stacked.sum(0), texts=texts, truncated=cut)
+
+
+def select_groups(ro: Rollout, groups: list[int], group_size: int) -> Rollout:
+    """The Rollout of some of `ro`'s prompts (their indices, in order) with their G completions each; every field
+    as make_rollout filled it (the advantages are per group, so they stay)."""
+    rows = torch.tensor([b * group_size + j for b in groups for j in range(group_size)], dtype=torch.long,
+                        device=ro.completions.device)
+    at = rows.tolist()
+    index = torch.tensor(groups, dtype=torch.long, device=ro.features.vision.device)
+    features = ClipFeatures(ro.features.vision[index], ro.features.audio[index])
+    return Rollout(features=features, prompt_ids=[ro.prompt_ids[b] for b in groups],
+                   completions=ro.completions[rows], lengths=ro.lengths[rows], mask=ro.mask[rows],
+                   advantages=ro.advantages[rows], rewards={k: [v[r] for r in at] for k, v in ro.rewards.items()},
+                   total_rewards=ro.total_rewards[rows], texts=[ro.texts[r] for r in at], truncated=ro.truncated[rows])
 
 
 def rollout_logprobs(model, ro: Rollout, bert: dict, group_size: int, temperature: float) -> torch.Tensor:

@@ -12,6 +12,7 @@ prompts, the whole step's by default), per micro-batch of B prompts, then once f
                 rows decode together, each prompt's group sharing its prefilled prompt): G completions per
                 prompt, sampled with seeds keyed by (seed, step, prompt index), decoded   (grpo/rollout.py)
     rewards     each completion against its own prompt's label -> group advantages, the completion mask
+                (dynamic_sampling: zero-variance groups dropped, more prompts drawn: grpo/dynamic.py)
     reference   the frozen initial weights' log-probs of the completions, no grad   (shared-prefix forward;
                 with use_peft the policy's pass with its LoRA adapters off: the base weights, no second copy)
     policy      the policy's log-probs with grad -> the loss over the whole step's totals -> backward
@@ -40,7 +41,7 @@ from omni_fast.engine.engine import Engine
 from omni_fast.engine.kv_cache import pool_bytes
 from omni_fast.features.store import FeatureStore
 from omni_fast.features.towers import CachedTowers
-from omni_fast.grpo import fsdp
+from omni_fast.grpo import dynamic, fsdp
 from omni_fast.grpo.advantage import check_scale
 from omni_fast.grpo.inputs import ClipFeatures, grpo_bert_inputs, grpo_prompt_ids
 from omni_fast.grpo.loss import LOSS_TYPES, grpo_loss
@@ -211,17 +212,19 @@ def grpo_prompt(ctx: StepContext) -> tuple[torch.Tensor, dict]:
     return ctx.prompt
 
 
-def grpo_step(ctx: StepContext, micro: list, step: int, phases) -> Iterator[dict]:
+def grpo_step(ctx: StepContext, micro: list, step: int, phases, more=None) -> Iterator[dict]:
     """One GRPO step over this rank's micro-batches (objects with .frames, .mel and .records, each record with
     .label and .index, as omni_fast.media.loader yields them): the rollouts for optimizer step `step` (1-based),
     then num_iterations optimizer steps on them, yielding each one's metrics. `phases(name)` is a context
-    manager timing each phase."""
+    manager timing each phase. With dynamic_sampling, `more()` gives this rank's share of the next generation
+    batch (None: the data has no more this epoch) and grpo/dynamic.py fills the step."""
     cfg, g, model = ctx.cfg, ctx.cfg.num_generations, ctx.rollout_model
     ids, bert = grpo_prompt(ctx)
-    per_call = cfg.generation_prompts // cfg.per_device_train_batch_size  # micro-batches per engine call
-    rollouts: list[Rollout] = []
-    for lo in range(0, len(micro), per_call):
-        rollouts += generation_batch(ctx, micro[lo:lo + per_call], ids, bert, step, phases)
+    rollouts = step_rollouts(ctx, micro, ids, bert, step, phases)
+    sampled = {}
+    if cfg.dynamic_sampling:
+        rollouts, sampled = dynamic.fill_step(ctx.dist, cfg, rollouts, more,
+                                              lambda drawn: step_rollouts(ctx, drawn, ids, bert, step, phases))
     pads = fsdp.pad_rollouts(ctx.dist, ctx.sharded, model, rollouts, ids, g, ctx.engine.default_stop[0])
     ref_logps: list[torch.Tensor | None] = [None] * len(rollouts)
     if ctx.reference_call is not None:
@@ -254,7 +257,16 @@ def grpo_step(ctx: StepContext, micro: list, step: int, phases) -> Iterator[dict
                 (ctx.policy(rollout_logprobs, pad, bert, g, cfg.temperature).sum() * 0.0).backward()
         with phases("optimizer"):
             grad_norm, lr = optimizer_step(ctx)
-        yield grpo_metrics(ctx, rollouts, loss, kl, clipped, grad_norm, lr)
+        yield {**grpo_metrics(ctx, rollouts, loss, kl, clipped, grad_norm, lr), **sampled}
+
+
+def step_rollouts(ctx: StepContext, micro: list, ids: torch.Tensor, bert: dict, step: int,
+                  phases) -> list[Rollout]:
+    """The rollouts of a step's worth of micro-batches, one per micro-batch: generation batches of
+    GRPOConfig.generation_batch_size prompts (the whole step's by default), each in one engine call."""
+    per_call = ctx.cfg.generation_prompts // ctx.cfg.per_device_train_batch_size  # micro-batches per engine call
+    return [ro for lo in range(0, len(micro), per_call)
+            for ro in generation_batch(ctx, micro[lo:lo + per_call], ids, bert, step, phases)]
 
 
 def generation_batch(ctx: StepContext, micro: list, ids: torch.Tensor, bert: dict, step: int,

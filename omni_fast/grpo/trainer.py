@@ -255,27 +255,39 @@ class Trainer:
                 for r in distributed.shard_step(todo[start:start + self.step_prompts], self.dist, per_rank)]
         loader = MediaLoader(mine, self._loader_config(), device=self.device, lookup=self.ctx.towers.lookup)
         with contextlib.closing(iter(loader)) as batches:
-            while self.pos.step < self.total_steps and self.pos.consumed < len(order) and not self.stop_signal:
-                phases, t0 = Phases(), time.perf_counter()
+            def draw():
+                """This rank's share of the next step's prompts (None: the epoch has no more), consumed."""
+                if self.pos.consumed >= len(order):
+                    return None
                 micro = self._next_batches(batches, mine, phases)
                 self.pos.consumed = min(len(order), self.pos.consumed + self.step_prompts)
                 self._share_skipped()
+                return micro
+
+            while self.pos.step < self.total_steps and self.pos.consumed < len(order) and not self.stop_signal:
+                phases, t0 = Phases(), time.perf_counter()
+                micro = draw()
                 if not int(distributed.all_reduce_sum(self.dist, torch.tensor([sum(len(b) for b in micro)]))):
                     continue  # every clip of this step was bad, on every rank
                 before, cache = (self.ctx.towers.hits, self.ctx.towers.misses), None
-                for metrics in self._run_step(micro, phases):
+                for metrics in self._run_step(micro, phases, draw):
                     cache = self._cache_counts(before) if cache is None else cache  # the towers ran by now
                     metrics.update(epoch=self.pos.epoch + self.pos.consumed / len(order),
                                    skipped_clips=len(self.skipped), **phases.as_metrics(), **cache)
                     metrics["tokens_per_s"] = metrics.pop("_tokens") / max(time.perf_counter() - t0, 1e-9)
+                    if metrics.get("groups", self.step_prompts) < self.step_prompts:
+                        self.log.info(f"step {self.pos.step + 1}: dynamic sampling found {metrics['groups']} of "
+                                      f"{self.step_prompts} groups with varied rewards in "
+                                      f"{metrics['num_gen_batches']} generation batch(es); training on those")
                     self._after_step(metrics, metrics_log, history)
         return True
 
-    def _run_step(self, micro: list, phases: Phases):
-        """The stage's step (its metrics per optimizer step); a reward function that raises names the step."""
+    def _run_step(self, micro: list, phases: Phases, draw):
+        """The stage's step (its metrics per optimizer step; `draw` gives dynamic sampling more prompts); a reward
+        function that raises names the step."""
         try:
             if self.cfg.stage == "grpo":
-                yield from grpo_step(self.ctx, micro, self.pos.step + 1, phases)
+                yield from grpo_step(self.ctx, micro, self.pos.step + 1, phases, draw)
             else:
                 yield from sft_step(self.ctx, micro, phases, pad_record=self.records[0])
         except RewardError as e:
