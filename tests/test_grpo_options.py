@@ -395,3 +395,18 @@ def test_dynamic_sampling_resumes_exactly(task, tiny_ckpt, tmp_path):
     a = load_file(str(tmp_path / "a" / "checkpoint-3" / "model.safetensors"))
     b = load_file(str(tmp_path / "b" / "checkpoint-3" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lora_in_the_sft_stage_trains_and_saves_the_adapters_only(task, tiny_ckpt, tmp_path):
+    from safetensors.torch import load_file
+
+    from omni_fast.grpo.trainer import Trainer
+    from training import run_config
+
+    trainer = Trainer(run_config(task, tiny_ckpt, tmp_path / "sft", "sft", max_steps=1, use_peft=True, lora_r=4,
+                                 learning_rate=1e-2))
+    trainer.train()
+    assert trainer.trainable and all(lora.is_adapter(n) for n, _ in trainer.trainable)
+    saved = load_file(str(trainer.last_checkpoint / lora.ADAPTER_WEIGHTS))
+    assert min(float(v.abs().max()) for k, v in saved.items() if ".lora_B." in k) > 0  # B moved off 0
+    assert not (trainer.last_checkpoint / "model.safetensors").exists()

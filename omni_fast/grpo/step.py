@@ -67,6 +67,7 @@ def check_config(cfg: GRPOConfig) -> None:
     resolve_rewards([name for name, _ in cfg.rewards])
     if cfg.use_peft:
         try:
+            lora.require_peft()
             lora.check_targets(cfg.lora_target_modules)
         except lora.LoraError as e:
             raise ConfigError(str(e)) from None

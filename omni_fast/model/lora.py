@@ -86,7 +86,8 @@ def _lora_config(r: int, alpha: int, dropout: float, targets, hf_names: bool, ba
                       base_model_name_or_path=base, bias="none")
 
 
-def _import_peft():
+def require_peft() -> None:
+    """LoraError naming the missing extra unless peft imports."""
     try:
         import peft  # noqa: F401
     except ImportError:
@@ -97,7 +98,7 @@ def apply(model: nn.Module, r: int = 16, alpha: int = 32, dropout: float = 0.0,
           targets: tuple[str, ...] = DECODER_TARGETS) -> list[tuple[str, nn.Parameter]]:
     """Inject peft's LoRA layers into `model` (a HumanOmniForCausalLM) in place, in its parameters' dtype and
     device, and freeze everything but them; returns the adapters' (name, parameter) pairs."""
-    _import_peft()
+    require_peft()
     from peft import inject_adapter_in_model
 
     check_targets(targets)
