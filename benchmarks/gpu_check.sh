@@ -89,6 +89,7 @@ for bench in benchmarks/bench_*.py; do
     bench_selective_logprob) limit=240 ;;
     bench_grpo_step) limit=420 ;;  # full GRPO steps (ours, reference: warm-up + 3 timed; ours with the tower-feature store cold and warm: warm-up + 2), random weights of the real shape
     bench_sft_epoch) limit=180 ;;  # makes 24 clips, then three SFT epochs of the tiny model (no store, cold, warm)
+    bench_lora) limit=300 ;;  # two processes (full fine-tuning, LoRA), each two GRPO steps at the real 0.5B shape
     bench_infer) limit=180 ;;  # builds the real shape in float16 and encodes 16 clips
     bench_media) limit=240; [ "$GPU" = 1 ] && extra=(--clips 32 --repeats 2) ;;  # encoding the clips dominates; + the store's cold and warm passes
   esac

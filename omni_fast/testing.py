@@ -464,11 +464,14 @@ def make_wav(path: str | Path, seconds: float = 2.0, sample_rate: int = 44100, c
     return path
 
 
-def random_r1omni(tiny_checkpoint: str | Path, device: str | torch.device, dtype: torch.dtype, seed: int = 0):
+def random_r1omni(tiny_checkpoint: str | Path, device: str | torch.device, dtype: torch.dtype, seed: int = 0,
+                  num_hidden_layers: int | None = None, tiny_towers: bool = False):
     """A LoadedCheckpoint of the real R1-Omni-0.5B shape with random weights, built in memory: the Qwen2.5-0.5B
     decoder, SigLIP-base-patch16-224, the Whisper-large-v3 encoder, bert-base and the real projector widths,
     with the tokenizers and generation defaults of a tiny checkpoint (their ids are valid in the real
-    vocabulary). For benchmarks of the real sizes where no weights can be downloaded."""
+    vocabulary). For benchmarks of the real sizes where no weights can be downloaded. A reduced shape for the
+    CPU: num_hidden_layers of the decoder's 24, and tiny_towers (the tiny checkpoint's towers and BERT, the
+    projectors' input widths theirs)."""
     import dataclasses
 
     from transformers import BertConfig, SiglipVisionConfig, WhisperConfig
@@ -479,10 +482,15 @@ def random_r1omni(tiny_checkpoint: str | Path, device: str | torch.device, dtype
 
     tiny = load_checkpoint(tiny_checkpoint, device="cpu", dtype=torch.float32)
     shape = {k: v for k, v in QWEN25_05B.items()}
-    cfg = dataclasses.replace(tiny.config, **shape, audio_hidden_size=WHISPER_LARGE_V3["d_model"],
+    shape["num_hidden_layers"] = num_hidden_layers or shape["num_hidden_layers"]
+    if tiny_towers:
+        shape["mm_hidden_size"] = tiny.config.mm_hidden_size
+        towers = tiny.towers
+    else:
+        towers = TowerConfigs(vision=SiglipVisionConfig(**SIGLIP_BASE_PATCH16_224),
+                              audio=WhisperConfig(**WHISPER_LARGE_V3), bert=BertConfig())
+    cfg = dataclasses.replace(tiny.config, **shape, audio_hidden_size=towers.audio.d_model,
                               torch_dtype=str(dtype).removeprefix("torch."))
-    towers = TowerConfigs(vision=SiglipVisionConfig(**SIGLIP_BASE_PATCH16_224), audio=WhisperConfig(**WHISPER_LARGE_V3),
-                          bert=BertConfig())
     torch.manual_seed(seed)
     with torch.device(device):
         model = HumanOmniForCausalLM(cfg, towers)
@@ -495,4 +503,4 @@ def random_r1omni(tiny_checkpoint: str | Path, device: str | torch.device, dtype
     model = model.to(dtype).eval()
     model.model.vision_tower.requires_grad_(False)
     model.model.audio_tower.requires_grad_(False)
-    return dataclasses.replace(tiny, model=model, config=cfg)
+    return dataclasses.replace(tiny, model=model, config=cfg, towers=towers)
