@@ -1,6 +1,15 @@
 """Each wire of one GRPO step (grpo/step.py's grpo_step, the function the trainer and the benchmark run), pinned
 so that crossing it fails a test: the completion mask, the rollout seeds, which label each completion is scored
-against, where the reference log-probs come from, and the grouping of the advantages.
+against, where the reference log-probs come from, and the grouping of the advantages; and the wires of the options
+that are off by default, each against an independent computation:
+* overlong filtering (mask_truncated_completions): the step's gradient equals that of the loss computed
+  without the truncated rows; DAPO's soft overlong punishment (overlong_buffer_len, overlong_penalty_factor) at
+  its boundary values and as the registry's "overlong" reward in the step's rewards and metrics;
+* LoRA (use_peft): only the adapters change, the reference log-probs are a separate base model's, the first
+  rollout is the base model's, a resumed run equals the straight one;
+* dynamic sampling: a step whose first generation batch has only zero-variance groups draws the next ones, its
+  gradient equals a plain step's on the kept groups alone, it stops at max_num_gen_batches or the end of the
+  data, and a resumed run equals the straight one.
 
 The engine is a scripted stand-in (the completions are chosen, the SamplingParams it is handed are recorded);
 everything else is the real step on the tiny checkpoint."""
@@ -11,14 +20,16 @@ import pytest
 import torch
 
 from omni_fast import task
-from omni_fast.config import GRPOConfig
+from omni_fast.config import ConfigError, GRPOConfig
 from omni_fast.distributed import DistContext
 from omni_fast.engine.sequence import Completion
 from omni_fast.grpo import rewards as reward_registry
 from omni_fast.grpo import step as step_module
 from omni_fast.grpo.inputs import tower_features
 from omni_fast.grpo.logprobs import naive_completion_logprobs
+from omni_fast.grpo.rewards import soft_overlong_punishment
 from omni_fast.grpo.rollout import rollout_seed
+from omni_fast.model import lora
 from omni_fast.model.checkpoint import load_checkpoint
 
 G = 4
@@ -35,9 +46,11 @@ class ScriptedEngine:
         assert len(prefixes) == len(params)
         self.params.append(list(params))
         call = len(self.params) - 1
+        rows = [self.script(b, call) for b in range(len(prefixes))]
+        assert all(len(r) == p.n for r, p in zip(rows, params))
         return [[Completion(token_ids=list(ids), logprobs=torch.zeros(len(ids)),
                             finish_reason="stop" if ids and ids[-1] in self.default_stop else "length")
-                 for ids in self.script(b, call)] for b in range(len(prefixes))]
+                 for ids in r] for r in rows]
 
 
 class LossCalls:
@@ -70,7 +83,7 @@ def _context(loaded, script, **overrides):
     kw = dict(num_generations=G, max_completion_length=6, learning_rate=1e-3, lr_scheduler_type="constant",
               reward_funcs=("format",), seed=7, max_grad_norm=0.0)
     cfg = GRPOConfig(**{**kw, **overrides})
-    reference = loaded.model.copy_sharing_towers() if cfg.beta > 0 else None
+    reference = loaded.model.copy_sharing_towers() if cfg.beta > 0 and not cfg.use_peft else None
     ctx = step_module.build_context(cfg, loaded, DistContext(), reference, total_steps=10)
     ctx.engine = ScriptedEngine(ctx.engine.default_stop, script)
     return ctx
@@ -99,6 +112,17 @@ class _NoTimer:
 
 def _text_ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False).input_ids
+
+
+@torch.no_grad()
+def _naive_logprobs(model, ctx, micro, rows: list[list[int]], width: int) -> torch.Tensor:
+    """`model`'s log-probs of the completions `rows` of micro's 2 prompts (G each), the naive forward."""
+    ids, bert = step_module.grpo_prompt(ctx)
+    lengths = torch.tensor([len(r) for r in rows])
+    completions = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+    feats = tower_features(model, micro[0].frames, micro[0].mel)
+    prefixes = model.prompt_embeddings([ids, ids], feats.vision, feats.audio, bert)
+    return naive_completion_logprobs(model, prefixes, completions, lengths, G)
 
 
 # --- the completion mask ----------------------------------------------------------------------------------------
@@ -242,14 +266,7 @@ def test_the_reference_log_probs_are_the_initial_weights_after_several_steps(loa
         _run(ctx, micro, step)
     logp, _, mask, kw = losses.calls[-1]
     ref = kw["ref_logp"]
-    ids, bert = step_module.grpo_prompt(ctx)
-    rows = script(0, 2) + script(1, 2)
-    lengths = torch.tensor([len(r) for r in rows])
-    completions = torch.tensor([r + [0] * (mask.shape[1] - len(r)) for r in rows])
-    with torch.no_grad():
-        feats = tower_features(initial, micro[0].frames, micro[0].mel)
-        prefixes = initial.prompt_embeddings([ids, ids], feats.vision, feats.audio, bert)
-        want = naive_completion_logprobs(initial, prefixes, completions, lengths, G)
+    want = _naive_logprobs(initial, ctx, micro, script(0, 2) + script(1, 2), mask.shape[1])
     scale = float(want.abs().max())
     assert float((ref - want).abs().max()) <= 1e-5 * scale
     assert float((logp - ref).abs().max()) > 1e-3 * scale  # the policy has moved: the check can tell them apart
@@ -303,3 +320,354 @@ def test_generation_batch_size_must_split_the_step():
     for bad in (0, 3, 4, 12):
         with pytest.raises(ConfigError, match="generation_batch_size"):
             GRPOConfig(per_device_train_batch_size=2, gradient_accumulation_steps=3, generation_batch_size=bad)
+
+
+# --- overlong filtering ------------------------------------------------------------------------------------------
+MAX_LEN = 6
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    from omni_fast.toy import make_toy_task
+
+    return make_toy_task(tmp_path_factory.mktemp("toy"), clips_per_label=2)
+
+
+@pytest.fixture
+def length_reward():
+    """A reward that reads the completions' token counts (a keyword-only parameter the registry fills)."""
+    reward_registry.register_reward("by_length", lambda completions, *, completion_lengths: [
+        float(n * n % 7) for n in completion_lengths])
+    yield
+    reward_registry.REWARD_FUNCS.pop("by_length")
+
+
+def _options_context(loaded, script, **overrides):
+    return _context(loaded, script, **{"reward_funcs": ("by_length",), "beta": 0.0, **overrides})
+
+
+def _gradients(monkeypatch, ctx) -> dict:
+    """The gradients the step hands its optimizer, by parameter name."""
+    seen = {}
+    real = step_module.optimizer_step
+
+    def spy(c):
+        seen.update({n: p.grad.detach().clone() for n, p in c.trainable if p.grad is not None})
+        return real(c)
+    monkeypatch.setattr(step_module, "optimizer_step", spy)
+    return seen
+
+
+def _rows(stop: int, endoftext: int) -> list[list[int]]:
+    """2 prompts x G: early stops, rows cut at MAX_LEN without a stop token (truncated), and a row that stops on
+    its last allowed position (not truncated)."""
+    return [[100, 101, stop], [100, 101, 102, 103, 104, 105], [100, 101, 102, 103, 104, stop], [100, endoftext],
+            [200, 201, 202, 203, 204, 205], [100, 101, 102, stop], [201, 202, 203, 204, 205, 206], [stop]]
+
+
+def _independent_gradients(initial, ctx, micro, rows, keep, loss_type) -> dict:
+    """The loss over the kept rows only, from scratch: each row's naive forward on its own prompt, advantages
+    over its whole group (every completion's reward), the normaliser over the kept rows (grpo: their count;
+    dapo: their tokens), backward."""
+    ids, bert = step_module.grpo_prompt(ctx)
+    feats = tower_features(initial, micro[0].frames, micro[0].mel)
+    prefixes = initial.prompt_embeddings([ids, ids], feats.vision, feats.audio, bert)
+    lengths = [len(r) for r in rows]
+    rewards = torch.tensor([float(n * n % 7) for n in lengths], dtype=torch.float64).view(-1, G)
+    adv = ((rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-4)).flatten()
+    terms, tokens = [], 0
+    for r in (r for r in range(len(rows)) if keep[r]):
+        ids_r = torch.tensor(rows[r])[None]
+        logp = naive_completion_logprobs(initial, [prefixes[r // G]], ids_r, [lengths[r]], 1)[0]
+        per_token = -torch.exp(logp - logp.detach()) * float(adv[r])
+        terms.append(per_token.mean() if loss_type == "grpo" else per_token.sum())
+        tokens += lengths[r]
+    loss = sum(terms) / (len(terms) if loss_type == "grpo" else tokens)
+    loss.backward()
+    return {n: p.grad for n, p in initial.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_truncated_completions_are_left_out_of_the_loss(loaded, monkeypatch, length_reward, loss_type):
+    """The step's gradient with mask_truncated_completions equals the loss computed on the other rows alone
+    (their rewards still in their groups' advantages); without the option it does not (the check can tell)."""
+    initial = copy.deepcopy(loaded.model)
+    rows = []
+    ctx = _options_context(loaded, lambda b, call: rows[b * G:(b + 1) * G], mask_truncated_completions=True,
+                   loss_type=loss_type)
+    rows += _rows(*ctx.engine.default_stop)
+    grads = _gradients(monkeypatch, ctx)
+    micro = _micro(loaded, ["sad", "happy"], [0, 1])
+    (metrics,) = _run(ctx, micro, step=1)
+    truncated = [len(r) == MAX_LEN and r[-1] not in ctx.engine.default_stop for r in rows]
+    assert truncated == [False, True, False, False, True, False, True, False]
+    assert metrics["truncated_ratio"] == pytest.approx(3 / 8)
+    want = _independent_gradients(copy.deepcopy(initial), ctx, micro, rows, [not t for t in truncated], loss_type)
+    scale = max(float(g.abs().max()) for g in want.values())
+    assert want.keys() == grads.keys()
+    assert max(float((grads[n] - want[n]).abs().max()) for n in want) <= 1e-5 * scale
+    every = _independent_gradients(copy.deepcopy(initial), ctx, micro, rows, [True] * len(rows), loss_type)
+    assert max(float((grads[n] - every[n]).abs().max()) for n in want) > 1e-2 * scale
+
+
+# --- DAPO's soft overlong punishment -----------------------------------------------------------------------------
+def test_soft_overlong_punishment_at_its_boundaries():
+    """max 10 tokens, the last 4 penalised, factor 0.5: nothing up to the buffer's start (6), -factor/4 at its
+    first token, -factor at the last allowed token, and -factor beyond."""
+    got = soft_overlong_punishment([1, 5, 6, 7, 9, 10, 11, 40], max_length=10, buffer_len=4, factor=0.5)
+    assert got == [0.0, 0.0, 0.0, -0.125, -0.375, -0.5, -0.5, -0.5]
+    assert soft_overlong_punishment([3, 4], max_length=4, buffer_len=4, factor=2.0) == [-1.5, -2.0]
+
+
+def test_the_overlong_reward_is_on_when_its_buffer_is_set():
+    assert GRPOConfig().rewards == (("accuracy", 1.0), ("format", 1.0))
+    cfg = GRPOConfig(reward_weights=(1.0, 0.5), overlong_buffer_len=64)
+    assert cfg.rewards == (("accuracy", 1.0), ("format", 0.5), ("overlong", 1.0))
+    named = GRPOConfig(reward_funcs=("format", "overlong"), reward_weights=(1.0, 2.0), overlong_buffer_len=64)
+    assert named.rewards == (("format", 1.0), ("overlong", 2.0))  # named once, at its own weight
+    with pytest.raises(ConfigError, match="overlong_buffer_len is 0"):
+        GRPOConfig(reward_funcs=("format", "overlong"))
+    with pytest.raises(ConfigError, match="overlong_buffer_len must be an integer in \\[0, max_completion_length 8\\]"):
+        GRPOConfig(max_completion_length=8, overlong_buffer_len=9)
+    with pytest.raises(ConfigError, match="overlong_penalty_factor must be >= 0"):
+        GRPOConfig(overlong_buffer_len=4, overlong_penalty_factor=-1.0)
+
+
+def test_the_overlong_reward_scores_each_completion_by_its_tokens(loaded, monkeypatch, length_reward):
+    """Through the step: the "overlong" reward of each completion is the punishment of its token count (stop
+    token included), it adds to the total reward the advantages are taken from, and it is logged as
+    rewards/overlong_reward."""
+    rows = []
+    ctx = _options_context(loaded, lambda b, call: rows[b * G:(b + 1) * G], overlong_buffer_len=3,
+                   overlong_penalty_factor=0.6)
+    rows += _rows(*ctx.engine.default_stop)
+    seen = {}
+    real = step_module.make_rollout
+    monkeypatch.setattr(step_module, "make_rollout", lambda *a, **k: seen.setdefault("rollout", real(*a, **k)))
+    (metrics,) = _run(ctx, _micro(loaded, ["sad", "happy"], [0, 1]), step=1)
+    lengths = [len(r) for r in rows]
+    want = [-0.6 * max(0, n - 3) / 3 for n in lengths]  # max 6, buffer 3: lengths 4..6 penalised
+    ro = seen["rollout"]
+    assert ro.rewards["rewards/overlong_reward"] == pytest.approx(want)
+    assert ro.total_rewards.tolist() == pytest.approx([float(n * n % 7) + w for n, w in zip(lengths, want)])
+    assert metrics["rewards/overlong_reward"] == pytest.approx(sum(want) / len(want))
+
+
+# --- LoRA -------------------------------------------------------------------------------------------------------
+def _bang_rows(tok, b, call):
+    return [_text_ids(tok, "ok" + "!" * (k + call + 3 * b)) for k in range(G)]
+
+
+def test_lora_trains_the_adapters_and_nothing_else(loaded, bang_reward):
+    """Only adapter parameters are stepped; after two steps every other weight is bit-equal to the start, B has
+    moved at step 1 and A at step 2 (its gradient is B^T ..., zero while B is 0)."""
+    initial = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
+    ctx = _options_context(loaded, lambda b, call: _bang_rows(loaded.tokenizer, b, call), reward_funcs=("bangs",),
+                   use_peft=True, lora_r=4, lora_target_modules=lora.TARGETS, beta=0.1, max_completion_length=16)
+    assert ctx.trainable and all(lora.is_adapter(n) for n, _ in ctx.trainable)
+    start = {n: p.detach().clone() for n, p in ctx.trainable}
+    micro = _micro(loaded, ["sad", "happy"], [0, 1])
+    _run(ctx, micro, 1)
+    after_one = {n: p.detach().clone() for n, p in ctx.trainable}
+    _run(ctx, micro, 2)
+    for name, p in loaded.model.named_parameters():
+        if not lora.is_adapter(name):
+            assert torch.equal(p, initial[name.replace(".base_layer.", ".")]), name
+    now = dict(ctx.trainable)
+    a_names, b_names = [n for n in now if ".lora_A." in n], [n for n in now if ".lora_B." in n]
+    assert all(not torch.equal(after_one[n], start[n]) for n in b_names)
+    assert all(torch.equal(after_one[n], start[n]) for n in a_names)  # B = 0 at step 1: A's gradient is 0
+    assert all(not torch.equal(now[n], after_one[n]) for n in a_names)
+
+
+def test_lora_reference_log_probs_are_the_base_models(loaded, monkeypatch, bang_reward):
+    """Three steps move the adapters; the third step's reference log-probs (the policy with its adapters off, no
+    second model) equal the naive forward of a separate copy of the base model, and differ from the policy's."""
+    tok = loaded.tokenizer
+    initial = copy.deepcopy(loaded.model)
+    calls = []
+    real = step_module.grpo_loss
+
+    def spy(logp, advantages, mask, **kw):
+        calls.append((logp.detach().clone(), mask.clone(), kw["ref_logp"]))
+        return real(logp, advantages, mask, **kw)
+    monkeypatch.setattr(step_module, "grpo_loss", spy)
+    ctx = _options_context(loaded, lambda b, call: _bang_rows(tok, b, call), reward_funcs=("bangs",), beta=0.3,
+                   learning_rate=3e-2, use_peft=True, lora_r=4, max_completion_length=16)
+    assert ctx.reference is None  # no reference copy
+    micro = _micro(loaded, ["sad", "happy"], [0, 1])
+    for step in (1, 2, 3):
+        _run(ctx, micro, step)
+    logp, mask, ref = calls[-1]
+    want = _naive_logprobs(initial, ctx, micro, _bang_rows(tok, 0, 2) + _bang_rows(tok, 1, 2), mask.shape[1])
+    scale = float(want.abs().max())
+    assert float((ref - want).abs().max()) <= 1e-5 * scale
+    assert float((logp - ref).abs().max()) > 1e-3 * scale  # the adapters have moved: the check can tell
+    assert all(p.requires_grad for _, p in ctx.trainable)  # the reference pass left the adapters trainable
+
+
+def test_zero_initialised_adapters_roll_out_as_the_base_model(loaded):
+    """The first rollout of a LoRA run (B = 0) is the base model's, token for token, with the same seeds."""
+    from omni_fast.engine.engine import Engine
+    from omni_fast.grpo.rollout import sample_completions
+
+    base = copy.deepcopy(loaded.model)
+    cfg = GRPOConfig(num_generations=G, max_completion_length=MAX_LEN, use_peft=True, lora_r=4,
+                     lora_target_modules=lora.TARGETS)
+    ctx = step_module.build_context(cfg, loaded, DistContext(), None, total_steps=1)
+    ids, bert = step_module.grpo_prompt(ctx)
+    micro = _micro(loaded, ["sad", "happy"], [0, 1])
+    out = {}
+    for name, model, engine in (("lora", loaded.model, ctx.engine),
+                                ("base", base, Engine(base, stop_token_ids=ctx.engine.default_stop))):
+        feats = tower_features(model, micro[0].frames, micro[0].mel)
+        done = sample_completions(model, engine, feats, [ids, ids], bert, [0, 1], 1, cfg)
+        out[name] = [c.token_ids for c in done]
+    assert out["lora"] == out["base"] and len({tuple(t) for t in out["base"]}) > 1
+
+
+@pytest.mark.slow  # about 15 s: six toy steps
+def test_lora_resume_is_exact(toy, tiny_ckpt, tmp_path):
+    """Three LoRA steps straight, and one step saved then resumed for two: the same adapter and metrics; the
+    checkpoint holds the adapter in PEFT's format, not the model."""
+    from safetensors.torch import load_file
+
+    from omni_fast.grpo.trainer import Trainer
+    from training import run_config
+
+    kw = dict(save_steps=1, use_peft=True, lora_r=4, beta=0.1, reward_funcs=("rewards_for_tests:text_length",))
+    straight = Trainer(run_config(toy, tiny_ckpt, tmp_path / "a", max_steps=3, **kw))
+    history = straight.train()
+    first = Trainer(run_config(toy, tiny_ckpt, tmp_path / "b", max_steps=1, **kw))
+    first.train()
+    files = sorted(p.name for p in (tmp_path / "b" / "checkpoint-1").iterdir())
+    assert files == ["adapter_config.json", "adapter_model.safetensors", "optimizer.pt", "rng_state.pt",
+                     "trainer_state.json"]
+    resumed = Trainer(run_config(toy, tiny_ckpt, tmp_path / "b", max_steps=3, **kw), "latest")
+    again = resumed.train()
+    a = load_file(str(tmp_path / "a" / "checkpoint-3" / lora.ADAPTER_WEIGHTS))
+    b = load_file(str(tmp_path / "b" / "checkpoint-3" / lora.ADAPTER_WEIGHTS))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [m["loss"] for m in again] == [m["loss"] for m in history[1:]]
+    assert history[-1]["kl"] > 0  # the adapters moved away from the reference
+    with pytest.raises(ConfigError, match="lora_r 4 -> 8"):
+        Trainer(run_config(toy, tiny_ckpt, tmp_path / "b", max_steps=4, **{**kw, "lora_r": 8}), "latest")
+
+
+def test_lora_in_the_sft_stage_trains_and_saves_the_adapters_only(toy, tiny_ckpt, tmp_path):
+    from safetensors.torch import load_file
+
+    from omni_fast.grpo.trainer import Trainer
+    from training import run_config
+
+    trainer = Trainer(run_config(toy, tiny_ckpt, tmp_path / "sft", "sft", max_steps=1, use_peft=True, lora_r=4,
+                                 learning_rate=1e-2))
+    trainer.train()
+    assert trainer.trainable and all(lora.is_adapter(n) for n, _ in trainer.trainable)
+    saved = load_file(str(trainer.last_checkpoint / lora.ADAPTER_WEIGHTS))
+    assert min(float(v.abs().max()) for k, v in saved.items() if ".lora_B." in k) > 0  # B moved off 0
+    assert not (trainer.last_checkpoint / "model.safetensors").exists()
+
+
+# --- dynamic sampling -------------------------------------------------------------------------------------------
+def _draws(loaded, n: int) -> list:
+    """n generation batches of 2 prompts each (distinct clips and annotation indices)."""
+    return [_micro(loaded, ["sad", "happy"], [2 * d, 2 * d + 1], seed=d) for d in range(n)]
+
+
+def _same(length: int) -> list[list[int]]:
+    return [[100 + k for k in range(length)]] * G  # G completions of one length: one reward, zero variance
+
+
+def _varied(first: int) -> list[list[int]]:
+    return [[100 + k for k in range(n)] for n in (first, first + 1, first + 2, first + 3)]
+
+
+# per generation batch (engine call), per prompt: draw 0 all constant, draw 1 one varied group, draw 2 two (one
+# more than the step needs: the first in data order is kept)
+DYNAMIC_SCRIPT = [[_same(2), _same(3)], [_varied(1), _same(4)], [_varied(2), _varied(3)]]
+
+
+def _dynamic_context(loaded, script, **kw):
+    return _options_context(loaded, script, per_device_train_batch_size=2, gradient_accumulation_steps=1,
+                    dynamic_sampling=True, max_completion_length=8, **kw)
+
+
+def test_dynamic_sampling_draws_until_the_step_is_full_and_trains_on_the_kept_groups_alone(loaded, monkeypatch,
+                                                                                           length_reward):
+    """The first generation batch holds only zero-variance groups, so the step draws the next ones until it has
+    its 2 groups (the third batch has one more than needed: the first is kept); its gradient equals that of a
+    plain step on the kept groups alone."""
+    initial = copy.deepcopy(loaded.model)
+    draws = _draws(loaded, 3)
+    ctx = _dynamic_context(loaded, lambda b, call: DYNAMIC_SCRIPT[call][b])
+    grads = _gradients(monkeypatch, ctx)
+    asked = []
+
+    def more():
+        asked.append(len(asked) + 1)
+        return draws[len(asked)]
+    (metrics,) = list(step_module.grpo_step(ctx, draws[0], 1, lambda name: _NoTimer(), more))
+    assert asked == [1, 2] and len(ctx.engine.params) == 3
+    assert (metrics["num_gen_batches"], metrics["prompts_consumed"], metrics["groups_dropped"],
+            metrics["groups"]) == (3, 6, 4, 2)
+    # the kept groups: batch 1's first prompt and batch 2's first, in one plain step
+    kept = [(draws[1][0], 0), (draws[2][0], 0)]
+    from types import SimpleNamespace
+    micro = [SimpleNamespace(frames=torch.cat([b.frames[i:i + 1] for b, i in kept]),
+                             mel=torch.cat([b.mel[i:i + 1] for b, i in kept]),
+                             records=[b.records[i] for b, i in kept])]
+    plain_loaded = copy.copy(loaded)
+    plain_loaded.model = initial
+    plain = _options_context(plain_loaded, lambda b, call: [DYNAMIC_SCRIPT[1][0], DYNAMIC_SCRIPT[2][0]][b],
+                     per_device_train_batch_size=2, gradient_accumulation_steps=1, max_completion_length=8)
+    want = {}
+    monkeypatch.setattr(step_module, "optimizer_step",
+                        lambda c: want.update({n: p.grad.clone() for n, p in c.trainable if p.grad is not None})
+                        or (0.0, 0.0))
+    (plain_metrics,) = _run(plain, micro, 1)
+    scale = max(float(g.abs().max()) for g in want.values())
+    assert scale > 0 and want.keys() == grads.keys()
+    assert max(float((grads[n] - want[n]).abs().max()) for n in want) <= 1e-5 * scale
+    assert metrics["loss"] == pytest.approx(plain_metrics["loss"], rel=1e-5, abs=1e-7)
+    assert metrics["reward"] == pytest.approx(plain_metrics["reward"])  # the metrics are the kept groups'
+
+
+@pytest.mark.parametrize("limit,data,want", [(2, 3, (2, 4, 3, 1)),   # max_num_gen_batches reached
+                                             (10, 2, (2, 4, 3, 1)),  # the epoch has no more prompts
+                                             (1, 3, (1, 2, 2, 0))])  # no draw at all: a step without a group
+def test_dynamic_sampling_stops_at_its_limit_or_the_end_of_the_data(loaded, length_reward, limit, data, want):
+    draws = _draws(loaded, data)
+    ctx = _dynamic_context(loaded, lambda b, call: DYNAMIC_SCRIPT[call][b], max_num_gen_batches=limit)
+    before = {n: p.detach().clone() for n, p in ctx.trainable}
+    it = iter(draws[1:])
+    (metrics,) = list(step_module.grpo_step(ctx, draws[0], 1, lambda name: _NoTimer(), lambda: next(it, None)))
+    assert (metrics["num_gen_batches"], metrics["prompts_consumed"], metrics["groups_dropped"],
+            metrics["groups"]) == want
+    moved = any(not torch.equal(p, before[n]) for n, p in ctx.trainable)
+    assert moved == (want[3] > 0)  # no group: no gradient, the weights stay
+
+
+@pytest.mark.slow  # about 40 s: nine toy steps with up to 3 generation batches each
+def test_dynamic_sampling_resumes_exactly(toy, tiny_ckpt, tmp_path):
+    """Steps that drop groups and draw more prompts: a run stopped after step 1 and resumed draws from where the
+    straight run was (the data position advanced by every batch drawn), and lands on the same weights."""
+    from safetensors.torch import load_file
+
+    from omni_fast.grpo.metrics import read_metrics
+    from omni_fast.grpo.trainer import Trainer
+    from training import run_config
+
+    kw = dict(save_steps=1, dynamic_sampling=True, max_num_gen_batches=3,
+              reward_funcs=("rewards_for_tests:varied_for_happy",))
+    Trainer(run_config(toy, tiny_ckpt, tmp_path / "a", max_steps=3, **kw)).train()
+    Trainer(run_config(toy, tiny_ckpt, tmp_path / "b", max_steps=1, **kw)).train()
+    Trainer(run_config(toy, tiny_ckpt, tmp_path / "b", max_steps=3, **kw), "latest").train()
+    straight, resumed = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    assert sum(m["groups_dropped"] for m in straight) > 0 and max(m["num_gen_batches"] for m in straight) > 1
+    for m1, m2 in zip(straight, resumed, strict=True):
+        for key in ("loss", "num_gen_batches", "prompts_consumed", "groups_dropped", "epoch"):
+            assert m2[key] == pytest.approx(m1[key], rel=1e-6), key
+    a = load_file(str(tmp_path / "a" / "checkpoint-3" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "checkpoint-3" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
