@@ -155,10 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(export, "--merge", action="store_true",
           help="merge the LoRA adapter (W + lora_alpha / lora_r x B A, in float32) into the base model")
     _flag(export, "--model_path", default=None,
-          help="the base model of a LoRA checkpoint (default: the one its adapter_config.json names)")
-    _flag(export, "--bert_path", default=None, help="the base model's BERT directory (default: its own)")
+          help="the base model of a LoRA checkpoint; None: the one its adapter_config.json names")
+    _flag(export, "--bert_path", default=None, help="the base model's BERT directory; None: its own")
     _flag(export, "--dtype", default=None, choices=sorted(DTYPE_NAMES),
-          help="the dtype the weights are written in (default: the checkpoint's torch_dtype)")
+          help="the dtype the weights are written in; None: the checkpoint's torch_dtype")
     _flag(export, "--overwrite", action="store_true", help="replace --out if it is a checkpoint")
 
     _add_serve_parser(sub)
