@@ -296,3 +296,35 @@ def test_dynamic_sampling_two_ranks_equal_one_process(dynamic_runs):
     for m1, m2 in zip(one, two, strict=True):
         for key in ("loss", "reward", "grad_norm", "num_gen_batches", "prompts_consumed", "groups_dropped", "groups"):
             assert m2[key] == pytest.approx(m1[key], rel=1e-5, abs=1e-7), key
+
+
+# --- the options together under FSDP2 ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def together_runs(task, tiny_ckpt, tmp_path_factory):
+    """Every option of issue 23 at once (LoRA on the decoder, dynamic sampling, overlong filtering and the soft
+    punishment) on 2 ranks under FSDP2 and on 1 process, on the same global batch."""
+    d = tmp_path_factory.mktemp("together")
+    kw = dict(use_peft=True, lora_r=4, beta=0.1, dynamic_sampling=True, max_num_gen_batches=3,
+              mask_truncated_completions=True, overlong_buffer_len=3, overlong_penalty_factor=0.5)
+    for name, per_device, parallelism in (("two", 2, "fsdp"), ("one", 4, "ddp")):
+        config = _write_config(task, tiny_ckpt, d / f"{name}.json", d / name, per_device=per_device,
+                               parallelism=parallelism, **kw)
+        raw = json.loads(config.read_text())
+        raw["reward_funcs"] = ["rewards_for_tests:varied_for_happy"]
+        config.write_text(json.dumps(raw))
+        rc, out = _finish(_torchrun(config)) if name == "two" else _single(config)
+        assert rc == 0, f"{name}: {out[-3000:]}"
+    return d
+
+
+def test_the_options_together_under_fsdp_equal_one_process(together_runs):
+    for step in (1, 2, 3):
+        assert _relative_diff(_adapter(together_runs / "one" / f"checkpoint-{step}"),
+                              _adapter(together_runs / "two" / f"checkpoint-{step}")) <= 1e-6, step
+    one, two = read_metrics(together_runs / "one"), read_metrics(together_runs / "two")
+    assert sum(m["truncated_ratio"] for m in one) > 0 and all(m["rewards/overlong_reward"] < 0 for m in one)
+    assert max(m["num_gen_batches"] for m in one) > 1
+    for m1, m2 in zip(one, two, strict=True):
+        for key in ("loss", "reward", "kl", "grad_norm", "rewards/overlong_reward", "truncated_ratio",
+                    "num_gen_batches", "prompts_consumed", "groups_dropped", "groups"):
+            assert m2[key] == pytest.approx(m1[key], rel=1e-5, abs=1e-7), key

@@ -52,6 +52,34 @@ def test_only_the_adapters_train_and_start_at_the_base_model(tiny_ckpt):
         assert torch.equal(loaded.model(embeds), base(embeds))  # B = 0: exactly the base model
 
 
+@pytest.mark.parametrize("r,alpha", [(4, 8), (3, 5)])
+def test_an_adapted_linear_adds_alpha_over_r_times_b_a(tiny_ckpt, r, alpha):
+    """Each adapted linear computes x W^T + b + (lora_alpha / lora_r) x A^T B^T, written out here in float64 from
+    the layer's own tensors (a packed linear and a plain one), and `merge` leaves W + (alpha / r) B A in W."""
+    loaded = load_checkpoint(tiny_ckpt, device="cpu", dtype=torch.float32)
+    _randomise(lora.apply(loaded.model, r, alpha, 0.0, lora.DECODER_TARGETS))
+    attn = loaded.model.model.layers[0].self_attn
+    x = torch.randn(5, loaded.config.hidden_size)
+    want = {}
+    for name in ("qkv_proj", "o_proj"):
+        layer = getattr(attn, name)
+        base = layer.get_base_layer()
+        (a,), (b,) = [m.weight.double() for m in layer.lora_A.values()], \
+            [m.weight.double() for m in layer.lora_B.values()]
+        assert a.shape[0] == r and b.shape[1] == r
+        want[name] = base.weight.double() + alpha / r * (b @ a)
+        inp = x[:, :base.in_features]
+        expected = inp.double() @ want[name].T + (0 if base.bias is None else base.bias.double())
+        with torch.no_grad():
+            got = layer(inp).double()
+        assert (got - expected).abs().max() <= 1e-5 * expected.abs().max(), name
+    lora.merge(loaded.model)
+    for name in ("qkv_proj", "o_proj"):
+        merged = getattr(attn, name)
+        assert type(merged) is torch.nn.Linear
+        assert (merged.weight.double() - want[name]).abs().max() <= 1e-6 * want[name].abs().max(), name
+
+
 def test_the_adapter_loads_onto_transformers_qwen2_with_peft(tiny_ckpt, tmp_path, reference):
     """Saved in PEFT's format with Hugging Face's module names (the packed qkv / gate_up split into q, k, v /
     gate, up sharing A), the adapter loads with PeftModel.from_pretrained on transformers' Qwen2 and gives the
