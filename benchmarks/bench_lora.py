@@ -209,6 +209,9 @@ def main(argv=None) -> dict:
           f"{decode['applied']:.3f} ms ({decode['applied'] / decode['merged']:.2f}x)")
     return emit("lora", ["", "full", "lora", "full/lora"], rows, {
         "device": name, "dtype": str(dtype), "quick": args.quick, "shape": shape,
+        "rows": [{"figure": r[0], "full": r[1], "lora": r[2], "full_over_lora": r[3]} for r in rows]
+        + [{"figure": "decode step ms (merged vs adapters applied)", "merged_ms": decode["merged"],
+            "applied_ms": decode["applied"]}],
         "completion_length": args.completion_length, "lora_r": LORA_R, "runs": runs,
         "computed_bytes": computed, "r1omni_05b_counts": r05, "decode_ms": decode,
     }, args.out)
