@@ -312,7 +312,7 @@ class GRPOConfig:
     # --- DAPO's dynamic sampling (off by default) ---
     dynamic_sampling: bool = _field(False, "groups whose rewards are all equal leave the step, and more prompts are "
                                            "rolled out until it is full (DAPO)")
-    max_num_gen_batches: int = _field(10, "dynamic sampling: generation batches a step draws at most, its own "
+    max_num_gen_batches: int = _field(10, "dynamic sampling: batches of a step's prompts a step draws at most, its own "
                                           "included (verl's name)")
     # --- LoRA (TRL's names; off by default) ---
     use_peft: bool = _field(False, "train LoRA adapters (peft) only; the reference is the policy with its adapters "

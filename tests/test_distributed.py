@@ -273,7 +273,7 @@ def test_lora_two_ranks_equal_one_process(lora_runs, run):
 @pytest.fixture(scope="module")
 def dynamic_runs(task, tiny_ckpt, tmp_path_factory):
     """Dynamic sampling on 2 ranks and on 1 process: only the "happy" clips' groups have varied rewards, so steps
-    draw more generation batches, and the ranks must agree on the step's groups (and on which surplus group
+    draw more batches of prompts, and the ranks must agree on the step's groups (and on which surplus group
     goes) before the policy pass."""
     d = tmp_path_factory.mktemp("dynamic")
     kw = dict(dynamic_sampling=True, max_num_gen_batches=3)

@@ -7,9 +7,9 @@ that are off by default, each against an independent computation:
   its boundary values and as the registry's "overlong" reward in the step's rewards and metrics;
 * LoRA (use_peft): only the adapters change, the reference log-probs are a separate base model's, the first
   rollout is the base model's, a resumed run equals the straight one;
-* dynamic sampling: a step whose first generation batch has only zero-variance groups draws the next ones, its
-  gradient equals a plain step's on the kept groups alone, it stops at max_num_gen_batches or the end of the
-  data, and a resumed run equals the straight one.
+* dynamic sampling: a step whose first batch of prompts has only zero-variance groups draws the next ones (in
+  generation batches, as the step's own prompts), its gradient equals a plain step's on the kept groups alone,
+  it stops at max_num_gen_batches or the end of the data, and a resumed run equals the straight one.
 
 The engine is a scripted stand-in (the completions are chosen, the SamplingParams it is handed are recorded);
 everything else is the real step on the tiny checkpoint."""
@@ -509,7 +509,7 @@ def test_lora_reference_log_probs_are_the_base_models(loaded, monkeypatch, bang_
 def test_zero_initialised_adapters_roll_out_as_the_base_model(loaded):
     """The first rollout of a LoRA run (B = 0) is the base model's, token for token, with the same seeds."""
     from omni_fast.engine.engine import Engine
-    from omni_fast.grpo.rollout import sample_completions
+    from omni_fast.grpo.rollout import RolloutPrompts, sample_completions
 
     base = copy.deepcopy(loaded.model)
     cfg = GRPOConfig(num_generations=G, max_completion_length=MAX_LEN, use_peft=True, lora_r=4,
@@ -521,7 +521,7 @@ def test_zero_initialised_adapters_roll_out_as_the_base_model(loaded):
     for name, model, engine in (("lora", loaded.model, ctx.engine),
                                 ("base", base, Engine(base, stop_token_ids=ctx.engine.default_stop))):
         feats = tower_features(model, micro[0].frames, micro[0].mel)
-        done = sample_completions(model, engine, feats, [ids, ids], bert, [0, 1], 1, cfg)
+        (done,) = sample_completions(model, engine, [RolloutPrompts(feats, [ids, ids], [0, 1])], bert, 1, cfg)
         out[name] = [c.token_ids for c in done]
     assert out["lora"] == out["base"] and len({tuple(t) for t in out["base"]}) > 1
 
@@ -571,7 +571,7 @@ def test_lora_in_the_sft_stage_trains_and_saves_the_adapters_only(toy, tiny_ckpt
 
 # --- dynamic sampling -------------------------------------------------------------------------------------------
 def _draws(loaded, n: int) -> list:
-    """n generation batches of 2 prompts each (distinct clips and annotation indices)."""
+    """n batches of a step's 2 prompts each (distinct clips and annotation indices)."""
     return [_micro(loaded, ["sad", "happy"], [2 * d, 2 * d + 1], seed=d) for d in range(n)]
 
 
@@ -583,8 +583,8 @@ def _varied(first: int) -> list[list[int]]:
     return [[100 + k for k in range(n)] for n in (first, first + 1, first + 2, first + 3)]
 
 
-# per generation batch (engine call), per prompt: draw 0 all constant, draw 1 one varied group, draw 2 two (one
-# more than the step needs: the first in data order is kept)
+# per batch drawn (one engine call by default), per prompt: draw 0 all constant, draw 1 one varied group,
+# draw 2 two (one more than the step needs: the first in data order is kept)
 DYNAMIC_SCRIPT = [[_same(2), _same(3)], [_varied(1), _same(4)], [_varied(2), _varied(3)]]
 
 
@@ -595,7 +595,7 @@ def _dynamic_context(loaded, script, **kw):
 
 def test_dynamic_sampling_draws_until_the_step_is_full_and_trains_on_the_kept_groups_alone(loaded, monkeypatch,
                                                                                            length_reward):
-    """The first generation batch holds only zero-variance groups, so the step draws the next ones until it has
+    """The first batch of prompts holds only zero-variance groups, so the step draws the next ones until it has
     its 2 groups (the third batch has one more than needed: the first is kept); its gradient equals that of a
     plain step on the kept groups alone."""
     initial = copy.deepcopy(loaded.model)
@@ -613,7 +613,6 @@ def test_dynamic_sampling_draws_until_the_step_is_full_and_trains_on_the_kept_gr
             metrics["groups"]) == (3, 6, 4, 2)
     # the kept groups: batch 1's first prompt and batch 2's first, in one plain step
     kept = [(draws[1][0], 0), (draws[2][0], 0)]
-    from types import SimpleNamespace
     micro = [SimpleNamespace(frames=torch.cat([b.frames[i:i + 1] for b, i in kept]),
                              mel=torch.cat([b.mel[i:i + 1] for b, i in kept]),
                              records=[b.records[i] for b, i in kept])]
@@ -633,6 +632,37 @@ def test_dynamic_sampling_draws_until_the_step_is_full_and_trains_on_the_kept_gr
     assert metrics["reward"] == pytest.approx(plain_metrics["reward"])  # the metrics are the kept groups'
 
 
+def test_dynamic_sampling_rolls_each_draw_out_in_generation_batches(tiny_ckpt, monkeypatch, length_reward):
+    """With generation_batch_size 1 (per_device_train_batch_size 1, 2 micro-batches a step) every draw of a step's
+    prompts is rolled out in two engine calls of one prompt (grpo/step.py's generation_batch); by default in one
+    call of both. The same groups are kept and dropped, and the gradient is the same."""
+    index_of = {rollout_seed(7, 1, i): i for i in range(6)}
+    script = lambda params: [DYNAMIC_SCRIPT[index_of[p.seed] // 2][index_of[p.seed] % 2] for p in params]  # noqa: E731
+    runs = {}
+    for gen in (1, None):
+        loaded = load_checkpoint(tiny_ckpt, device="cpu", dtype=torch.float32)
+        ctx = _options_context(loaded, None, per_device_train_batch_size=1, gradient_accumulation_steps=2,
+                               generation_batch_size=gen, dynamic_sampling=True, max_completion_length=8)
+        calls = []
+        ctx.engine.generate = lambda prefixes, params, real=ctx.engine.generate: calls.append(len(params)) or \
+            real(prefixes, params)
+        ctx.engine.script = lambda b, call: script(ctx.engine.params[call])[b]
+        grads = _gradients(monkeypatch, ctx)
+        draws = [_micro(loaded, ["sad"], [2 * d], seed=d) + _micro(loaded, ["happy"], [2 * d + 1], seed=d)
+                 for d in range(3)]
+        it = iter(draws[1:])
+        (metrics,) = list(step_module.grpo_step(ctx, draws[0], 1, lambda name: _NoTimer(), lambda: next(it, None)))
+        runs[gen] = calls, metrics, grads
+    (calls_1, m_1, g_1), (calls_all, m_all, g_all) = runs[1], runs[None]
+    assert calls_1 == [1] * 6 and calls_all == [2] * 3
+    for m in (m_1, m_all):
+        assert (m["num_gen_batches"], m["prompts_consumed"], m["groups_dropped"], m["groups"]) == (3, 6, 4, 2)
+    assert m_1["loss"] == pytest.approx(m_all["loss"], rel=1e-6)
+    scale = max(float(g.abs().max()) for g in g_all.values())
+    assert scale > 0 and g_1.keys() == g_all.keys()
+    assert max(float((g_1[n] - g_all[n]).abs().max()) for n in g_all) <= 1e-6 * scale
+
+
 @pytest.mark.parametrize("limit,data,want", [(2, 3, (2, 4, 3, 1)),   # max_num_gen_batches reached
                                              (10, 2, (2, 4, 3, 1)),  # the epoch has no more prompts
                                              (1, 3, (1, 2, 2, 0))])  # no draw at all: a step without a group
@@ -648,7 +678,7 @@ def test_dynamic_sampling_stops_at_its_limit_or_the_end_of_the_data(loaded, leng
     assert moved == (want[3] > 0)  # no group: no gradient, the weights stay
 
 
-@pytest.mark.slow  # about 40 s: nine toy steps with up to 3 generation batches each
+@pytest.mark.slow  # about 40 s: nine toy steps with up to 3 batches of prompts each
 def test_dynamic_sampling_resumes_exactly(toy, tiny_ckpt, tmp_path):
     """Steps that drop groups and draw more prompts: a run stopped after step 1 and resumed draws from where the
     straight run was (the data position advanced by every batch drawn), and lands on the same weights."""

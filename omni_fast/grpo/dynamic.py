@@ -1,18 +1,20 @@
 """DAPO's dynamic sampling (GRPOConfig.dynamic_sampling, max_num_gen_batches): a group whose G completions all
 got the same reward has zero advantages and gives no gradient, so it leaves the step, and more prompts are rolled
 out until the step holds its full number of groups (per_device_train_batch_size x gradient_accumulation_steps x
-processes) or max_num_gen_batches generation batches were drawn; then the step trains on what it has.
+processes) or max_num_gen_batches batches were drawn; then the step trains on what it has.
 
     rollouts, metrics = fill_step(dist, cfg, rollouts, more, roll)
 
-A generation batch is one step's prompts (the same number, sharded over the ranks as a step's are), the next ones
-of the epoch's order; `more()` draws this rank's share (None once the epoch has no more), `roll(micro)` rolls it
-out. Every decision is taken on counts summed over the ranks, so all ranks draw as many batches and agree on the
-step's groups before the policy pass. Where the kept groups outnumber the step's, the first ones in data order
-are trained (generation batch, then rank, then position: the order one process would see), so N ranks keep the
-groups one process keeps. Metrics: num_gen_batches (drawn, the step's own included), prompts_consumed and
-groups_dropped (rolled out but not trained on: zero variance, or beyond the step's number), summed over ranks.
-The trainer advances the data position by every batch drawn, so a resumed run draws what the straight one did.
+A batch drawn (verl's "gen batch") is one step's prompts (the same number, sharded over the ranks as a step's
+are), the next ones of the epoch's order; `more()` draws this rank's share (None once the epoch has no more),
+`roll(micro)` rolls it out as the step's own prompts are (grpo/step.py's step_rollouts: generation batches of
+GRPOConfig.generation_batch_size prompts, one engine call each). Every decision is taken on counts summed over
+the ranks, so all ranks draw as many batches and agree on the step's groups before the policy pass. Where the
+kept groups outnumber the step's, the first ones in data order are trained (batch drawn, then rank, then
+position: the order one process would see), so N ranks keep the groups one process keeps. Metrics:
+num_gen_batches (batches drawn, the step's own included), prompts_consumed and groups_dropped (rolled out but not
+trained on: zero variance, or beyond the step's number), summed over ranks. The trainer advances the data
+position by every batch drawn, so a resumed run draws what the straight one did.
 """
 from __future__ import annotations
 

@@ -217,8 +217,8 @@ def grpo_step(ctx: StepContext, micro: list, step: int, phases, more=None) -> It
     """One GRPO step over this rank's micro-batches (objects with .frames, .mel and .records, each record with
     .label and .index, as omni_fast.media.loader yields them): the rollouts for optimizer step `step` (1-based),
     then num_iterations optimizer steps on them, yielding each one's metrics. `phases(name)` is a context
-    manager timing each phase. With dynamic_sampling, `more()` gives this rank's share of the next generation
-    batch (None: the data has no more this epoch) and grpo/dynamic.py fills the step."""
+    manager timing each phase. With dynamic_sampling, `more()` gives this rank's share of the next step's worth
+    of prompts (None: the data has no more this epoch) and grpo/dynamic.py fills the step."""
     cfg, g, model = ctx.cfg, ctx.cfg.num_generations, ctx.rollout_model
     ids, bert = grpo_prompt(ctx)
     rollouts = step_rollouts(ctx, micro, ids, bert, step, phases)

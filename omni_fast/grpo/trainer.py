@@ -278,7 +278,7 @@ class Trainer:
                     if metrics.get("groups", self.step_prompts) < self.step_prompts:
                         self.log.info(f"step {self.pos.step + 1}: dynamic sampling found {metrics['groups']} of "
                                       f"{self.step_prompts} groups with varied rewards in "
-                                      f"{metrics['num_gen_batches']} generation batch(es); training on those")
+                                      f"{metrics['num_gen_batches']} batch(es) of prompts; training on those")
                     self._after_step(metrics, metrics_log, history)
         return True
 
