@@ -673,7 +673,7 @@ def _recording_completions(monkeypatch) -> list:
 
     def recording(*a, **k):
         out = real(*a, **k)
-        seen.append([list(t) for t in out])
+        seen.append([[c.token_ids for c in done] for done in out])  # per micro-batch, its completions' ids
         return out
 
     monkeypatch.setattr(grpo_step_module, "sample_completions", recording)
