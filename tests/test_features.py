@@ -122,6 +122,22 @@ def test_content_hash_follows_the_bytes(tmp_path, clips):
         content_hash(tmp_path / "missing.mp4")
 
 
+def test_remembered_hashes_are_bounded(tmp_path, monkeypatch):
+    """A server hashes a new temporary file per request: the hashes remembered stay within _CONTENTS_KEPT, least
+    recently used out, and a forgotten file is hashed again to the same value."""
+    import hashlib
+
+    monkeypatch.setattr(fkey, "_contents", type(fkey._contents)())
+    monkeypatch.setattr(fkey, "_CONTENTS_KEPT", 2)
+    files = [tmp_path / f"{i}.bin" for i in range(3)]
+    for i, f in enumerate(files):
+        f.write_bytes(bytes([i]) * 100)
+    digests = [content_hash(f) for f in files[:2]]
+    content_hash(files[0])  # now the most recent: files[1] goes first
+    content_hash(files[2])
+    assert len(fkey._contents) == 2 and {m[0] for m in fkey._contents} == {str(files[0]), str(files[2])}
+    assert content_hash(files[1]) == digests[1] == hashlib.sha256(bytes([1]) * 100).hexdigest()
+
 # --- the store ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_put_then_get_gives_the_same_bits(model, tmp_path, dtype):

@@ -22,6 +22,7 @@ import json
 import os
 import threading
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +34,8 @@ from omni_fast.model.prompt import MODALS
 
 _CHUNK = 1 << 20  # bytes hashed per read
 _fingerprints: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tower module -> its fingerprint
-_contents: dict[tuple, str] = {}  # (path, device, inode, size, mtime_ns, ctime_ns) -> the file's SHA-256
+_contents: OrderedDict[tuple, str] = OrderedDict()  # (path, device, inode, size, mtime_ns, ctime_ns) -> SHA-256
+_CONTENTS_KEPT = 1 << 16  # files remembered, least recently used out (a server hashes new temporary files)
 _lock = threading.Lock()
 
 
@@ -129,13 +131,16 @@ def _tower_digest(tower: torch.nn.Module) -> str:
 
 
 def file_hash(path: str | Path) -> str:
-    """SHA-256 of a file's bytes, remembered per (path, inode, size, mtime, ctime) for the process: a file
-    rewritten in place changes its mtime and ctime, so it is hashed again. FileNotFoundError when missing."""
+    """SHA-256 of a file's bytes, remembered per (path, inode, size, mtime, ctime) for the process (the last
+    _CONTENTS_KEPT files): a file rewritten in place changes its mtime and ctime, so it is hashed again.
+    FileNotFoundError when missing."""
     path = Path(path)
     st = os.stat(path)
     memo = (os.path.abspath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     with _lock:
         known = _contents.get(memo)
+        if known is not None:
+            _contents.move_to_end(memo)
     if known is not None:
         return known
     h = hashlib.sha256()
@@ -145,6 +150,8 @@ def file_hash(path: str | Path) -> str:
     digest = h.hexdigest()
     with _lock:
         _contents[memo] = digest
+        while len(_contents) > _CONTENTS_KEPT:
+            _contents.popitem(last=False)
     return digest
 
 

@@ -125,9 +125,10 @@ def _found(batch) -> list:
     return list(found) if found is not None else [None] * len(batch.records)
 
 
-def _rows(t: torch.Tensor, keep: list[int], total: int) -> torch.Tensor:
-    """t's rows `keep` (t itself when that is all of its `total` rows: no copy)."""
-    return t if len(keep) == total else t[torch.tensor(keep, dtype=torch.long, device=t.device)]
+def _rows(t: torch.Tensor | None, keep: list[int], total: int) -> torch.Tensor | None:
+    """t's rows `keep` (t itself when that is all of its `total` rows: no copy; None for an input the batch does not
+    have, such as a server's video-only clip's mel)."""
+    return t if t is None or len(keep) == total else t[torch.tensor(keep, dtype=torch.long, device=t.device)]
 
 
 def _merge(name: str, computed: torch.Tensor | None, found: list, device: torch.device) -> torch.Tensor:
