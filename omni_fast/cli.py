@@ -6,6 +6,7 @@ cache-features and demo.
     omni-fast train --config grpo.yaml [--key value ...] [--resume_from_checkpoint PATH|latest]
     omni-fast export --merge output_dir/checkpoint-500 --out R1-Omni-LoRA-merged   # a LoRA run's adapter merged
     omni-fast serve --model_path R1-Omni-0.5B [--port 8000] [--api_key KEY] [--allowed_local_media_path DIR] [--ui]
+        [--tower_cache_dir DIR]
     omni-fast cache-features --annotations train.json --video_root /data --model_path R1-Omni-0.5B \
         --tower_cache_dir /fast/tower-cache [--aspect pad|stretch]
     omni-fast demo [--serve]
@@ -241,6 +242,11 @@ def _add_serve_parser(sub) -> None:
           help="default: fp16 on a GPU (the reference's inference dtype, towers included), fp32 on the CPU")
     _flag(serve, "--ui", action="store_true",
           help="also serve a page at /ui to try the model in a browser (needs the `ui` extra: Gradio)")
+    _flag(serve, "--tower_cache_dir", default=None,
+          help="a tower-feature store (omni-fast cache-features --aspect stretch): clips found there skip decoding "
+               "and both towers, the others are added to it; the answers are the same")
+    _flag(serve, "--no_enable_prefix_caching", action="store_true",
+          help="no request reuses an earlier prompt's KV (vLLM's flag; a baseline for benchmarks)")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -253,12 +259,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          api_key=args.api_key, allowed_local_media_path=args.allowed_local_media_path,
                          allowed_media_domains=tuple(args.allowed_media_domains), max_num_seqs=args.max_num_seqs,
                          max_request_bytes=args.max_request_bytes, max_clip_seconds=args.max_clip_seconds,
-                         max_queue=args.max_queue, request_timeout=args.request_timeout, ui=args.ui)
+                         max_queue=args.max_queue, request_timeout=args.request_timeout, ui=args.ui,
+                         enable_prefix_caching=not args.no_enable_prefix_caching)
     engine = EngineConfig(max_num_seqs=args.max_num_seqs, kv_cache_memory=args.kv_cache_memory)
-    return _serve(args.model_path, args.bert_path, config, engine, args.device, args.dtype)
+    return _serve(args.model_path, args.bert_path, config, engine, args.device, args.dtype, args.tower_cache_dir)
 
 
-def _serve(model_path, bert_path, config, engine_config=None, device=None, dtype=None) -> int:
+def _serve(model_path, bert_path, config, engine_config=None, device=None, dtype=None, tower_cache_dir=None) -> int:
     """Load the model and serve it (with the page's sample clips, written to a temporary directory, when the page
     is on) until SIGTERM / Ctrl-C. engine_config None: the engine's defaults."""
     from omni_fast.api import OmniModel
@@ -266,7 +273,7 @@ def _serve(model_path, bert_path, config, engine_config=None, device=None, dtype
 
     t0 = time.perf_counter()
     model = OmniModel.from_pretrained(model_path, device, _dtype(dtype), bert_path=bert_path,
-                                      engine_config=engine_config)
+                                      engine_config=engine_config, tower_cache_dir=tower_cache_dir)
     print(f"omni-fast serve: model loaded in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="omni-fast-samples-") as tmp:
         return serve(model, config, samples=_page_samples(Path(tmp)) if config.ui else ())

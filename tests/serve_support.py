@@ -46,6 +46,26 @@ class _Request:
     done: list[bool] = field(default_factory=list)
 
 
+class _Occupancy:
+    """What the server's gauges read of an engine (Engine.scheduler.rows, .allocator, .prefix_cache), here from the
+    requests the fake holds: one row per unfinished sample, one block per 16 prompt rows and per sample."""
+
+    num_blocks = 4096
+    evictable_blocks = 0
+
+    def __init__(self, engine: FakeEngine):
+        self.engine = engine
+
+    @property
+    def rows(self) -> int:
+        return sum(r.done.count(False) for r in list(self.engine.requests.values()))
+
+    @property
+    def num_free(self) -> int:
+        held = sum(-(-r.prompt.shape[0] // 16) + len(r.done) for r in list(self.engine.requests.values()))
+        return self.num_blocks - held
+
+
 class FakeEngine:
     def __init__(self, script: list[int], eos: int):
         self.script, self.eos = list(script), eos
@@ -59,6 +79,7 @@ class FakeEngine:
         self.step_gate = threading.Event()  # cleared: step() waits (a test holds the engine still)
         self.step_gate.set()
         self.lock = threading.Lock()
+        self.scheduler = self.allocator = self.prefix_cache = _Occupancy(self)
 
     def token(self, request: _Request, sample: int, position: int) -> int:
         """Greedy: the script in order. Sampled: the script read from an offset set by the seed, one further for

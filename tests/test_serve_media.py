@@ -202,6 +202,13 @@ def _loader_batch(omni, path, modal):
     return next(iter(omni._media([str(path)], modal, "stretch", 1, "raise")))
 
 
+def _loaded(omni, chat, root, fetched=None):
+    """load_clip, its temporary files removed (as prepare does once the prompt is built)."""
+    clip = load_clip(omni, chat, fetched or {}, _config(root))
+    clip.close()
+    return clip
+
+
 @pytest.mark.parametrize("parts, modal", [("video", "video_audio"), ("silent", "video"), ("audio", "audio"),
                                           ("video_no_track", "video")])
 def test_clips_decode_as_infers_loader(omni, clips, parts, modal):
@@ -209,8 +216,9 @@ def test_clips_decode_as_infers_loader(omni, clips, parts, modal):
     ref = _ref(str(path), kind="audio" if parts == "audio" else "video")
     chat = ChatInput(question="q", system=None, video=ref if ref.kind == "video" else None,
                      audio=ref if ref.kind == "audio" else None, use_audio_in_video=parts != "video_no_track")
-    clip = load_clip(chat, {}, _config(path.parent), 8, 128, torch.device("cpu"))
-    assert clip.modal == modal and clip.ready
+    clip = _loaded(omni, chat, path.parent)
+    assert clip.modal == modal and clip.ready and clip.found is None
+    assert clip.cache_key == omni.prefix_key(str(path), "q", modal, "stretch")  # infer's key for the same clip
     batch = _loader_batch(omni, path, modal)
     assert (clip.frames is None) == (modal == "audio") and (clip.mel is None) == (modal == "video")
     if clip.frames is not None:
@@ -220,35 +228,53 @@ def test_clips_decode_as_infers_loader(omni, clips, parts, modal):
 
 
 def test_separate_audio_part_is_the_clips_audio(omni, awkward_clips, clips, tmp_path):
-    """video_url + audio_url: the loader's record with a separate audio file gives the same tensors."""
+    """video_url + audio_url: the loader's record with a separate audio file gives the same tensors and key."""
     video, audio = awkward_clips["vp9"], awkward_clips["vp9_wav"]
-    chat = ChatInput(question="q", system=None, video=_ref(str(video)), audio=_ref(str(audio), kind="audio"))
-    clip = load_clip(chat, {}, _config(Path(video).parent), 8, 128, torch.device("cpu"))
+    chat = ChatInput(question="q", system="s", video=_ref(str(video)), audio=_ref(str(audio), kind="audio"))
+    clip = _loaded(omni, chat, Path(video).parent)
     record = type("R", (), {"video": str(video), "audio": str(audio)})()
     batch = next(iter(omni._media([record], "video_audio", "stretch", 1, "raise")))
     assert clip.modal == "video_audio"
     assert torch.equal(clip.frames, batch.frames) and torch.equal(clip.mel, batch.mel)
+    assert clip.cache_key == omni.prefix_key(record, "q", "video_audio", "stretch", "s")
+    assert clip.cache_key != omni.prefix_key(str(video), "q", "video_audio", "stretch", "s")
 
 
-def test_same_bytes_same_key_and_no_files_left(clips, monkeypatch, tmp_path):
+def test_same_bytes_same_key_and_no_files_left(omni, clips, monkeypatch, tmp_path):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     path = clips["mp4"]
     data = "data:video/mp4;base64," + base64.b64encode(path.read_bytes()).decode()
     chat = ChatInput(question="q", system=None, video=_ref(data), audio=None)
-    by_data = load_clip(chat, {}, _config(path.parent), 8, 128, torch.device("cpu"))
-    by_path = load_clip(dataclasses.replace(chat, video=_ref(str(path))), {}, _config(path.parent), 8, 128,
-                        torch.device("cpu"))
-    by_fetch = load_clip(dataclasses.replace(chat, video=_ref("http://h/x.mp4")), {"video": path.read_bytes()},
-                         _config(path.parent), 8, 128, torch.device("cpu"))
-    assert by_data.content_key == by_path.content_key == by_fetch.content_key
+    by_data = load_clip(omni, chat, {}, _config(path.parent))
+    assert len(list(tmp_path.iterdir())) == 1  # the data's file lives until the prompt is built
+    by_data.close()
+    by_path = _loaded(omni, dataclasses.replace(chat, video=_ref(str(path))), path.parent)
+    by_fetch = _loaded(omni, dataclasses.replace(chat, video=_ref("http://h/x.mp4")), path.parent,
+                       {"video": path.read_bytes()})
+    assert by_data.cache_key == by_path.cache_key == by_fetch.cache_key
     assert torch.equal(by_data.frames, by_path.frames) and torch.equal(by_data.mel, by_fetch.mel)
-    muted = load_clip(dataclasses.replace(chat, use_audio_in_video=False), {}, _config(path.parent), 8, 128,
-                      torch.device("cpu"))
-    assert muted.modal == "video" and muted.content_key != by_data.content_key
+    muted = _loaded(omni, dataclasses.replace(chat, use_audio_in_video=False), path.parent)
+    other = _loaded(omni, dataclasses.replace(chat, question="another"), path.parent)
+    system = _loaded(omni, dataclasses.replace(chat, system="a system turn"), path.parent)
+    assert muted.modal == "video" and len({by_data.cache_key, muted.cache_key, other.cache_key,
+                                           system.cache_key}) == 4
+    off = load_clip(omni, chat, {}, ServeConfig(allowed_local_media_path=str(path.parent),
+                                                enable_prefix_caching=False))
+    off.close()
+    assert off.cache_key is None
     assert list(tmp_path.iterdir()) == []  # the request's temporary files are gone
 
 
-def test_undecodable_and_too_long_parts(clips, awkward_clips, tmp_path):
+def test_a_refused_part_leaves_no_files(omni, clips, monkeypatch, tmp_path):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    data = "data:video/mp4;base64," + base64.b64encode(clips["mp4_wide"].read_bytes()).decode()
+    chat = ChatInput(question="q", system=None, video=_ref(data), audio=None)
+    config = ServeConfig(max_clip_seconds=2.5)
+    _refused(lambda: load_clip(omni, chat, {}, config), "--max_clip_seconds 2.5")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_undecodable_and_too_long_parts(omni, clips, awkward_clips, tmp_path):
     wav = awkward_clips["audio_only"]
     junk = tmp_path / "junk.wav"
     junk.write_bytes(b"RIFF" + os.urandom(200))
@@ -258,8 +284,34 @@ def test_undecodable_and_too_long_parts(clips, awkward_clips, tmp_path):
         chat = ChatInput(question="q", system=None, video=ref if ref.kind == "video" else None,
                          audio=ref if ref.kind == "audio" else None)
         root = Path(ref.url).parent if ref.url.startswith("/") else tmp_path
-        _refused(lambda: load_clip(chat, {}, _config(root), 8, 128, torch.device("cpu")), "messages[0].content[0]",
-                 *words)
+        _refused(lambda: load_clip(omni, chat, {}, _config(root)), "messages[0].content[0]", *words)
     chat = ChatInput(question="q", system=None, video=None, audio=_ref(str(wav), kind="audio"))
-    _refused(lambda: load_clip(chat, {}, ServeConfig(allowed_local_media_path=str(wav.parent), max_clip_seconds=0.2),
-                               8, 128, torch.device("cpu")), "--max_clip_seconds 0.2")
+    _refused(lambda: load_clip(omni, chat, {}, ServeConfig(allowed_local_media_path=str(wav.parent),
+                                                           max_clip_seconds=0.2)), "--max_clip_seconds 0.2")
+
+
+@pytest.mark.parametrize("name, modal", [("mp4", "video_audio"), ("mp4_silent", "video")])
+def test_a_stored_clip_is_not_decoded_and_gives_the_same_prompt(omni, clips, tmp_path, name, modal):
+    """With a tower-feature store (serve --tower_cache_dir), a clip seen before is found there before decoding,
+    or, when another request stored it after this one was decoded, when its prompt is built; either way its prompt
+    is the one the towers gave."""
+    from omni_fast.api import OmniModel
+    from omni_fast.config import EngineConfig, SamplingParams
+    from omni_fast.serve.inputs import prepare
+
+    model = OmniModel(omni.loaded, EngineConfig(kv_cache_memory=1 << 20), tower_cache_dir=tmp_path / "store")
+    path = clips[name]
+    chat = ChatInput(question="q", system=None, video=_ref(str(path)), audio=None)
+
+    def built(clip):
+        return prepare(model, clip, chat, SamplingParams(max_tokens=4), "r").prompt
+
+    first, second = (load_clip(model, chat, {}, _config(path.parent)) for _ in range(2))  # both decoded
+    assert (first.found, second.found, first.modal) == (None, None, modal)
+    prompts = [built(first), built(second)]  # the first stores the clip's features, the second reads them
+    third = load_clip(model, chat, {}, _config(path.parent))
+    assert third.found is not None and third.media is None  # found before decoding
+    prompts.append(built(third))
+    batch = _loader_batch(omni, path, modal)
+    expected = omni.prompt_embeds(batch.frames, batch.mel, ["q"], modal)[0]
+    assert all(torch.equal(p, expected) for p in prompts)

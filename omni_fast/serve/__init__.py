@@ -6,7 +6,8 @@
     sampling.py  the request's sampling fields over generation_config.json's defaults -> SamplingParams
     media.py     data: / file:// / allowed-path / allowed-domain URLs -> local files, probing, decoding
     limits.py    the checks made before any decoding (body size, parts, n, clip length, queue)
-    inputs.py    a request's clip -> ClipInput (worker pool) -> prompt embeddings via OmniModel (loop thread)
+    inputs.py    a request's clip -> ClipInput (worker pool) -> prompt embeddings via OmniModel (loop thread),
+                 keyed and cached as OmniModel keys and caches clips
     loop.py      the engine loop thread: Engine.step() and each request's tokens to its asyncio queue
     text.py      token ids -> text deltas as they come: incremental detokenising, stop strings, strip
     response.py  a request's outputs -> its choices, chat.completion and chat.completion.chunk bodies

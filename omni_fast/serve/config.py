@@ -27,6 +27,7 @@ class ServeConfig:
     fetch_timeout: float = 30.0  # seconds to fetch one remote media file (vLLM's video fetch timeout)
     media_workers: int = 4  # threads that fetch-to-disk, probe and decode media (never the event loop)
     ui: bool = False  # serve the page at /ui (omni_fast.serve.ui; needs the `ui` extra)
+    enable_prefix_caching: bool = True  # requests carry a prefix-cache key (OmniModel.prefix_key); False: none does
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

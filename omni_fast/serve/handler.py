@@ -1,8 +1,9 @@
 """One POST /v1/chat/completions from arrival to its last byte.
 
     body (413) -> parsed (400/404) -> messages and sampling (400) -> n (400) -> queue (429)
-      -> remote parts fetched (async) -> files written, probed (clip length), decoded, hashed (worker pool)
-      -> submitted to the engine loop (encoders + prompt on the loop thread) -> Started or Failed
+      -> remote parts fetched (async) -> files written, probed (clip length), keyed, decoded unless the
+         towers' caches hold the clip (worker pool)
+      -> submitted to the engine loop (tower features + prompt on the loop thread) -> Started or Failed
       -> one JSON body, or server-sent events as the tokens come
 
 Everything after the queue check runs against the request's deadline (--request_timeout from arrival) and a
@@ -57,6 +58,7 @@ class Call:
         self.media_s = self.wait_s = self.encode_s = 0.0  # the stages before the engine (Timings)
         self.entered: float | None = None  # when the request entered the engine
         self.phase = "waiting"
+        self.clip = None  # the decoded clip (its temporary files), once the media pool is done with it
         state.waiting += 1
         self._aio = asyncio.get_running_loop()
         self._watch = asyncio.create_task(self._watch_disconnect())
@@ -102,6 +104,20 @@ class Call:
             raise ServeError(event.status, event.message)
         return event
 
+    def _media_done(self, work) -> None:
+        """From the worker: the loaded clip belongs to this call (closed at once if the call is over by then)."""
+        if work.cancelled() or work.exception() is not None:
+            return
+        try:
+            self._aio.call_soon_threadsafe(self._own, work.result())
+        except RuntimeError:  # the event loop is closed: the server is gone
+            work.result().close()
+
+    def _own(self, clip) -> None:
+        self.clip = clip
+        if self.phase == "done":
+            clip.close()
+
     def _running(self) -> None:
         if self.phase == "waiting":
             self.first_token = time.monotonic()
@@ -117,6 +133,8 @@ class Call:
             return
         self.abort()
         self._watch.cancel()
+        if self.clip is not None:
+            self.clip.close()
         if self.phase == "waiting":
             self.state.waiting -= 1
         elif self.phase == "running":
@@ -134,9 +152,11 @@ class Call:
         for ref in (chat.video, chat.audio):
             if ref is not None and is_remote(ref):
                 fetched[ref.kind] = await self.guard(fetch(ref, state.config, self.deadline))
-        job = functools.partial(load_clip, chat, fetched, state.config, model.config.num_frames,
-                                model.model.towers.audio.num_mel_bins, model.device)
-        clip = await self.guard(self._aio.run_in_executor(state.pool, job))
+        work = state.pool.submit(load_clip, model, chat, fetched, state.config)
+        work.add_done_callback(self._media_done)  # the clip's files go with the call, however it ends
+        self.clip = clip = await self.guard(asyncio.wrap_future(work))
+        if clip.towers.lookup is not None:
+            state.metrics.looked_up(clip.found is not None)
         submitted = time.monotonic()
         self.media_s = submitted - t0
         state.loop.submit(self.id, functools.partial(prepare, model, clip, chat, params, self.id), self.sink)
@@ -150,8 +170,12 @@ class Call:
 
     async def outputs(self, out: Outputs) -> AsyncIterator[tuple[dict[int, str], bool]]:
         """The engine's outputs as (text deltas per choice, whether the choices are now finished)."""
+        keyed = self.clip is not None and self.clip.cache_key is not None
         while True:
             event = await self.next_event()
+            if keyed:  # the first output: the request is in the batch, its prompt read from the cache or prefilled
+                self.state.metrics.admitted(out.prompt_tokens, event.num_cached_tokens)
+                keyed = False
             out.cached_tokens = max(out.cached_tokens, event.num_cached_tokens)
             if any(event.new_token_ids):
                 self._running()

@@ -1,19 +1,30 @@
-"""One request's clip -> the engine's input: prompt embeddings built by OmniModel itself, and the cache key.
+"""One request's clip -> the engine's input, through OmniModel's own steps: its cache key, its towers (with the
+feature caches in front of them), its prompt.
 
-The prompt is OmniModel.prompt_embeds' (the reference inference prompt through the checkpoint's chat template,
-the encoders' outputs spliced in), and max_tokens is capped by OmniModel.fit_positions: the same code
-`omni-fast infer` runs, so a greedy request gets infer's text. The decoded clip is preprocessed once, by
-the worker that decoded it when the model runs on the CPU, else on the loop thread on the model's device (as
-the media loader does it for infer).
+    worker pool:  parts -> files -> probed (limits, modality) -> keyed -> looked up in the feature caches
+                  -> decoded and preprocessed (only when not found there)             load_clip -> ClipInput
+    loop thread:  tower features (cached, or computed and cached) -> projectors, gate, splicing
+                  -> max_tokens fitted to the positions left                          prepare -> Prepared
+
+A clip is keyed as `omni-fast infer` keys it: the prefix-cache key is OmniModel.prefix_key (the clip's bytes
+through omni_fast.features.key.content_hash, the modality, the inference aspect, the question, the system turn),
+and the tower features go through OmniModel's towers for the modality (a tower-feature store given by
+--tower_cache_dir, and any cache OmniModel keeps in front of them). So the same clip asked the same question
+hits the same caches whether it came as a data: URL, a path or a fetched URL, from the API, the page or
+OmniModel.generate in the same process. The prompt is the reference inference prompt (OmniModel.feature_embeds)
+and max_tokens is capped by OmniModel.fit_positions: the code `omni-fast infer` runs, so a greedy request gets
+infer's text.
+
+The request's temporary files (inline and fetched parts) live until its prompt is built, since the caches hash
+and store clips by their files; ClipInput.close removes them (idempotent, called by prepare and by the handler).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -21,27 +32,50 @@ from omni_fast.config import SamplingParams
 from omni_fast.serve.chat import ChatInput, MediaRef
 from omni_fast.serve.config import ServeConfig
 from omni_fast.serve.loop import Prepared
-from omni_fast.serve.media import (DecodedMedia, decode, file_hash, local_file, preprocess, probe, scheme,
+from omni_fast.serve.media import (ASPECT, DecodedMedia, decode, local_file, preprocess, probe, scheme,
                                    write_fetched, write_inline)
 from omni_fast.serve.protocol import ServeError
 
 REMOTE = ("http", "https")
 
 
+@dataclass(frozen=True, slots=True)
+class ClipFiles:
+    """A clip given as a video part and a separate audio part (what OmniModel's records with `.audio` are)."""
+    video: str
+    audio: str
+
+
+@dataclass(slots=True)
+class _OneClip:
+    """One clip as omni_fast.features.towers.CachedTowers reads a loader batch."""
+    records: list[Any]
+    frames: torch.Tensor | None  # (1, T, 3, 224, 224), or None when found or the modality has no video
+    mel: torch.Tensor | None  # (1, n_mels, 3000), or None when found or the modality has no audio
+    found: list[Any]  # [the cached features' entry, or None: decoded]
+
+
 @dataclass(slots=True)
 class ClipInput:
-    media: DecodedMedia  # the decoded frames / samples
     modal: str  # video_audio, video or audio
-    content_key: str  # what identifies the clip: its parts' content hashes and the modality
+    record: str | ClipFiles  # the clip's file(s), as OmniModel keys a clip
+    cache_key: str | None  # the engine's prefix-cache key (OmniModel.prefix_key); None: no reuse
+    towers: Any  # OmniModel's towers for this modality (omni_fast.features.towers.CachedTowers)
+    found: Any  # the clip's features from the towers' caches (then nothing was decoded), or None
+    media: DecodedMedia | None  # the decoded frames / samples; None when found
+    workdir: Path  # the request's temporary files
     frames: torch.Tensor | None = None  # (1, T, 3, 224, 224) once preprocessed
     mel: torch.Tensor | None = None  # (1, n_mels, 3000) once preprocessed
     ready: bool = False
 
     def tensors(self, n_mels: int, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        if not self.ready:
+        if not self.ready and self.media is not None:
             self.frames, self.mel = preprocess(self.media, n_mels, device)
-            self.ready = True
+        self.ready = True
         return self.frames, self.mel
+
+    def close(self) -> None:
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def is_remote(ref: MediaRef) -> bool:
@@ -60,43 +94,51 @@ def _file(ref: MediaRef, fetched: dict[str, bytes], config: ServeConfig, workdir
                           "a path, or http(s)", ref.where)
 
 
-def load_clip(chat: ChatInput, fetched: dict[str, bytes], config: ServeConfig, num_frames: int, n_mels: int,
-              device: torch.device) -> ClipInput:
-    """In a worker: the request's parts as files (inline data and fetched bytes written to a temporary directory,
-    removed before returning), probed (length limit, streams, hence the modality), decoded, hashed, and on the
-    CPU preprocessed. `fetched`: the bytes of the remote parts, by kind."""
+def _record(paths: dict[str, Path]) -> str | ClipFiles:
+    if "video" in paths and "audio" in paths:
+        return ClipFiles(str(paths["video"]), str(paths["audio"]))
+    return str(next(iter(paths.values())))
+
+
+def load_clip(model, chat: ChatInput, fetched: dict[str, bytes], config: ServeConfig) -> ClipInput:
+    """In a worker: the request's parts as files (inline data and fetched bytes written to a temporary directory),
+    probed (length limit, streams, hence the modality), keyed, looked up in the towers' caches, and decoded (on the
+    CPU also preprocessed) unless found there. `model`: the OmniModel; `fetched`: the bytes of the remote parts,
+    by kind."""
     workdir = Path(tempfile.mkdtemp(prefix="omni-serve-"))
     try:
         files = {ref.kind: (ref, _file(ref, fetched, config, workdir)) for ref in (chat.video, chat.audio)
                  if ref is not None}
         probes = {kind: probe(ref, path, config.max_clip_seconds) for kind, (ref, path) in files.items()}
         modal = chat.modal(video_has_audio="video" in probes and probes["video"].has_audio)
-        media = decode(files.get("video"), files.get("audio"), modal, num_frames, config.max_clip_seconds)
-        clip = ClipInput(media, modal, content_key([file_hash(path) for _, path in files.values()], modal))
-        if device.type == "cpu":
-            clip.tensors(n_mels, device)
+        record = _record({kind: path for kind, (_, path) in files.items()})
+        key = (model.prefix_key(record, chat.question, modal, ASPECT, chat.system)
+               if config.enable_prefix_caching else None)
+        towers = model._towers(modal, ASPECT)
+        found = towers.lookup(record) if towers.lookup is not None else None
+        media = None if found is not None else decode(files.get("video"), files.get("audio"), modal,
+                                                      model.config.num_frames, config.max_clip_seconds)
+        clip = ClipInput(modal, record, key, towers, found, media, workdir)
+        if model.device.type == "cpu":
+            clip.tensors(model.model.towers.audio.num_mel_bins, model.device)
         return clip
-    finally:
+    except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
-
-
-def content_key(hashes: list[str], modal: str) -> str:
-    return hashlib.sha256(json.dumps([hashes, modal]).encode()).hexdigest()
-
-
-def prefix_cache_key(clip: ClipInput, chat: ChatInput) -> str:
-    """Everything the prompt embeddings depend on besides the weights: the clip, the modality, the system turn
-    and the question (which the BERT gate reads too)."""
-    return hashlib.sha256(json.dumps([clip.content_key, chat.system, chat.question]).encode()).hexdigest()
+        raise
 
 
 def prepare(model, clip: ClipInput, chat: ChatInput, params: SamplingParams, name: str) -> Prepared:
-    """On the loop thread: encoders, projectors, BERT gate and splicing, then max_tokens fitted to the positions
-    the prompt leaves (a prompt that leaves none is a 400)."""
-    frames, mel = clip.tensors(model.model.towers.audio.num_mel_bins, model.device)
-    embeds = model.prompt_embeds(frames, mel, [chat.question], clip.modal, chat.system)[0]
+    """On the loop thread: tower features (from the caches or the towers), projectors, BERT gate and splicing, then
+    max_tokens fitted to the positions the prompt leaves (a prompt that leaves none is a 400)."""
+    try:
+        frames, mel = clip.tensors(model.model.towers.audio.num_mel_bins, model.device)
+        with torch.inference_mode():
+            feats = clip.towers.features(_OneClip([clip.record], frames, mel, [clip.found]))
+        embeds = model.feature_embeds(feats.vision, feats.audio, [chat.question], clip.modal, chat.system)[0]
+    finally:
+        clip.close()
     try:
         fitted = model.fit_positions([embeds], params, [name])[0]
     except ValueError as e:
         raise ServeError(400, str(e)) from None
-    return Prepared(prompt=embeds, params=fitted, cache_key=prefix_cache_key(clip, chat))
+    return Prepared(prompt=embeds, params=fitted, cache_key=clip.cache_key)

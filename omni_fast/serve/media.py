@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import hashlib
 import mimetypes
 import re
 import time
@@ -40,6 +39,7 @@ from omni_fast.serve.protocol import ServeError
 
 
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")  # RFC 3986
+ASPECT = "stretch"  # frames as the reference inference (and `omni-fast infer`) preprocesses them
 
 
 def _bad(ref: MediaRef, message: str) -> ServeError:
@@ -137,15 +137,6 @@ def write_fetched(ref: MediaRef, payload: bytes, workdir: Path) -> Path:
     return path
 
 
-def file_hash(path: Path) -> str:
-    """sha256 of a file's bytes (what identifies a clip for the engine's prefix cache)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 # --- probing (container headers only) ----------------------------------------------------------------------------
 @dataclass(slots=True)
 class Probe:
@@ -226,7 +217,7 @@ def decode(video: tuple[MediaRef, Path] | None, audio: tuple[MediaRef, Path] | N
 def preprocess(media: DecodedMedia, n_mels: int,
                device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """-> (frames (1, T, 3, 224, 224), mel (1, n_mels, 3000)) on `device`, None where the modality has none:
-    omni_fast.media.pyav.preprocess_clip's steps with the inference aspect ("stretch")."""
-    frames = None if media.frames is None else preprocess_frames(media.frames, "stretch", device=device)[None]
+    omni_fast.media.pyav.preprocess_clip's steps with the inference aspect (ASPECT)."""
+    frames = None if media.frames is None else preprocess_frames(media.frames, ASPECT, device=device)[None]
     mel = None if media.samples is None else log_mel(torch.from_numpy(media.samples).to(device), n_mels)[None]
     return frames, mel

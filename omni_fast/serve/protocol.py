@@ -62,6 +62,7 @@ class ChatRequest(_Strict):
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)  # vLLM's extra; 0 or -1: off
     repetition_penalty: float | None = Field(None, gt=0)  # vLLM's extra
+    ignore_eos: bool = False  # vLLM's extra: no stop at the EOS ids, every completion runs to max_tokens
     n: int = Field(1, ge=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name; wins over max_tokens

@@ -66,7 +66,7 @@ def sampling_params(request: ChatRequest, defaults: SamplingDefaults) -> tuple[S
     max_tokens = request.max_completion_tokens or request.max_tokens or defaults.max_tokens
     try:
         params = SamplingParams(
-            n=request.n, max_tokens=max_tokens, seed=request.seed, top_k=max(top_k, 0),
+            n=request.n, max_tokens=max_tokens, seed=request.seed, top_k=max(top_k, 0), ignore_eos=request.ignore_eos,
             temperature=request.temperature if request.temperature is not None else defaults.temperature,
             top_p=request.top_p if request.top_p is not None else defaults.top_p,
             repetition_penalty=(request.repetition_penalty if request.repetition_penalty is not None

@@ -27,7 +27,8 @@ class ServerState:
     url: str | None = None  # where this server answers, once it listens (the page's requests go there)
 
     def __post_init__(self) -> None:
-        self.metrics = Metrics(waiting=lambda: self.waiting, running=lambda: self.running, rows=lambda: self.rows)
+        self.metrics = Metrics(waiting=lambda: self.waiting, running=lambda: self.running, rows=lambda: self.rows,
+                               engine=self.loop.engine)
 
     @property
     def in_flight(self) -> int:
