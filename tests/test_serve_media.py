@@ -315,3 +315,66 @@ def test_a_stored_clip_is_not_decoded_and_gives_the_same_prompt(omni, clips, tmp
     batch = _loader_batch(omni, path, modal)
     expected = omni.prompt_embeds(batch.frames, batch.mel, ["q"], modal)[0]
     assert all(torch.equal(p, expected) for p in prompts)
+
+
+class _CountingLock:
+    """threading.Lock that counts how often it was taken (Decoding's lock: each caller takes it to look)."""
+
+    def __init__(self):
+        self.lock, self.taken = threading.Lock(), 0
+
+    def __enter__(self):
+        self.lock.acquire()
+        self.taken += 1
+
+    def __exit__(self, *exc):
+        self.lock.release()
+
+
+@pytest.mark.parametrize("first_fails", [False, True])
+def test_a_clip_being_decoded_is_decoded_once(first_fails):
+    """A second request for a clip the first is decoding takes the first's result; when the first fails, the
+    second decodes for itself (its own error would name its own part)."""
+    from omni_fast.serve.inputs import Decoding
+
+    decoding = Decoding()
+    decoding._lock = _CountingLock()
+    calls = []
+
+    def first():
+        calls.append("first")
+        deadline = time.monotonic() + 60
+        while decoding._lock.taken < 2:  # until the second request has looked (and found this one running)
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        if first_fails:
+            raise ServeError(400, "messages[0].content[0]: cannot be opened as a media file")
+        return "first's frames"
+
+    def second():
+        calls.append("second")
+        return "second's frames"
+
+    results = {}
+
+    def run(name, fn):
+        try:
+            results[name] = decoding.once(("hash", "video_audio"), fn)
+        except ServeError as e:
+            results[name] = e
+
+    a = threading.Thread(target=run, args=("a", first))
+    a.start()
+    while not calls:
+        time.sleep(0.005)
+    b = threading.Thread(target=run, args=("b", second))
+    b.start()
+    a.join(60), b.join(60)
+    if first_fails:
+        assert isinstance(results["a"], ServeError) and results["b"] == "second's frames"
+        assert calls == ["first", "second"] and decoding.shared == 0
+    else:
+        assert results == {"a": "first's frames", "b": "first's frames"}
+        assert calls == ["first"] and decoding.shared == 1
+    assert decoding.once(("hash", "video_audio"), second) == "second's frames"  # done: no longer shared
+    assert decoding.once(None, second) == "second's frames" and decoding._running == {}

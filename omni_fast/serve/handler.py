@@ -152,7 +152,7 @@ class Call:
         for ref in (chat.video, chat.audio):
             if ref is not None and is_remote(ref):
                 fetched[ref.kind] = await self.guard(fetch(ref, state.config, self.deadline))
-        work = state.pool.submit(load_clip, model, chat, fetched, state.config)
+        work = state.pool.submit(load_clip, model, chat, fetched, state.config, state.decoding)
         work.add_done_callback(self._media_done)  # the clip's files go with the call, however it ends
         self.clip = clip = await self.guard(asyncio.wrap_future(work))
         if clip.towers.lookup is not None:

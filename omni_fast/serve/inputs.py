@@ -15,6 +15,10 @@ OmniModel.generate in the same process. The prompt is the reference inference pr
 and max_tokens is capped by OmniModel.fit_positions: the code `omni-fast infer` runs, so a greedy request gets
 infer's text.
 
+Requests for the same clip that arrive together decode it once (Decoding: the first decodes, the others wait
+for its frames and samples; if it fails, each decodes for itself, so each gets the error that names its own
+part): clips drawn from a pool with repeats would otherwise all be decoded before the first is in the caches.
+
 The request's temporary files (inline and fetched parts) live until its prompt is built, since the caches hash
 and store clips by their files; ClipInput.close removes them (idempotent, called by prepare and by the handler).
 """
@@ -22,13 +26,16 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from omni_fast.config import SamplingParams
+from omni_fast.features.key import content_hash
 from omni_fast.serve.chat import ChatInput, MediaRef
 from omni_fast.serve.config import ServeConfig
 from omni_fast.serve.loop import Prepared
@@ -78,6 +85,42 @@ class ClipInput:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
+class Decoding:
+    """The clips being decoded now, by content: a second request for one waits for the first's decoding."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._running: dict[tuple, Future] = {}
+        self.shared = 0  # decodings a request took from another's (for tests and metrics)
+
+    def once(self, key: tuple | None, decode: Callable[[], Any]) -> Any:
+        """decode(), or the result of the same clip's decode() running in another worker (key None: no sharing)."""
+        if key is None:
+            return decode()
+        with self._lock:
+            running = self._running.get(key)
+            if running is None:
+                mine = self._running[key] = Future()
+        if running is not None:
+            try:
+                media = running.result()
+            except Exception:  # noqa: BLE001 - its error names its request's part: decode for this one
+                return decode()
+            with self._lock:
+                self.shared += 1
+            return media
+        try:
+            media = decode()
+            mine.set_result(media)
+            return media
+        except BaseException as e:
+            mine.set_exception(e)
+            raise
+        finally:
+            with self._lock:
+                del self._running[key]
+
+
 def is_remote(ref: MediaRef) -> bool:
     return ref.url is not None and scheme(ref.url) in REMOTE
 
@@ -100,11 +143,19 @@ def _record(paths: dict[str, Path]) -> str | ClipFiles:
     return str(next(iter(paths.values())))
 
 
-def load_clip(model, chat: ChatInput, fetched: dict[str, bytes], config: ServeConfig) -> ClipInput:
+def _content(record, modal: str) -> tuple | None:
+    try:
+        return content_hash(record, uses_audio=modal != "video"), modal
+    except OSError:
+        return None
+
+
+def load_clip(model, chat: ChatInput, fetched: dict[str, bytes], config: ServeConfig,
+              decoding: Decoding | None = None) -> ClipInput:
     """In a worker: the request's parts as files (inline data and fetched bytes written to a temporary directory),
     probed (length limit, streams, hence the modality), keyed, looked up in the towers' caches, and decoded (on the
-    CPU also preprocessed) unless found there. `model`: the OmniModel; `fetched`: the bytes of the remote parts,
-    by kind."""
+    CPU also preprocessed) unless found there, once for the requests `decoding` holds at the same time.
+    `model`: the OmniModel; `fetched`: the bytes of the remote parts, by kind."""
     workdir = Path(tempfile.mkdtemp(prefix="omni-serve-"))
     try:
         files = {ref.kind: (ref, _file(ref, fetched, config, workdir)) for ref in (chat.video, chat.audio)
@@ -116,11 +167,17 @@ def load_clip(model, chat: ChatInput, fetched: dict[str, bytes], config: ServeCo
                if config.enable_prefix_caching else None)
         towers = model._towers(modal, ASPECT)
         found = towers.lookup(record) if towers.lookup is not None else None
-        media = None if found is not None else decode(files.get("video"), files.get("audio"), modal,
-                                                      model.config.num_frames, config.max_clip_seconds)
-        clip = ClipInput(modal, record, key, towers, found, media, workdir)
-        if model.device.type == "cpu":
-            clip.tensors(model.model.towers.audio.num_mel_bins, model.device)
+        clip = ClipInput(modal, record, key, towers, found, None, workdir)
+        if found is None:
+            def decoded() -> tuple[DecodedMedia, tuple | None]:  # the media, and on the CPU its tensors
+                media = decode(files.get("video"), files.get("audio"), modal, model.config.num_frames,
+                               config.max_clip_seconds)
+                on_cpu = model.device.type == "cpu"
+                return media, preprocess(media, model.model.towers.audio.num_mel_bins, model.device) if on_cpu else None
+
+            clip.media, tensors = (decoding or Decoding()).once(_content(record, modal), decoded)
+            if tensors is not None:
+                (clip.frames, clip.mel), clip.ready = tensors, True
         return clip
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -1,4 +1,5 @@
-"""What the routes share: the model, the engine loop, the worker pool, the metrics, and the request counts."""
+"""What the routes share: the model, the engine loop, the worker pool and its decodings, the metrics, and the request
+counts."""
 from __future__ import annotations
 
 import time
@@ -6,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from omni_fast.serve.config import ServeConfig
+from omni_fast.serve.inputs import Decoding
 from omni_fast.serve.loop import EngineLoop
 from omni_fast.serve.metrics import Metrics
 from omni_fast.serve.sampling import SamplingDefaults
@@ -18,6 +20,7 @@ class ServerState:
     loop: EngineLoop
     defaults: SamplingDefaults  # generation_config.json's sampling defaults
     pool: ThreadPoolExecutor  # media work, never on the event loop
+    decoding: Decoding = field(default_factory=Decoding)  # the clips being decoded now (decoded once if repeated)
     metrics: Metrics = field(init=False)
     waiting: int = 0  # accepted, no first token yet (media, encoders, engine queue)
     running: int = 0  # streaming tokens
