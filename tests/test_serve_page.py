@@ -172,7 +172,8 @@ def test_queue_full_and_the_api_key_are_the_apis(omni, script, clips):
             _ask(server, _request(clips["mp4"]), key="wrong")
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             first = pool.submit(_ask, server, _request(clips["mp4"]), "k3y")
-            while not engine.added:
+            deadline = time.monotonic() + 60
+            while not engine.added and time.monotonic() < deadline:
                 time.sleep(0.02)
             with pytest.raises(PageError) as e:
                 _ask(server, _request(clips["mp4"]), key="k3y")

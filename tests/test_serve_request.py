@@ -202,3 +202,16 @@ def test_bad_serve_settings_fail_before_loading(capsys, tmp_path):
                  str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"omni-fast serve: error: --allowed_local_media_path {tmp_path / 'none'}: not a directory"]
+
+
+def test_serve_cache_flags_reach_the_server(monkeypatch):
+    """--no_enable_prefix_caching (vLLM's flag) turns the prefix-cache keys off; --tower_cache_dir goes to
+    OmniModel.from_pretrained; without them: keys on, no store."""
+    from omni_fast import cli
+
+    seen = []
+    monkeypatch.setattr(cli, "_serve", lambda *args: seen.append(args) or 0)
+    assert cli.main(["serve", "--model-path", "m", "--no-enable-prefix-caching", "--tower-cache-dir", "/x"]) == 0
+    assert cli.main(["serve", "--model_path", "m"]) == 0
+    (_, _, off, _, _, _, store), (_, _, on, _, _, _, none) = seen
+    assert (off.enable_prefix_caching, store, on.enable_prefix_caching, none) == (False, "/x", True, None)

@@ -7,7 +7,8 @@
 
 Each iteration: the aborts that came in are done (Engine.abort_request frees the request's memory at once),
 then the new requests are prepared (their encoders and prompt embeddings, on the loop thread so the model is
-only ever run by this thread) and added (Engine.add_request), then one Engine.step(). Every event of a request
+only ever run by this thread; one aborted before its turn is not) and added (Engine.add_request), then one
+Engine.step(). Every event of a request
 goes to its `sink` (the server hands it to the request's asyncio queue): Started once it is in the engine, each
 RequestOutput (new tokens per sample; the completions when finished), or Failed. The thread sleeps while
 there is nothing to do.
@@ -127,7 +128,9 @@ class EngineLoop:
             if self._sinks.pop(request_id, None) is not None:
                 self.engine.abort_request(request_id)
         for request_id, prepare, sink in new:
-            if request_id not in aborts:
+            with self._cond:  # aborted meanwhile (while an earlier request was prepared): not prepared at all
+                gone = request_id in aborts or request_id in self._aborts
+            if not gone:
                 self._add(request_id, prepare, sink)
         if not self._sinks:
             return
