@@ -1,5 +1,6 @@
 """The engine loop thread over the engine's request API (a scripted engine here; tests/test_serve.py drives the
 real one): events in order, aborts done before the next step, one request's fault kept to that request."""
+import contextlib
 import queue
 import threading
 import time
@@ -77,17 +78,23 @@ def test_abort_is_done_before_the_next_step(loop):
     assert engine.abort_step["a"] == steps + 1  # right after the step that was running when abort() came
 
 
-def test_abort_before_it_is_added(loop):
+@pytest.mark.parametrize("together", [False, True])
+def test_abort_before_it_is_added(loop, together):
+    """A request aborted before its turn is never prepared nor added: submitted after the loop thread took the
+    request it is preparing, or taken with it in one batch (the loop lock held over both submits)."""
     lp, engine = loop
-    gate, calls = threading.Event(), []
+    gate, preparing, calls = threading.Event(), threading.Event(), []
     blocker, aborted = Sink(), Sink()
 
     def slow_prepare():
+        preparing.set()
         gate.wait(60)
         return _prepared()()
 
-    lp.submit("slow", slow_prepare, blocker)  # holds the loop thread inside prepare
-    lp.submit("b", lambda: calls.append("b") or _prepared()(), aborted)
+    with lp._cond if together else contextlib.nullcontext():
+        lp.submit("slow", slow_prepare, blocker)  # holds the loop thread inside prepare
+        lp.submit("b", lambda: calls.append("b") or _prepared()(), aborted)
+    assert preparing.wait(60)
     lp.abort("b")
     gate.set()
     blocker.until_end()
