@@ -92,6 +92,7 @@ for bench in benchmarks/bench_*.py; do
     bench_lora) limit=300 ;;  # two processes (full fine-tuning, LoRA), each two GRPO steps at the real 0.5B shape
     bench_infer) limit=180 ;;  # builds the real shape in float16 and encodes 16 clips
     bench_media) limit=240; [ "$GPU" = 1 ] && extra=(--clips 32 --repeats 2) ;;  # encoding the clips dominates; + the store's cold and warm passes
+    bench_serve) limit=300; [ "$GPU" = 1 ] && extra=(--requests 24 --rates 1 4 inf --max_tokens 64) ;;  # two servers (real shape, random fp16) and HF generate, 24 requests per run
   esac
   step "$name" "$limit" "$PY" "$bench" ${QUICK[@]+"${QUICK[@]}"} ${extra[@]+"${extra[@]}"} --out "$OUT/$name.json"
 done
