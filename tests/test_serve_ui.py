@@ -159,7 +159,9 @@ def test_stop_aborts_the_request(page, served, script):
         engine.token = original
     page.wait(lambda: rid in engine.aborted, "the engine aborting the request")
     assert rid not in engine.requests and len(engine.added[rid].ids[0]) < len(script), engine.added[rid].ids
-    assert (page.timings(), page.emotion(), page.error()) == ("", "", "")
+    # no result and no error line of ours; Gradio may leave its own status word in the cancelled output box
+    # (seen once as "Error" under a loaded CI machine), which is not a result
+    assert not page.timings().startswith("media ") and (page.emotion(), page.error()) == ("", "")
 
 
 def test_n_answers_and_their_agreement(page, served, clips):
