@@ -15,9 +15,12 @@ Results come back one per input clip, in input order, each with its own timings 
 on_error="skip", the error that stopped it. Clips go through one continuous-batching engine: a decoded batch's
 prompts join the requests already decoding, and each prompt carries a prefix-cache key (the clip's bytes, its
 decoding settings, the question), so a clip asked the same question again reuses its prompt's KV while the
-engine's pool holds it (Timings.prompt_cached says so) and gives the same tokens. With a tower-feature store
-(tower_cache_dir, omni_fast/features/), clips found there skip decoding and both towers, the others are added to
-it, and the results are the same either way.
+engine's pool holds it (Timings.prompt_cached says so) and gives the same tokens. A clip's tower features are kept
+in the encoder cache (encoder_cache_bytes of host memory, least recently used out; omni_fast/features/memory.py),
+keyed by the clip's content hash and everything else they depend on (FeatureSettings: towers, frames, aspect,
+modal, decoder), so a clip seen again, in any later call, skips decoding and both towers. With a tower-feature
+store (tower_cache_dir, omni_fast/features/store.py) clips found there skip them too, the others are added to it.
+Each result's features_from says which ("towers", "memory" or "store"); the tokens are the same either way.
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ from omni_fast.config import (AUDIO_TOKEN_INDEX, INFER_DTYPE, ON_ERROR, VIDEO_TO
 from omni_fast.engine.engine import Engine
 from omni_fast.engine.sequence import Completion
 from omni_fast.features.key import FeatureSettings, content_hash
+from omni_fast.features.memory import MemoryCache
 from omni_fast.features.store import FeatureStore, StoreUnwritable
 from omni_fast.features.towers import BatchFeatures, CachedTowers
 from omni_fast.media.loader import MediaLoader
@@ -77,7 +81,7 @@ class _Run:
     aspect: str
     sampling: SamplingParams
     total: int  # clips in the call
-    towers: CachedTowers  # the towers, behind the tower-feature store when there is one
+    towers: CachedTowers  # the towers, behind the encoder cache and the tower-feature store when there are
     call: int = field(default_factory=lambda: next(_CALLS))  # request ids are unique per call
     feeding: bool = True  # decoded batches remain
     next_out: int = 0  # the next clip to yield
@@ -99,7 +103,7 @@ class Recognition:
     index: int = 0  # position of the clip in the call's input list
     timings: Timings = field(default_factory=Timings)  # this clip's seconds per stage
     error: str | None = None  # why the clip was skipped (on_error="skip"); None when it was recognised
-    features_from: str | None = None  # the clip's tower features: "towers" (computed) or "store"; None on error
+    features_from: str | None = None  # the clip's tower features: "towers" (computed), "memory" or "store"; None on error
 
 
 @dataclass(slots=True)
@@ -110,7 +114,7 @@ class Generation:
     index: int = 0  # position of the clip in the call's input list
     timings: Timings = field(default_factory=Timings)  # this clip's seconds per stage
     error: str | None = None  # why the clip was skipped (on_error="skip"); None when it was generated
-    features_from: str | None = None  # the clip's tower features: "towers" (computed) or "store"; None on error
+    features_from: str | None = None  # the clip's tower features: "towers" (computed), "memory" or "store"; None on error
 
 
 # Media decoding for recognize/generate (omni_fast.media.loader) unless from_pretrained is given a LoaderConfig:
@@ -119,6 +123,9 @@ class Generation:
 # Batches are decoded ahead while the GPU generates. batch_size, on_error, aspect, the frame and mel counts
 # are set per call.
 DEFAULT_MEDIA = LoaderConfig(backend="pyav", workers=4, prefetch=1)
+# Host memory the encoder cache may hold (0: none): R1-Omni-0.5B's features are 2.4 MB (video) + 1.3 MB (audio) per
+# clip in float16, so 1 GiB keeps about 290 clips (half as many in float32, the CPU's dtype).
+DEFAULT_ENCODER_CACHE_BYTES = 1 << 30
 
 
 def inference_dtype(device: torch.device) -> torch.dtype:
@@ -140,7 +147,11 @@ def _video_name(record) -> str:
 
 class OmniModel:
     def __init__(self, loaded: LoadedCheckpoint, engine_config: EngineConfig | None = None,
-                 loader_config: LoaderConfig | None = None, tower_cache_dir: str | Path | None = None):
+                 loader_config: LoaderConfig | None = None, tower_cache_dir: str | Path | None = None,
+                 encoder_cache_bytes: int = DEFAULT_ENCODER_CACHE_BYTES):
+        if isinstance(encoder_cache_bytes, bool) or not isinstance(encoder_cache_bytes, int) or encoder_cache_bytes < 0:
+            raise ValueError(f"encoder_cache_bytes must be a number of bytes >= 0 (0: no encoder cache), got "
+                             f"{encoder_cache_bytes!r}")
         self.loaded = loaded
         self.loader_config = loader_config or DEFAULT_MEDIA
         self.model, self.tokenizer, self.bert_tokenizer = loaded.model, loaded.tokenizer, loaded.bert_tokenizer
@@ -150,22 +161,26 @@ class OmniModel:
         if self.tower_cache_dir is not None and self.tower_cache_dir.exists() and not self.tower_cache_dir.is_dir():
             raise NotADirectoryError(f"tower_cache_dir {self.tower_cache_dir} is not a directory")
         self._stores: dict[FeatureSettings, FeatureStore | None] = {}  # opened on first use, per settings
+        # clips' tower features across calls, keyed by FeatureSettings.key(content_hash) (None: off); .stats
+        self.encoder_cache = MemoryCache(encoder_cache_bytes) if encoder_cache_bytes else None
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None, *, bert_path: str | Path | None = None,
                         vision_tower: str | Path | None = None, audio_tower: str | Path | None = None,
                         engine_config: EngineConfig | None = None, loader_config: LoaderConfig | None = None,
-                        tower_cache_dir: str | Path | None = None) -> OmniModel:
+                        tower_cache_dir: str | Path | None = None,
+                        encoder_cache_bytes: int = DEFAULT_ENCODER_CACHE_BYTES) -> OmniModel:
         """Load a HumanOmni / R1-Omni checkpoint directory (see omni_fast.model.checkpoint for where each part
         is read from). device: "cpu", "cuda" or "cuda:N" (default: CUDA where present). dtype defaults to float16
         on a GPU, towers included, as the reference's model_init loads it (training uses bfloat16), and float32
         on the CPU; engine_config tunes the rollout engine, loader_config the media decoding; tower_cache_dir a
-        tower-feature store to read clips' features from and add them to (omni_fast/features/)."""
+        tower-feature store to read clips' features from and add them to (omni_fast/features/);
+        encoder_cache_bytes the host memory that keeps clips' tower features across calls (0: none)."""
         device, dtype = load_settings(device, dtype)
         loaded = load_checkpoint(path, bert_path=bert_path, vision_tower=vision_tower, audio_tower=audio_tower,
                                  device=device, dtype=dtype)
-        return cls(loaded, engine_config, loader_config, tower_cache_dir)
+        return cls(loaded, engine_config, loader_config, tower_cache_dir, encoder_cache_bytes)
 
     def save_pretrained(self, directory: str | Path, *, max_shard_size: int | str = "5GB",
                         overwrite: bool = False) -> Path:
@@ -214,15 +229,24 @@ class OmniModel:
                lookup=None) -> MediaLoader:
         """Clips decoded `batch_size` at a time, the next batch while the current one is encoded and generated;
         a bad clip raises its MediaError (on_error="raise") or comes back in the batch's failures ("skip");
-        clips `lookup` finds (the tower-feature store's) are not decoded."""
+        clips `lookup` finds (in the encoder cache or the tower-feature store) are not decoded."""
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
         return MediaLoader(videos, self._loader_config(modal, aspect, batch_size, on_error), device=self.device,
                            lookup=lookup)
 
-    def _towers(self, modal: str, aspect: str) -> CachedTowers:
-        """The towers, with the tower-feature store for these settings in front of them when there is one."""
-        return CachedTowers(self.model, self._store(self._loader_config(modal, aspect), modal), modal)
+    def cached_towers(self, modal: str = "video_audio", aspect: str = "stretch") -> CachedTowers:
+        """The towers with the encoder cache and, when there is one, the tower-feature store for these settings in
+        front of them: what generate() reads clips' features through (a caller decoding clips itself, such as the
+        server, uses its lookup and features the same way; .settings.key(content_hash(clip)) is a clip's key).
+        The towers' fingerprint in the key is taken once per tower module: clear encoder_cache after changing the
+        towers' weights in place."""
+        config = self._loader_config(modal, aspect)
+        store = self._store(config, modal)
+        settings = None
+        if self.encoder_cache is not None and store is None:
+            settings = FeatureSettings.of(self.model, config, self.device, modal)
+        return CachedTowers(self.model, store, modal, self.encoder_cache, settings)
 
     def _store(self, config: LoaderConfig, modal: str) -> FeatureStore | None:
         """The tower-feature store for clips loaded with `config` and `modal` (None without tower_cache_dir, or
@@ -320,7 +344,7 @@ class OmniModel:
             raise ValueError(f"{len(videos)} videos but {len(instructs)} instructs")
         if self.engine.has_unfinished_requests():
             raise RuntimeError("OmniModel.generate drives its engine itself; it holds requests added elsewhere")
-        run = _Run(instructs, modal, aspect, sampling, len(videos), self._towers(modal, aspect))
+        run = _Run(instructs, modal, aspect, sampling, len(videos), self.cached_towers(modal, aspect))
         with contextlib.closing(iter(self._media(videos, modal, aspect, batch_size, on_error,
                                                  run.towers.lookup))) as batches:
             try:
@@ -353,7 +377,7 @@ class OmniModel:
         t0 = time.perf_counter()
         instructs = [run.instructs[i] for i in batch.positions]
         with torch.inference_mode():
-            feats: BatchFeatures = run.towers.features(batch)  # stored clips read, the others through the towers
+            feats: BatchFeatures = run.towers.features(batch)  # cached or stored clips read, the others computed
         embeds = self.feature_embeds(feats.vision, feats.audio, instructs, run.modal)
         params = self.fit_positions(embeds, run.sampling, batch.records)
         n, now = len(batch), time.perf_counter()

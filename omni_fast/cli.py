@@ -63,6 +63,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     _flag(p, "--tower_cache_dir", default=None,
           help="a tower-feature store (omni-fast cache-features --aspect stretch): clips found there skip decoding "
                "and both towers, the others are added to it; the results are the same")
+    _flag(p, "--encoder_cache_bytes", type=int, default=1 << 30,
+          help="host memory keeping clips' tower features for a clip given again (0: none); the results are the same")
     _flag(p, "--max_num_seqs", type=int, default=256, help="sample rows the engine decodes at once")
     _flag(p, "--max_num_batched_tokens", type=int, default=2048, help="prompt positions prefilled per engine step")
     _flag(p, "--kv_cache_memory", type=int, default=None,
@@ -85,7 +87,7 @@ def _load_model(args: argparse.Namespace, device=None):
                                    gpu_memory_utilization=args.gpu_memory_utilization,
                                    cuda_graphs=not args.no_cuda_graphs),
         loader_config=LoaderConfig(backend=args.media_backend, workers=args.media_workers, prefetch=1),
-        tower_cache_dir=args.tower_cache_dir)
+        tower_cache_dir=args.tower_cache_dir, encoder_cache_bytes=args.encoder_cache_bytes)
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -578,6 +580,8 @@ def _check_counts(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value < 1:
             raise ValueError(f"--{name} {value}: expected an integer >= 1")
+    if args.encoder_cache_bytes < 0:
+        raise ValueError(f"--encoder_cache_bytes {args.encoder_cache_bytes}: expected a number of bytes >= 0 (0: none)")
 
 
 def _print_report(report) -> None:

@@ -392,3 +392,54 @@ def test_clips_join_the_running_engine_and_a_repeat_reuses_its_prompt(tiny_ckpt,
     next(stream)
     stream.close()
     assert not model.engine.has_unfinished_requests()
+
+
+def test_a_repeated_clip_reads_its_tower_features_from_the_encoder_cache_and_gives_the_same_tokens(tiny_ckpt, clips,
+                                                                                                   monkeypatch):
+    """Two clips generated, then again in the other order with the prefix cache emptied (so the prompts are
+    prefilled again and only the features are reused): no clip is decoded or run through a tower, features_from
+    says "memory", and every token and log-prob equals the first call's. The cache is keyed by FeatureSettings.key
+    of the clip's content hash: the same clip with the training aspect is a miss. encoder_cache_bytes=0 turns it
+    off."""
+    from omni_fast.api import OmniModel
+    from omni_fast.config import LoaderConfig
+    from omni_fast.features.key import FeatureSettings, content_hash
+    from omni_fast.media import loader as mloader
+
+    loader = LoaderConfig(workers=1, prefetch=1)
+    model = OmniModel.from_pretrained(tiny_ckpt, "cpu", bert_path=tiny_ckpt / "bert-base-uncased", loader_config=loader)
+    params = SamplingParams(n=2, temperature=1.0, top_k=20, max_tokens=10, seed=3)
+    paths = [clips["mp4"], clips["webm"]]
+    miss = model.generate(paths, sampling=params, batch_size=2)
+    assert [g.features_from for g in miss] == ["towers", "towers"]
+    settings = FeatureSettings.of(model.model, model._loader_config("video_audio", "stretch"), model.device)
+    assert model.encoder_cache.keys() == [settings.key(content_hash(p)) for p in paths]
+    work = []
+    load, vision, audio = mloader._load, model.model.vision_features, model.model.audio_features
+    monkeypatch.setattr(mloader, "_load", lambda *a, **k: work.append("decode") or load(*a, **k))
+    monkeypatch.setattr(model.model, "vision_features", lambda x: work.append("vision") or vision(x))
+    monkeypatch.setattr(model.model, "audio_features", lambda x: work.append("audio") or audio(x))
+    model.engine.reset_prefix_cache()
+    hit = model.generate(paths[::-1], sampling=params, batch_size=2)[::-1]
+    assert [g.features_from for g in hit] == ["memory", "memory"] and not work
+    assert not any(g.timings.prompt_cached for g in hit)  # prefilled again: the features alone were reused
+    for a, b in zip(hit, miss, strict=True):
+        assert [c.token_ids for c in a.completions] == [c.token_ids for c in b.completions]
+        assert all(torch.equal(x.logprobs, y.logprobs) for x, y in zip(a.completions, b.completions))
+    assert len({tuple(c.token_ids) for g in miss for c in g.completions}) > 1  # the clips' texts differ: a swap shows
+    padded = model.generate([paths[0]], sampling=params, aspect="pad")[0]
+    assert padded.features_from == "towers" and "decode" in work
+    off = OmniModel(model.loaded, loader_config=loader, encoder_cache_bytes=0)
+    assert off.encoder_cache is None
+    assert [off.generate([paths[0]], sampling=params)[0].features_from for _ in range(2)] == ["towers", "towers"]
+    with pytest.raises(ValueError, match="encoder_cache_bytes must be a number of bytes >= 0"):
+        OmniModel(model.loaded, encoder_cache_bytes=-1)
+
+
+def test_cli_refuses_a_negative_encoder_cache_before_loading(tiny_ckpt, clips, capsys, monkeypatch):
+    from omni_fast.api import OmniModel
+
+    monkeypatch.setattr(OmniModel, "from_pretrained", classmethod(lambda *a, **k: pytest.fail("model loaded")))
+    assert cli.main(["infer", "--model_path", str(tiny_ckpt), "--video_path", str(clips["mp4"]),
+                     "--encoder_cache_bytes", "-1"]) == 2
+    assert "--encoder_cache_bytes -1: expected a number of bytes >= 0" in capsys.readouterr().err

@@ -20,6 +20,7 @@ from omni_fast import cli
 from omni_fast.config import LoaderConfig
 from omni_fast.features import key as fkey
 from omni_fast.features.key import FeatureSettings, content_hash, towers_fingerprint
+from omni_fast.features.memory import MEMORY, MemoryCache
 from omni_fast.features.store import FeatureStore, StoreError, checksum, entry_checksum
 from omni_fast.features.towers import CachedTowers
 from omni_fast.data import Record
@@ -486,6 +487,110 @@ def test_a_video_only_store_holds_the_vision_features_only(model, clips, tmp_pat
     assert f.hits == 1 and set(store.get(content_hash(clips["mp4"], False)).features) == {"vision"}
 
 
+# --- the encoder cache: clips' features in memory, bounded in bytes -------------------------------------------------
+def _sized(nbytes: int, seed: int = 0) -> dict:
+    return {"vision": torch.randn(nbytes // 4, generator=torch.Generator().manual_seed(seed))}  # float32
+
+
+def test_the_encoder_cache_holds_at_most_its_bytes_and_evicts_the_least_recently_used_first():
+    cache = MemoryCache(1000)
+    assert cache.put("a", _sized(400, 1)) and cache.put("b", _sized(400, 2))
+    assert cache.get("a") is not None  # a is now the most recently used
+    assert cache.put("c", _sized(200, 3)) and cache.keys() == ["b", "a", "c"]  # 1000 bytes: fits exactly
+    assert cache.put("d", _sized(400, 4)) and cache.keys() == ["a", "c", "d"]  # b out (least recently used), not a
+    assert cache.put("e", _sized(600, 5)) and cache.keys() == ["d", "e"]  # a, then c out: until e fits
+    s = cache.stats
+    assert (s.bytes, s.entries, s.evictions, s.capacity) == (1000, 2, 3, 1000)
+    assert not cache.put("huge", _sized(1004)) and cache.keys() == ["d", "e"]  # larger than the cache: not kept
+    assert cache.put("d", _sized(400, 9)) and cache.keys() == ["e", "d"]  # held: made the most recent, once
+    assert cache.stats.bytes == 1000 and torch.equal(cache.get("d").features["vision"], _sized(400, 4)["vision"])
+    assert cache.get("b") is None and (cache.stats.hits, cache.stats.misses) == (2, 1)
+    cache.clear()
+    assert cache.keys() == [] and cache.stats.bytes == 0 and cache.get("d") is None
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="capacity must be a positive number of bytes"):
+            MemoryCache(bad)
+
+
+def test_an_encoder_cache_entry_is_a_cpu_copy_of_its_own_bytes_in_the_towers_layout():
+    batch = torch.randn(3, 8, 5, 7).transpose(2, 3)  # (3, 8, 7, 5) rows patch-minor in memory, as SigLIP gives them
+    cache = MemoryCache(10_000)
+    cache.put("k", {"vision": batch[1], "audio": torch.randn(4, 6)}, {"indices": [0, 3]})
+    entry = cache.get("k")
+    held = entry.features["vision"]
+    assert entry.source == MEMORY and entry.info == {"indices": [0, 3]}
+    assert torch.equal(held, batch[1]) and held.stride() == batch[1].stride()
+    assert held.untyped_storage().nbytes() == batch[1].numel() * 4  # not the whole batch's storage
+    assert cache.stats.bytes == (8 * 7 * 5 + 4 * 6) * 4
+    batch.add_(1)
+    assert not torch.equal(held, batch[1])  # a copy: what the caller does with its batch afterwards is its own
+
+
+def _sourced(towers, model, records, aspect="pad", batch_size=3):
+    """The features of `records` through `towers` in batches -> (vision, audio, each clip's source)."""
+    vision, audio, sources = [], [], []
+    for batch in MediaLoader(records, _loader(model, aspect, batch_size), "cpu", lookup=towers.lookup):
+        f = towers.features(batch)
+        vision.append(f.vision)
+        audio.append(f.audio)
+        sources += f.sources
+    return torch.cat(vision), torch.cat(audio), sources
+
+
+def test_the_encoder_cache_in_front_of_the_towers_skips_decoding_and_gives_the_towers_bits(model, clips, monkeypatch):
+    """Three clips computed, then five in batches [hit miss hit] [miss hit]: the hits are neither decoded nor
+    computed, every row is the towers' own; the cache is keyed by FeatureSettings.key(content hash), so the same
+    clips under other settings (aspect) are misses."""
+    records = [clips[k] for k in ("mp4", "avi", "webm", "mp4_wide", "mp4_silent")]
+    vision, audio = _reference(model, records)
+    settings, cache = _settings(model), MemoryCache(1 << 30)
+    count = _Counting(monkeypatch, model)
+    first = [records[i] for i in (0, 2, 4)]
+    _, _, sources = _sourced(CachedTowers(model, memory=cache, settings=settings), model, first)
+    assert sources == ["towers"] * 3 and (count.decoded, count.vision_rows) == (3, 3)
+    assert cache.keys() == [settings.key(content_hash(r)) for r in first]
+    count.decoded = count.vision_rows = count.audio_rows = 0
+    v, a, sources = _sourced(CachedTowers(model, memory=cache, settings=settings), model, records)
+    assert sources == ["memory", "towers", "memory", "towers", "memory"]
+    assert torch.equal(v, vision) and torch.equal(a, audio)
+    assert (count.decoded, count.vision_rows, count.audio_rows) == (2, 2, 2)
+    stretch = _settings(model, aspect="stretch")
+    v, a, sources = _sourced(CachedTowers(model, memory=cache, settings=stretch), model, records[:2], "stretch")
+    assert sources == ["towers", "towers"]
+    want_v, want_a = _reference(model, records[:2], aspect="stretch")
+    assert torch.equal(v, want_v) and torch.equal(a, want_a)
+    with pytest.raises(ValueError, match="needs the FeatureSettings"):
+        CachedTowers(model, memory=cache)
+
+
+def test_a_store_hit_is_kept_in_the_encoder_cache_and_read_from_memory_next(model, clips, tmp_path, monkeypatch):
+    records = [clips[k] for k in ("mp4", "webm")]
+    vision, audio = _reference(model, records)
+    store = FeatureStore(tmp_path / "store", _settings(model))
+    _sourced(CachedTowers(model, store), model, records)  # fills the store
+    cache = MemoryCache(1 << 30)
+    reads = []
+    get = store.get
+    monkeypatch.setattr(store, "get", lambda content: reads.append(content) or get(content))
+    for source in ("store", "memory"):
+        reads.clear()
+        v, a, sources = _sourced(CachedTowers(model, store, memory=cache), model, records)
+        assert sources == [source] * 2 and torch.equal(v, vision) and torch.equal(a, audio)
+        assert len(reads) == (2 if source == "store" else 0)  # memory hits never touch the disk
+    with pytest.raises(ValueError, match="differ from the store's"):
+        CachedTowers(model, store, memory=cache, settings=_settings(model, aspect="stretch"))
+
+
+def test_a_clip_twice_in_one_run_goes_through_the_towers_once(model, clips, monkeypatch):
+    """Batches of one: the second copy is found in the cache whether the loader asked before or after the first
+    copy's batch was computed (then at use, see CachedTowers.features)."""
+    count = _Counting(monkeypatch, model)
+    towers = CachedTowers(model, memory=MemoryCache(1 << 30), settings=_settings(model))
+    v, _, sources = _sourced(towers, model, [clips["mp4"], clips["mp4"]], batch_size=1)
+    assert sources == ["towers", "memory"] and count.vision_rows == count.audio_rows == 1
+    assert torch.equal(v[0], v[1])
+
+
 # --- omni-fast cache-features -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def annotated(tmp_path_factory):
@@ -592,7 +697,7 @@ def test_the_fingerprint_is_computed_once_per_tower(model, monkeypatch):
 def _stored_model(omni, root):
     from omni_fast.api import OmniModel
 
-    return OmniModel(omni.loaded, loader_config=omni.loader_config, tower_cache_dir=root)
+    return OmniModel(omni.loaded, loader_config=omni.loader_config, tower_cache_dir=root, encoder_cache_bytes=0)
 
 
 def _completions(generations):
@@ -604,11 +709,9 @@ def test_recognize_and_generate_give_the_same_tokens_and_logprobs_from_a_cold_an
 
     videos = [clips[k] for k in ("mp4", "webm", "avi", "mp4_wide", "mp4_silent")]
     params = SamplingParams(n=3, temperature=1.0, top_k=20, max_tokens=10, seed=5)
-    # prompts KV that earlier tests left in the shared model's prefix cache was prefilled beside other prompts, so
-    # its bits may differ from a fresh prefill's: the comparison is between fresh prefills and the store's reads
-    omni.engine.reset_prefix_cache()
-    plain_greedy = omni.generate(videos, sampling=SamplingParams.greedy_params(12), batch_size=2)
-    plain_sampled = omni.generate(videos, sampling=params, batch_size=2, modal="video", aspect="pad")
+    plain = _stored_model(omni, None)  # no store, and none of the prompts' KV other tests left in omni's engine
+    plain_greedy = plain.generate(videos, sampling=SamplingParams.greedy_params(12), batch_size=2)
+    plain_sampled = plain.generate(videos, sampling=params, batch_size=2, modal="video", aspect="pad")
     stored = _stored_model(omni, tmp_path / "store")
     for source in ("towers", "store"):  # cold (fills the store), then warm (reads it)
         greedy = stored.generate(videos, sampling=SamplingParams.greedy_params(12), batch_size=2)

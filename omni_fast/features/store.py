@@ -57,6 +57,7 @@ STORE_FILE = "store.json"
 SETTINGS_FILE = "settings.json"
 SUFFIX = ".safetensors"
 TENSORS = ("vision", "audio")
+STORE = "store"  # Entry.source of an entry read from a store
 
 
 class StoreError(ValueError):
@@ -72,6 +73,7 @@ class StoreUnwritable(StoreError):
 class Entry:
     features: dict[str, torch.Tensor]  # "vision" and / or "audio", on the CPU, in the towers' dtype
     info: dict  # the clip's facts as the loader gave them (indices, num_frames_total, audio_seconds, ...)
+    source: str = STORE  # where it was read from: STORE, or memory.MEMORY (the encoder cache)
 
 
 @dataclass(slots=True)

@@ -1,17 +1,21 @@
-"""The frozen towers with the feature store in front of them: what a batch's clips become before the projectors.
+"""The frozen towers with the encoder cache and the feature store in front of them: what a batch's clips become
+before the projectors.
 
-    towers = CachedTowers(model, store)                      # store: a FeatureStore, or None (no store)
+    towers = CachedTowers(model, store, memory=cache, settings=settings)   # store: a FeatureStore or None;
+                                                                             # memory: a MemoryCache or None
     loader = MediaLoader(records, config, device, lookup=towers.lookup)
     for batch in loader:
         feats = towers.features(batch)                       # .vision (B, T, 196, mm), .audio (B, 500, hidden)
 
-The loader asks `lookup` about each clip in its worker threads before decoding it: a clip whose entry is in the
-store is read from there instead (neither decoded nor run through a tower). The decoded clips are asked about
-once more when their batch is used (a clip decoded ahead may have been stored since, by an earlier batch that
-held it too, or by another rank): those are read as well, and only the rest go through the towers, in one batch
-as without a store, and into the store. The rows are then put together in the batch's order, each one the exact
-tensor a tower gave (the towers give a clip the same values in any batch on the CPU, tests/test_features.py),
-so a run reads the same numbers with and without the store.
+The loader asks `lookup` about each clip in its worker threads before decoding it: a clip whose features are in
+the encoder cache (memory.py, keyed by settings.key(content hash)) or else in the store is read from there
+instead (neither decoded nor run through a tower; a store hit is then kept in the cache too). The decoded clips
+are asked about once more when their batch is used (a clip decoded ahead may have been computed since, by an
+earlier batch that held it too, or by another rank): those are read as well, and only the rest go through the
+towers, in one batch as without a cache, and into the cache and the store. The rows are then put together in the
+batch's order, each one the exact tensor a tower gave (the towers give a clip the same values in any batch on
+the CPU, tests/test_features.py), so a run reads the same numbers with and without them. BatchFeatures.sources
+says, per clip, where its features came from: TOWERS, STORE or MEMORY.
 """
 from __future__ import annotations
 
@@ -20,21 +24,24 @@ from dataclasses import dataclass, field
 
 import torch
 
-from omni_fast.features.key import content_hash
-from omni_fast.features.store import Entry, FeatureStore, inverse_layout, layout
+from omni_fast.features.key import FeatureSettings, content_hash
+from omni_fast.features.memory import MEMORY, MemoryCache
+from omni_fast.features.store import STORE, Entry, FeatureStore, inverse_layout, layout
 
-STORE, TOWERS = "store", "towers"  # where a clip's features came from
+TOWERS = "towers"  # a clip's features were computed
+SOURCES = (TOWERS, STORE, MEMORY)  # where a clip's features came from: computed, read from the store, the cache
 
 
 @dataclass(slots=True)
 class BatchFeatures:
     vision: torch.Tensor | None  # (B, T, 196, mm_hidden) SigLIP layer features; None when the modal has no video
     audio: torch.Tensor | None  # (B, 500, audio_hidden) pooled Whisper features; None when it has no audio
-    sources: list[str] = field(default_factory=list)  # per clip: STORE (read from it) or TOWERS (computed)
+    sources: list[str] = field(default_factory=list)  # per clip: TOWERS (computed), STORE or MEMORY (read there)
 
     @property
     def hits(self) -> int:
-        return self.sources.count(STORE)
+        """Clips read (from the store or the encoder cache) instead of computed."""
+        return len(self.sources) - self.misses
 
     @property
     def misses(self) -> int:
@@ -42,26 +49,41 @@ class BatchFeatures:
 
 
 class CachedTowers:
-    def __init__(self, model, store: FeatureStore | None = None, modal: str = "video_audio"):
+    def __init__(self, model, store: FeatureStore | None = None, modal: str = "video_audio",
+                 memory: MemoryCache | None = None, settings: FeatureSettings | None = None):
         self.model = model  # a HumanOmniForCausalLM (vision_features / audio_features)
         self.store = store
-        self.modal = store.settings.modal if store is not None else modal
-        if store is not None and modal != self.modal:
-            raise ValueError(f"the store was opened for modal {self.modal!r}, not {modal!r}")
-        self.hits = self.misses = 0  # clips read from the store / computed by the towers, since construction
+        self.memory = memory  # the encoder cache, keyed by settings.key(content)
+        self.settings = store.settings if store is not None else settings
+        if store is not None and settings is not None and settings != store.settings:
+            raise ValueError("CachedTowers: the settings given differ from the store's: "
+                             f"{'; '.join(store.settings.differences(settings.as_dict()))}")
+        if memory is not None and self.settings is None:
+            raise ValueError("CachedTowers: an encoder cache needs the FeatureSettings its keys are made with")
+        self.modal = self.settings.modal if self.settings is not None else modal
+        if self.settings is not None and modal != self.modal:
+            raise ValueError(f"the features were keyed for modal {self.modal!r}, not {modal!r}")
+        self.hits = self.misses = 0  # clips read (store or cache) / computed by the towers, since construction
         self._lock = threading.Lock()
 
     @property
     def lookup(self):
-        """For MediaLoader(lookup=...): record -> its stored Entry, or None (no store, a miss, a missing file)."""
-        return self._lookup if self.store is not None else None
+        """For MediaLoader(lookup=...): record -> its Entry from the encoder cache or the store, or None (neither,
+        a miss, a missing file)."""
+        return self._lookup if self.store is not None or self.memory is not None else None
 
     def _lookup(self, record) -> Entry | None:
         try:
-            content = content_hash(record, self.store.settings.uses_audio)
+            content = content_hash(record, self.settings.uses_audio)
         except OSError:  # a missing or unreadable clip: the loader decodes it and reports why it cannot
             return None
-        return self.store.get(content)
+        key = self.settings.key(content)
+        entry = self.memory.get(key) if self.memory is not None else None
+        if entry is None and self.store is not None:
+            entry = self.store.get(content)
+            if entry is not None and self.memory is not None:
+                self.memory.put(key, entry.features, entry.info)  # the next lookup reads memory
+        return entry
 
     @torch.no_grad()
     def features(self, batch) -> BatchFeatures:
@@ -70,21 +92,21 @@ class CachedTowers:
         store."""
         found = _found(batch)
         decoded = [i for i, entry in enumerate(found) if entry is None]  # frames[k] / mel[k]: clip decoded[k]
-        if self.store is not None:
-            for i in decoded:  # stored since the loader asked (see the module docstring)
+        if self.lookup is not None:
+            for i in decoded:  # computed since the loader asked (see the module docstring)
                 found[i] = self._lookup(batch.records[i])
         keep = [k for k, i in enumerate(decoded) if found[i] is None]
         frames, mel = _rows(batch.frames, keep, len(decoded)), _rows(batch.mel, keep, len(decoded))
         uses_video, uses_audio = self.modal != "audio", self.modal != "video"
         vision = self.model.vision_features(frames) if uses_video and keep else None  # (K, T, 196, mm)
         audio = self.model.audio_features(mel) if uses_audio and keep else None  # (K, 500, audio_hidden)
-        if self.store is not None and keep:
+        if keep:
             clips = getattr(batch, "clips", None)
             self._put([batch.records[decoded[k]] for k in keep], vision, audio,
                       [clips[k] for k in keep] if clips else None)
-        sources = [TOWERS if entry is None else STORE for entry in found]
+        sources = [TOWERS if entry is None else entry.source for entry in found]
         with self._lock:
-            self.hits, self.misses = self.hits + sources.count(STORE), self.misses + len(keep)
+            self.hits, self.misses = self.hits + len(found) - len(keep), self.misses + len(keep)
         if len(keep) == len(found):
             return BatchFeatures(vision, audio, sources)
         device = self.model.lm_head_weight.device
@@ -100,14 +122,16 @@ class CachedTowers:
 
     def _put(self, records: list, vision: torch.Tensor | None, audio: torch.Tensor | None,
              clips: list | None) -> list[int]:
-        if self.store is None or not self.store.writable:
+        """Each computed clip into the encoder cache and the store -> the bytes written to the store per clip."""
+        writing = self.store is not None and self.store.writable
+        if not writing and self.memory is None:
             return [0] * len(records)
         vision = vision.cpu() if vision is not None else None  # one copy off the device for the whole batch
         audio = audio.cpu() if audio is not None else None
         out = []
         for k, record in enumerate(records):
             try:
-                content = content_hash(record, self.store.settings.uses_audio)
+                content = content_hash(record, self.settings.uses_audio)
             except OSError:  # the file went away after it was decoded: nothing to key the features by
                 out.append(0)
                 continue
@@ -115,7 +139,9 @@ class CachedTowers:
             info = {} if not clips else {"indices": clips[k].indices, "num_frames_total": clips[k].num_frames_total,
                                          "audio_seconds": clips[k].audio_seconds,
                                          "audio_fallback": clips[k].audio_fallback}
-            out.append(self.store.put(content, feats, info))
+            if self.memory is not None:
+                self.memory.put(self.settings.key(content), feats, info)
+            out.append(self.store.put(content, feats, info) if writing else 0)
         return out
 
 
