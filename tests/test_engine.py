@@ -1,6 +1,8 @@
 """The continuous-batching engine: greedy equality with transformers' generate; every request's tokens and
 log-probs equal to generating it alone with no cache (the one-at-a-time reference below) whatever joins,
 leaves, is aborted, preempted or chunked beside it; the prefix cache; the scheduler's rules; bad requests."""
+import dataclasses
+
 import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -182,10 +184,48 @@ def test_seeded_request_is_batch_invariant(pair):
     others = [(f"o{i}", p, sp, None) for i, (p, sp) in enumerate(zip(_prompts(6, 30, 2, seed=4), MIXED))]
     alone = Engine(ours, _config()).generate([prompt], params)[0]
     first, _, _, _ = _drive(Engine(ours, _config()), {0: [("x", prompt, params, None)] + others})
-    late, _, _, _ = _drive(Engine(ours, _config(max_num_seqs=8)), {0: others, 5: [("x", prompt, params, None)]})
+    late, _, _, _ = _drive(Engine(ours, _config(max_num_seqs=8)), {0: others, 5: [("x", prompt, params, None)]},
+                           aborts={6: ["o0"]})  # o0 is aborted while x waits for rows
+    assert "o0" not in late
     assert [c.token_ids for c in alone] == [c.token_ids for c in first["x"]] == [c.token_ids for c in late["x"]]
     other_seed = Engine(ours, _config()).generate([prompt], SamplingParams(n=4, top_k=50, max_tokens=12, seed=8))[0]
     assert [c.token_ids for c in other_seed] != [c.token_ids for c in alone]
+
+
+def test_a_leaving_requests_memory_admits_the_next_request_at_once(pair):
+    """A pool of 4 four-position blocks holds one request of an 8-position prompt and 5 tokens (3 blocks, and a
+    second would need its growth reserved too): b waits while a runs and is admitted the step after a's last
+    token, or the step after a is aborted; either way b's tokens are its own."""
+    _, ours = pair
+    a, b = _prompts(8, 8, seed=15)
+    params = SamplingParams(temperature=1.0, top_k=20, max_tokens=5, seed=2, ignore_eos=True)
+    for abort_at, a_end, b_first in ((None, 4, 5), (1, None, 2)):
+        engine = Engine(ours, _config(blocks=4, block_size=4), stop_token_ids=(STOP,))
+        engine.add_request("a", a, params)
+        engine.add_request("b", b, params)
+        first, end, done = {}, {}, {}
+        for step in range(20):
+            for o in engine.step():
+                first.setdefault(o.request_id, step)
+                if o.finished:
+                    end[o.request_id], done[o.request_id] = step, o.completions
+            if step == abort_at:
+                engine.abort_request("a")
+            if not engine.has_unfinished_requests():
+                break
+        assert end.get("a") == a_end and first["b"] == b_first and end["b"] == b_first + 4
+        _assert_reference(ours, b, params, done["b"])
+        assert engine.allocator.num_free == engine.allocator.num_blocks
+
+
+def test_admission_is_first_come_first_served(pair):
+    """Two rows: b (two samples) waits for a to leave, and c (one sample, which would fit beside a) waits behind b."""
+    _, ours = pair
+    a, b, c = _prompts(5, 6, 7, seed=17)
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    schedule = {0: [("a", a, params, None), ("b", b, dataclasses.replace(params, n=2), None), ("c", c, params, None)]}
+    _, _, finished_at, _ = _drive(Engine(ours, _config(max_num_seqs=2)), schedule)
+    assert finished_at == {"a": 2, "b": 5, "c": 8}
 
 
 def test_greedy_requests_equal_one_at_a_time(pair):
@@ -208,11 +248,46 @@ def test_preemption_keeps_every_request(pair):
     params = [SamplingParams(n=2, temperature=1.0, top_k=30, max_tokens=24, seed=i, ignore_eos=True)
               for i in range(4)]
     engine = Engine(ours, _config(blocks=16, block_size=4, max_num_batched_tokens=6), stop_token_ids=(STOP,))
+    victims, schedule = [], engine.scheduler.schedule
+
+    def newest_preempted():
+        admitted = [r.request_id for r in engine.scheduler.running]  # oldest first
+        plan = schedule()
+        ids = [r.request_id for r in plan.preempted]
+        assert ids == admitted[::-1][:len(ids)]  # the newest admitted, newest first
+        victims.extend(ids)
+        return plan
+
+    engine.scheduler.schedule = newest_preempted
     results = engine.generate(prompts, params)
-    assert engine.scheduler.preemptions >= 2
+    assert engine.scheduler.preemptions == len(victims) >= 2
     for prompt, sp, group in zip(prompts, params, results):
         _assert_reference(ours, prompt, sp, group)
     assert engine.allocator.num_free == engine.allocator.num_blocks
+
+
+def test_the_newest_admitted_request_is_preempted(pair):
+    """Three one-block prompts decoding in lockstep in a pool of 9 four-position blocks: at step 9 the oldest, a,
+    cannot grow; c (the newest) is preempted, not b (later ones follow the same rule); all three still return their
+    one-at-a-time tokens."""
+    _, ours = pair
+    prompts = _prompts(4, 4, 4, seed=16)
+    params = SamplingParams(temperature=1.0, top_k=30, max_tokens=24, seed=3, ignore_eos=True)
+    engine = Engine(ours, _config(blocks=9, block_size=4), stop_token_ids=(STOP,))
+    for rid, prompt in zip("abc", prompts):
+        engine.add_request(rid, prompt, params)
+    done, preempted, waiting = {}, [], set()
+    for step in range(200):
+        outs = engine.step()
+        now = {r.request_id for r in engine.scheduler.waiting}
+        preempted += [(rid, step) for rid in sorted(now - waiting)]
+        waiting = now
+        done.update((o.request_id, o.completions) for o in outs if o.finished)
+        if not engine.has_unfinished_requests():
+            break
+    assert preempted[0] == ("c", 9) and len(preempted) == engine.scheduler.preemptions
+    for rid, prompt in zip("abc", prompts):
+        _assert_reference(ours, prompt, params, done[rid])
 
 
 def _count_prefill(engine):
