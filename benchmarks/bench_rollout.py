@@ -24,7 +24,10 @@ rollout setting), EOS ignored so every request generates exactly its max_tokens.
 Per request: TTFT (arrival -> first token) and TPOT ((last token - first token) / (tokens - 1)), p50 / p99 over
 requests; tokens/s = generated tokens / (last finish - first arrival). mixed and arrivals also report the KV
 memory the pool held that the requests' tokens did not fill (pages), beside what slots of max_tokens would
-have reserved, averaged over steps.
+have reserved, averaged over steps. In mixed and arrivals each policy's engine serves the stream on its own
+clock, which advances by the measured duration of each of its steps (and jumps to the next arrival when it has
+nothing to run), and the two policies' steps alternate: on a machine shared with other work, the load falls on
+both alike instead of on whichever ran second.
 
 `--device cpu` measures on the CPU at a reduced shape: 6 of the 24 layers, random fp32 weights, 2 threads:
 
@@ -204,51 +207,69 @@ def percentiles(values: list[float]) -> dict:
     return {"p50": statistics.median(values), "p99": qs[98]}
 
 
-def run_stream(engine: Engine, requests: list[tuple[float, torch.Tensor, SamplingParams]]) -> dict:
-    """Feed (arrival s, prompt, params) requests at their arrival times and step the engine until all finish ->
-    tokens/s, TTFT and TPOT percentiles, and the pool's use (pages held vs positions filled, and what slots of
-    max_tokens would reserve), averaged over steps."""
-    order = sorted(range(len(requests)), key=lambda i: requests[i][0])
-    first, last, tokens = {}, {}, {}
-    held = filled = slots = 0.0
-    steps, next_i, t0 = 0, 0, time.perf_counter()
-    bs = engine.config.block_size
-    with torch.inference_mode():
-        while next_i < len(order) or engine.has_unfinished_requests():
-            now = time.perf_counter() - t0
-            while next_i < len(order) and requests[order[next_i]][0] <= now:
-                i = order[next_i]
-                engine.add_request(str(i), requests[i][1], requests[i][2])
-                next_i += 1
-            if not engine.has_unfinished_requests():
-                time.sleep(max(0.0, requests[order[next_i]][0] - now))
-                continue
+class Stream:
+    """One engine serving (arrival s, prompt, params) requests on its own clock: a request is added once the
+    clock has reached its arrival, each step() advances the clock by its measured duration, an idle engine's
+    clock jumps to the next arrival. Records each request's first and last token times and the pool's use
+    (pages held vs positions filled, and what slots of max_tokens would reserve) per step."""
+
+    def __init__(self, name: str, engine: Engine, requests: list[tuple[float, torch.Tensor, SamplingParams]]):
+        self.name, self.engine, self.requests = name, engine, requests
+        self.order = sorted(range(len(requests)), key=lambda i: requests[i][0])
+        self.first, self.last, self.tokens = {}, {}, {}
+        self.held = self.filled = self.slots = 0.0
+        self.clock, self.steps, self.next_i = 0.0, 0, 0
+
+    @property
+    def done(self) -> bool:
+        return self.next_i == len(self.order) and not self.engine.has_unfinished_requests()
+
+    def advance(self) -> None:
+        """Add the requests that have arrived, then one step (or, with nothing to run, jump to the next arrival)."""
+        engine, requests = self.engine, self.requests
+        while self.next_i < len(self.order) and requests[self.order[self.next_i]][0] <= self.clock:
+            i = self.order[self.next_i]
+            engine.add_request(str(i), requests[i][1], requests[i][2])
+            self.next_i += 1
+        if not engine.has_unfinished_requests():
+            self.clock = requests[self.order[self.next_i]][0]
+            return
+        with torch.inference_mode():
+            t0 = time.perf_counter()
             outs = engine.step()
-            stamp = time.perf_counter() - t0
-            steps += 1
-            if steps % 100 == 0:
-                print(f"  step {steps}, {stamp:.0f} s: {len(tokens)} of {len(requests)} requests done", file=sys.stderr)
-            admitted = engine.scheduler.running
-            held += (engine.allocator.num_blocks - engine.allocator.num_free) * bs
-            filled += sum(r.prompt_done + sum(s.cached for s in r.live) for r in admitted)
-            slots += sum(r.prompt_len + len(r.live) * r.params.max_tokens for r in admitted)
-            for o in outs:
-                i = int(o.request_id)
-                if any(o.new_token_ids):
-                    first.setdefault(i, stamp)
-                    last[i] = stamp
-                if o.finished:
-                    tokens[i] = sum(len(c.token_ids) for c in o.completions)
-    ttft = [first[i] - requests[i][0] for i in first]
-    per_sample = {i: tokens[i] // requests[i][2].n for i in tokens}
-    tpot = [(last[i] - first[i]) / (per_sample[i] - 1) for i in tokens if per_sample[i] > 1]
-    wall = max(last.values()) - min(r[0] for r in requests)
-    return {"requests": len(requests), "tokens": sum(tokens.values()), "wall_s": wall,
-            "tokens_per_s": sum(tokens.values()) / wall, "ttft_s": percentiles(ttft),
-            "tpot_ms": {k: v * 1e3 for k, v in percentiles(tpot).items()}, "steps": steps,
-            "preemptions": engine.scheduler.preemptions,
-            "kv_waste_pages": 1 - filled / held if held else 0.0,
-            "kv_waste_slots": 1 - filled / slots if slots else 0.0}
+            self.clock += time.perf_counter() - t0
+        self.steps += 1
+        if self.steps % 100 == 0:
+            print(f"  {self.name}: step {self.steps}, clock {self.clock:.0f} s: {len(self.tokens)} of {len(requests)} "
+                  "requests done", file=sys.stderr)
+        self._account(outs)
+
+    def _account(self, outs) -> None:
+        admitted, bs = self.engine.scheduler.running, self.engine.config.block_size
+        self.held += (self.engine.allocator.num_blocks - self.engine.allocator.num_free) * bs
+        self.filled += sum(r.prompt_done + sum(s.cached for s in r.live) for r in admitted)
+        self.slots += sum(r.prompt_len + len(r.live) * r.params.max_tokens for r in admitted)
+        for o in outs:
+            i = int(o.request_id)
+            if any(o.new_token_ids):
+                self.first.setdefault(i, self.clock)
+                self.last[i] = self.clock
+            if o.finished:
+                self.tokens[i] = sum(len(c.token_ids) for c in o.completions)
+
+    def result(self) -> dict:
+        """tokens/s, TTFT and TPOT percentiles, the pool's use averaged over steps."""
+        requests, first, last, tokens = self.requests, self.first, self.last, self.tokens
+        ttft = [first[i] - requests[i][0] for i in first]
+        per_sample = {i: tokens[i] // requests[i][2].n for i in tokens}
+        tpot = [(last[i] - first[i]) / (per_sample[i] - 1) for i in tokens if per_sample[i] > 1]
+        wall = max(last.values()) - min(r[0] for r in requests)
+        return {"requests": len(requests), "tokens": sum(tokens.values()), "wall_s": wall,
+                "tokens_per_s": sum(tokens.values()) / wall, "ttft_s": percentiles(ttft),
+                "tpot_ms": {k: v * 1e3 for k, v in percentiles(tpot).items()}, "steps": self.steps,
+                "preemptions": self.engine.scheduler.preemptions,
+                "kv_waste_pages": 1 - self.filled / self.held if self.held else 0.0,
+                "kv_waste_slots": 1 - self.filled / self.slots if self.slots else 0.0}
 
 
 def mixed_lengths(count: int, seed: int, low: int = 16, high: int = 256) -> list[int]:
@@ -257,13 +278,19 @@ def mixed_lengths(count: int, seed: int, low: int = 16, high: int = 256) -> list
 
 
 def run_policies(args, model, requests, n: int, label: str) -> tuple[list[list], dict]:
-    table, result = [], {}
+    """The continuous and the static policy serving the same requests, their steps alternating (Stream)."""
+    streams = []
     for policy in ("continuous", "static"):
         engine = engine_for(model, len(requests), n, args.prompt_len, 256, max_num_seqs=args.max_num_seqs,
                             max_num_batched_tokens=args.max_num_batched_tokens, admission=policy)
         engine.generate(embeddings(model, 1, args.prompt_len, 99), rollout_params(n, 4))  # warm-up
-        result[policy] = run_stream(engine, requests)
-        table.append(stream_row(f"{label} {policy}", result[policy]))
+        streams.append(Stream(f"{label} {policy}", engine, requests))
+    while not all(s.done for s in streams):
+        for s in streams:
+            if not s.done:
+                s.advance()
+    result = {policy: s.result() for policy, s in zip(("continuous", "static"), streams)}
+    table = [stream_row(s.name, result[policy]) for policy, s in zip(("continuous", "static"), streams)]
     result["speedup"] = result["continuous"]["tokens_per_s"] / result["static"]["tokens_per_s"]
     return table, result
 
