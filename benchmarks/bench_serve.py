@@ -8,11 +8,12 @@ weights of the real shape); this process is the client: requests over HTTP on 12
 (`stream: true`), each clip named by its path (--allowed_local_media_path; no upload cost on either side),
 greedy, `ignore_eos` so every request generates exactly --max_tokens tokens. Servers:
 
-  ours           the defaults: continuous batching, the prefix cache, and a tower-feature store
-                 (--tower_cache_dir, empty at start) in front of the towers, so a repeated clip is neither decoded
-                 nor encoded and a repeated clip and question is not prefilled
-  one at a time  --max_num_seqs 1 --no_enable_prefix_caching, no store: one request in the engine at a time, every
-                 clip decoded, encoded and prefilled (media decoding still overlaps in the worker pool)
+  ours           the defaults: continuous batching, the prefix cache, the encoder cache in memory and a
+                 tower-feature store (--tower_cache_dir, empty at start) in front of the towers, so a repeated clip
+                 is neither decoded nor encoded and a repeated clip and question is not prefilled
+  one at a time  --max_num_seqs 1 --no_enable_prefix_caching --encoder_cache_bytes 0, no store: one request in the
+                 engine at a time, every clip decoded, encoded and prefilled (media decoding still overlaps in the
+                 worker pool)
   HF generate    per request, in arrival order: PyAV decoding, towers and projectors (OmniModel.prompt_embeds), then
                  transformers' generate on the same weights (the checkpoint's repetition penalty, which HF
                  applies to the generated tokens only when given embeddings); each request's service time is
@@ -70,7 +71,7 @@ def _serve_main(spec: dict, conn) -> None:
     """In the server process: the model (the tiny checkpoint, or the real shape with random weights), the server's
     state around it, a socket on a free port of 127.0.0.1 (sent back), then uvicorn until SIGTERM drains it."""
     torch.set_num_threads(spec["threads"])
-    from omni_fast.api import OmniModel, inference_dtype
+    from omni_fast.api import DEFAULT_ENCODER_CACHE_BYTES, OmniModel, inference_dtype
     from omni_fast.config import EngineConfig
     from omni_fast.model.checkpoint import load_checkpoint
     from omni_fast.serve.config import ServeConfig
@@ -82,7 +83,8 @@ def _serve_main(spec: dict, conn) -> None:
     loaded = (random_r1omni(spec["ckpt"], device, dtype) if spec["real_shape"]
               else load_checkpoint(spec["ckpt"], device=device, dtype=dtype))
     engine = EngineConfig(max_num_seqs=spec["max_num_seqs"], kv_cache_memory=spec["kv_cache_memory"])
-    model = OmniModel(loaded, engine, tower_cache_dir=spec["store"])
+    model = OmniModel(loaded, engine, tower_cache_dir=spec["store"],
+                      encoder_cache_bytes=DEFAULT_ENCODER_CACHE_BYTES if spec["prefix"] else 0)
     config = ServeConfig(port=0, served_model_name=MODEL, allowed_local_media_path=spec["media"],
                          max_num_seqs=spec["max_num_seqs"], max_queue=100_000, request_timeout=3600.0,
                          enable_prefix_caching=spec["prefix"])

@@ -249,6 +249,8 @@ def _add_serve_parser(sub) -> None:
                "and both towers, the others are added to it; the answers are the same")
     _flag(serve, "--no_enable_prefix_caching", action="store_true",
           help="no request reuses an earlier prompt's KV (vLLM's flag; a baseline for benchmarks)")
+    _flag(serve, "--encoder_cache_bytes", type=int, default=1 << 30,
+          help="host memory that keeps clips' tower features across requests, least recently used out (0: none)")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -264,10 +266,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          max_queue=args.max_queue, request_timeout=args.request_timeout, ui=args.ui,
                          enable_prefix_caching=not args.no_enable_prefix_caching)
     engine = EngineConfig(max_num_seqs=args.max_num_seqs, kv_cache_memory=args.kv_cache_memory)
-    return _serve(args.model_path, args.bert_path, config, engine, args.device, args.dtype, args.tower_cache_dir)
+    if args.encoder_cache_bytes < 0:
+        raise ValueError(f"--encoder_cache_bytes {args.encoder_cache_bytes}: expected a number of bytes >= 0 (0: none)")
+    return _serve(args.model_path, args.bert_path, config, engine, args.device, args.dtype, args.tower_cache_dir,
+                  args.encoder_cache_bytes)
 
 
-def _serve(model_path, bert_path, config, engine_config=None, device=None, dtype=None, tower_cache_dir=None) -> int:
+def _serve(model_path, bert_path, config, engine_config=None, device=None, dtype=None, tower_cache_dir=None,
+           encoder_cache_bytes: int = 1 << 30) -> int:
     """Load the model and serve it (with the page's sample clips, written to a temporary directory, when the page
     is on) until SIGTERM / Ctrl-C. engine_config None: the engine's defaults."""
     from omni_fast.api import OmniModel
@@ -275,7 +281,8 @@ def _serve(model_path, bert_path, config, engine_config=None, device=None, dtype
 
     t0 = time.perf_counter()
     model = OmniModel.from_pretrained(model_path, device, _dtype(dtype), bert_path=bert_path,
-                                      engine_config=engine_config, tower_cache_dir=tower_cache_dir)
+                                      engine_config=engine_config, tower_cache_dir=tower_cache_dir,
+                                      encoder_cache_bytes=encoder_cache_bytes)
     print(f"omni-fast serve: model loaded in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="omni-fast-samples-") as tmp:
         return serve(model, config, samples=_page_samples(Path(tmp)) if config.ui else ())

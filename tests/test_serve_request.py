@@ -205,13 +205,17 @@ def test_bad_serve_settings_fail_before_loading(capsys, tmp_path):
 
 
 def test_serve_cache_flags_reach_the_server(monkeypatch):
-    """--no_enable_prefix_caching (vLLM's flag) turns the prefix-cache keys off; --tower_cache_dir goes to
-    OmniModel.from_pretrained; without them: keys on, no store."""
+    """--no_enable_prefix_caching (vLLM's flag) turns the prefix-cache keys off; --tower_cache_dir and
+    --encoder_cache_bytes go to OmniModel.from_pretrained; without them: keys on, no store, a 1 GiB encoder cache;
+    a negative size is refused."""
     from omni_fast import cli
 
     seen = []
     monkeypatch.setattr(cli, "_serve", lambda *args: seen.append(args) or 0)
-    assert cli.main(["serve", "--model-path", "m", "--no-enable-prefix-caching", "--tower-cache-dir", "/x"]) == 0
+    assert cli.main(["serve", "--model-path", "m", "--no-enable-prefix-caching", "--tower-cache-dir", "/x",
+                     "--encoder-cache-bytes", "0"]) == 0
     assert cli.main(["serve", "--model_path", "m"]) == 0
-    (_, _, off, _, _, _, store), (_, _, on, _, _, _, none) = seen
+    (_, _, off, _, _, _, store, no_cache), (_, _, on, _, _, _, none, cache) = seen
     assert (off.enable_prefix_caching, store, on.enable_prefix_caching, none) == (False, "/x", True, None)
+    assert (no_cache, cache) == (0, 1 << 30)
+    assert cli.main(["serve", "--model_path", "m", "--encoder_cache_bytes", "-1"]) == 2

@@ -165,7 +165,7 @@ def load_clip(model, chat: ChatInput, fetched: dict[str, bytes], config: ServeCo
         record = _record({kind: path for kind, (_, path) in files.items()})
         key = (model.prefix_key(record, chat.question, modal, ASPECT, chat.system)
                if config.enable_prefix_caching else None)
-        towers = model._towers(modal, ASPECT)
+        towers = model.cached_towers(modal, ASPECT)
         found = towers.lookup(record) if towers.lookup is not None else None
         clip = ClipInput(modal, record, key, towers, found, None, workdir)
         if found is None:
