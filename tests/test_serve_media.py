@@ -57,6 +57,15 @@ def test_bad_data_urls(tmp_path, url, words):
 
 
 # --- local files ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def omni(omni):
+    """The session's model without the encoder cache: these tests decode clips that earlier tests left in the
+    session model's cache (where a server finds them without decoding: test_a_stored_clip_is_not_decoded_...)."""
+    from omni_fast.api import OmniModel
+
+    return OmniModel(omni.loaded, loader_config=omni.loader_config, encoder_cache_bytes=0)
+
+
 @pytest.fixture()
 def tree(tmp_path):
     root, outside = tmp_path / "media", tmp_path / "secret"
